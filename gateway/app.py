@@ -1,0 +1,269 @@
+"""The app factory: every part is built here, from one Settings, and owned by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Scope
+
+from gateway.api import chat, ops
+from gateway.config import ModelSpec, Settings
+from gateway.errors import GatewayError, NotFound
+from gateway.logs import Redactor
+from gateway.middleware import RequestContext
+from gateway.providers import Provider
+from gateway.providers.http import HTTPProvider
+from gateway.recorder import Recorder
+from gateway.routing.router import Router
+from gateway.store import CallRecord, Store
+from gateway.upstreams import Upstreams
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+ProviderFactory = Callable[[ModelSpec, "BuildContext"], Provider]
+
+
+@dataclass
+class BuildContext:
+    settings: Settings
+    session: aiohttp.ClientSession
+
+
+def _http(spec: ModelSpec, ctx: BuildContext) -> Provider:
+    return HTTPProvider(
+        spec,
+        ctx.session,
+        api_key=ctx.settings.api_key_for(spec),
+        app_name=ctx.settings.app_name,
+        referer=ctx.settings.referer_url,
+    )
+
+
+# Provider kinds by name; `replay` is added by gateway.providers.replay.
+PROVIDERS: dict[str, ProviderFactory] = {
+    "openai": _http,
+    "openrouter": _http,
+    "ollama": _http,
+    "vllm": _http,
+    "openai_compatible": _http,
+}
+
+
+def missing_key(settings: Settings, spec: ModelSpec) -> str | None:
+    if spec.provider in ("openai", "openrouter") and not settings.api_key_for(spec):
+        return f"{spec.api_key_env} is not set"
+    return None
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once by the lifespan."""
+
+    settings: Settings
+    upstreams: Upstreams
+    router: Router
+    store: Store
+    recorder: Recorder
+    redact: Redactor
+
+    def finish(self, record: CallRecord, t0: float, state: dict[str, Any]) -> None:
+        """A call ended (any way): log fields, metrics, and the write-behind record."""
+        record.overhead_ms = state.get("overhead_ms")
+        if record.error:
+            record.error = self.redact(record.error)
+        fields = state.setdefault("log", {})
+        fields.update(
+            model=record.model,
+            status=record.status,
+            upstream_ms=None if record.upstream_ms is None else round(record.upstream_ms, 3),
+            ttft_ms=None if record.ttft_ms is None else round(record.ttft_ms, 3),
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost_usd=record.cost_usd,
+        )
+        if record.error:
+            fields["error"] = record.error
+        if self.settings.log_prompts:
+            fields["messages"] = record.messages
+        self.recorder.record(record)
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            checks["store"] = "ok" if await asyncio.wait_for(self.store.ping(), 2.0) else "unreachable"
+        except Exception as exc:
+            checks["store"] = f"unreachable: {type(exc).__name__}"
+        available = [m.name for m in self.settings.models if self.upstreams.is_available(m.name)]
+        checks["models"] = "ok" if available else "no model available"
+        return checks
+
+    def recorder_state(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self.recorder.depth,
+            "written": self.recorder.written,
+            "dropped": self.recorder.dropped,
+            "failing": self.recorder.failing_since is not None,
+        }
+
+
+async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> None:
+    """Warn at start about local upstreams (Ollama, vLLM) that do not answer."""
+
+    async def probe(spec: ModelSpec) -> None:
+        assert spec.base_url is not None
+        url = spec.base_url.rstrip("/") + "/models"
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status >= 500:
+                    log.warning("model %s: %s answered HTTP %d", spec.name, url, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "model %s: %s is unreachable (%s); requests for it will get 503 until it answers",
+                spec.name,
+                spec.base_url,
+                type(exc).__name__,
+            )
+
+    local = [m for m in settings.models if m.provider in ("ollama", "vllm")]
+    await asyncio.gather(*(probe(m) for m in local))
+
+
+def _on_finish(scope: Scope, status: int, duration_ms: float) -> None:
+    state = scope.get("state", {})
+    fields = state.get("log")
+    path = scope.get("path", "")
+    if fields is None and (path in ("/live", "/ready", "/health", "/metrics") and status < 400):
+        return  # probes and scrapes are not worth a line each
+    extra = {
+        "request_id": state.get("request_id"),
+        "method": scope.get("method"),
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_ms, 3),
+        "overhead_ms": round(state["overhead_ms"], 3) if "overhead_ms" in state else None,
+    }
+    if fields:
+        extra.update(fields)
+    access_log.info("%s %s %d", scope.get("method"), path, status, extra=extra)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    providers: dict[str, ProviderFactory] | None = None,
+    redact: Redactor | None = None,
+) -> Starlette:
+    """Build the ASGI app. Parts given here are used as they are (tests share a store this way);
+    the others are built by the lifespan from `settings`."""
+    factories = {**PROVIDERS, **(providers or {})}
+    redactor = redact or Redactor(settings.secrets())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+                ),
+                auto_decompress=True,
+            )
+            stack.push_async_callback(session.close)
+            ctx = BuildContext(settings, session)
+            built: dict[str, Provider] = {}
+            unavailable: dict[str, str] = {}
+            for spec in settings.models:
+                reason = missing_key(settings, spec)
+                if reason:
+                    unavailable[spec.name] = reason
+                    log.warning("model %s is unavailable: %s", spec.name, reason)
+                    continue
+                built[spec.name] = factories[spec.provider](spec, ctx)
+            upstreams = Upstreams(settings, built, unavailable)
+            stack.push_async_callback(upstreams.aclose)
+            if store is None:
+                from gateway.store.factory import open_store
+
+                the_store = await stack.enter_async_context(open_store(settings))
+            else:
+                the_store = store
+            recorder = Recorder(
+                the_store, max_queue=settings.recorder_queue_size, batch_size=settings.recorder_batch_size
+            )
+            await stack.enter_async_context(recorder)
+            router = Router(settings, upstreams)
+            app.state.gw = Gateway(settings, upstreams, router, the_store, recorder, redactor)
+            probe = asyncio.create_task(_probe_local(settings, session))
+            log.info("gateway ready: %d models, default %s", len(settings.models), settings.default_model)
+            try:
+                yield
+            finally:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
+                t = time.perf_counter()
+                log.info("gateway shutting down")
+            log.info("gateway stopped in %.2f s", time.perf_counter() - t)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            error: GatewayError = NotFound(f"no route for {request.method} {request.url.path}")
+        else:
+            error = GatewayError(
+                exc.detail or "error", code="method_not_allowed" if exc.status_code == 405 else None
+            )
+            error.status, error.type = exc.status_code, "invalid_request_error"
+        return Response(error.json(), error.status, media_type="application/json", headers=exc.headers)
+
+    chat_endpoint = chat.ChatCompletions()
+    routes = [
+        Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
+        Route("/chat/completions", chat_endpoint, methods=["POST"]),
+        Route("/v1/models", ops.list_models, methods=["GET"]),
+        Route("/models", ops.list_models, methods=["GET"]),
+        Route("/live", ops.live, methods=["GET"]),
+        Route("/ready", ops.ready, methods=["GET"]),
+        Route("/health", ops.health, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(
+            RequestContext,
+            max_body_bytes=settings.max_body_bytes,
+            api_keys=settings.gateway_api_keys,
+            on_finish=_on_finish,
+            redact=redactor,
+        )
+    ]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "x-router-model", "x-router-layer", "x-router-overhead-ms"],
+            )
+        )
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+    )

@@ -1,0 +1,106 @@
+"""`llm-router`: serve, migrate, and (from their modules) the lab and export verbs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from gateway.config import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **extra: object) -> Settings:
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None), **extra}
+    try:
+        return load_settings(getattr(args, "config", None), **overrides)
+    except (ValidationError, ValueError) as exc:
+        print(f"llm-router: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import setup_logging
+
+    extra: dict[str, object] = {}
+    if args.no_migrate:
+        extra["run_migrations"] = False
+    settings = _settings(args, **extra)
+    redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    app = create_app(settings, redact=redact)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    return 0
+
+
+def migrate_cmd(args: argparse.Namespace) -> int:
+    from gateway.logs import setup_logging
+    from gateway.store.factory import database, migrate
+
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    if not settings.enable_persistence:
+        print("llm-router: ENABLE_PERSISTENCE is false; nothing to migrate", file=sys.stderr)
+        return 1
+
+    async def run() -> None:
+        async with database(settings) as dsn:
+            await migrate(dsn, args.revision, ssl=settings.database_ssl_mode, downgrade=args.downgrade)
+
+    asyncio.run(run())
+    print(f"database {'downgraded' if args.downgrade else 'upgraded'} to {args.revision}")
+    return 0
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-router", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file (default: $CONFIG_FILE)")
+
+    p = sub.add_parser("serve", help="run the gateway")
+    common(p)
+    p.add_argument("--host", help="bind address (default: $HOST or 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default: $PORT or 8080)")
+    p.add_argument("--no-migrate", action="store_true", help="do not run database migrations on start")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("migrate", help="apply database migrations (Alembic)")
+    common(p)
+    p.add_argument("--revision", default="head")
+    p.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
+    p.set_defaults(func=migrate_cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""One `Settings` object: environment variables, `.env`, and a YAML file (`CONFIG_FILE` / `--config`).
+
+Precedence, highest first: values given in code or on the command line, environment variables,
+`.env`, the YAML file, the defaults below. The YAML file holds what environment variables express
+badly (the model catalogue, keyword rules, semantic routes, policies, virtual models) and may also
+set any scalar knob by its field name (`exploration_rate: 0.3`, case-insensitive).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
+
+_DEFAULT_BASE_URLS: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "vllm": "http://127.0.0.1:8000/v1",
+}
+_DEFAULT_KEY_ENVS: dict[str, str] = {"openai": "OPENAI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One entry of the model catalogue."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,127}$")
+    provider: ProviderKind = "openai_compatible"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    input_usd_per_mtok: float = Field(default=0.0, ge=0)
+    output_usd_per_mtok: float = Field(default=0.0, ge=0)
+    context_window: int = Field(default=8192, gt=0)
+    capabilities: frozenset[str] = frozenset({"chat", "streaming"})
+    max_concurrency: int | None = Field(default=None, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    fallbacks: tuple[str, ...] = ()
+    # A prior guess of quality in [0, 1] (for the quality_optimized strategy before any feedback).
+    quality: float | None = Field(default=None, ge=0, le=1)
+    # Replay provider: the replay file and the model's name inside it (default: upstream_model).
+    replay_file: str | None = None
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> ModelSpec:
+        updates: dict[str, Any] = {}
+        if self.base_url is None and self.provider in _DEFAULT_BASE_URLS:
+            updates["base_url"] = _DEFAULT_BASE_URLS[self.provider]
+        if self.api_key_env is None and self.provider in _DEFAULT_KEY_ENVS:
+            updates["api_key_env"] = _DEFAULT_KEY_ENVS[self.provider]
+        if self.upstream_model is None:
+            updates["upstream_model"] = self.name
+        if self.provider == "replay" and not self.replay_file:
+            raise ValueError(f"model {self.name!r}: provider 'replay' needs replay_file")
+        if self.provider != "replay" and not (self.base_url or updates.get("base_url")):
+            raise ValueError(f"model {self.name!r}: provider {self.provider!r} needs base_url")
+        for key, value in updates.items():
+            object.__setattr__(self, key, value)
+        return self
+
+    @property
+    def upstream_id(self) -> str:
+        return self.upstream_model or self.name
+
+    @property
+    def is_free(self) -> bool:
+        return self.input_usd_per_mtok == 0 and self.output_usd_per_mtok == 0
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
+
+
+class Rule(_Strict):
+    """Keyword fast path: the first rule whose pattern matches the user text decides."""
+
+    name: str
+    pattern: str | None = None  # a regular expression (case-insensitive)
+    keywords: tuple[str, ...] = ()  # whole-word, case-insensitive
+    model: str | None = None
+    policy: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Rule:
+        if not self.pattern and not self.keywords:
+            raise ValueError(f"rule {self.name!r}: needs a pattern or keywords")
+        if (self.model is None) == (self.policy is None):
+            raise ValueError(f"rule {self.name!r}: give exactly one of model or policy")
+        if self.pattern:
+            re.compile(self.pattern)
+        return self
+
+
+class SemanticRoute(_Strict):
+    name: str
+    utterances: tuple[str, ...] = Field(min_length=1)
+    threshold: float = Field(default=0.75, ge=-1, le=1)
+    model: str | None = None
+    policy: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SemanticRoute:
+        if (self.model is None) == (self.policy is None):
+            raise ValueError(f"route {self.name!r}: give exactly one of model or policy")
+        return self
+
+
+class Policy(_Strict):
+    """A named set of arms; the bandit (or `strategy`) picks among them."""
+
+    models: tuple[str, ...] = Field(min_length=1)
+    strategy: str | None = None
+
+
+class RouterConstraints(_Strict):
+    """Per-request routing constraints (`extra_body={"router": {...}}`, `X-Router-*` headers,
+    or a virtual model)."""
+
+    strategy: str | None = None
+    policy: str | None = None
+    max_cost_usd: float | None = Field(default=None, ge=0)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    min_quality: float | None = Field(default=None, ge=0, le=1)
+    capability: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    @field_validator("capability", "models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    def merged(self, other: RouterConstraints) -> RouterConstraints:
+        """`other` wins field by field where it sets something."""
+        data = self.model_dump()
+        for key, value in other.model_dump().items():
+            if value not in (None, ()):
+                data[key] = value
+        return RouterConstraints(**data)
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        path = Path(self.path)
+        if not path.is_file():
+            raise ValueError(f"config file {self.path!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {self.path!r}: expected a mapping at the top level")
+        return {str(k).lower(): v for k, v in data.items()}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- server
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    config_file: str | None = None
+    cors_origins: CommaList = Field(default_factory=list)
+    log_level: str = "info"
+    log_format: Literal["json", "text", "auto"] = "auto"
+    log_prompts: bool = False
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # Client keys: when set, /v1/* and /feedback need `Authorization: Bearer <key>`.
+    gateway_api_keys: CommaList = Field(default_factory=list)
+    # Admin key: needed for admin endpoints (/v1/dpo/pairs); without it those are disabled.
+    admin_api_key: SecretStr | None = None
+
+    # --- upstreams
+    openrouter_api_key: SecretStr | None = None
+    openrouter_base_url: str = _DEFAULT_BASE_URLS["openrouter"]
+    app_name: str = "LLM Router"
+    referer_url: str = "https://github.com/llm-router/llm-router"
+    llm_models: CommaList = Field(default_factory=list)
+    default_model: str | None = None
+    models: list[ModelSpec] = Field(default_factory=list)
+    upstream_retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_ms: float = Field(default=100.0, ge=0)
+    max_fallbacks: int = Field(default=2, ge=0, le=10)
+    circuit_breaker_failure_threshold: int = Field(default=5, ge=1)
+    circuit_breaker_cooldown_s: float = Field(default=30.0, gt=0)
+
+    # --- routing (names as the original proxy documented them)
+    router_policy: Literal["knn_ts", "lin_ts"] = "knn_ts"
+    feedback_weight: float = 0.6
+    latency_weight: float = 0.2
+    cost_weight: float = -0.2  # applied to normalised cost: negative favours cheaper models
+    exploration_rate: float = Field(default=0.1, ge=0, le=1)
+    similarity_threshold: float = Field(default=0.7, ge=-1, le=1)
+    max_similar_requests: int = Field(default=50, ge=1, le=1000)
+    recency_days: int = Field(default=30, ge=1)
+    min_similar_requests: int = Field(default=5, ge=0)
+    min_confidence_score: float = Field(default=0.1, ge=0, le=1)
+    optimistic_prior: float = Field(default=0.8, ge=0, le=1)
+    exploration_bonus: float = Field(default=0.1, ge=0)
+    min_requests_for_global: int = Field(default=10, ge=0)
+    prior_strength: float = Field(default=2.0, gt=0)
+    stats_refresh_s: float = Field(default=2.0, gt=0)
+    rules: list[Rule] = Field(default_factory=list)
+    routes: list[SemanticRoute] = Field(default_factory=list)
+    policies: dict[str, Policy] = Field(default_factory=dict)
+    virtual_models: dict[str, RouterConstraints] = Field(default_factory=dict)
+    embedding_cache_size: int = Field(default=10_000, ge=0)
+    embedding_max_batch: int = Field(default=32, ge=1)
+    embedding_max_chars: int = Field(default=2000, ge=64)
+    embedding_backend: Literal["onnx", "torch"] = "onnx"
+
+    # --- persistence
+    enable_persistence: bool = True
+    database_url: SecretStr | None = None
+    database_host: str | None = None
+    database_port: int = 5432
+    database_user: str = "llm_router"
+    database_password: SecretStr | None = None
+    database_name: str = "llm_router"
+    database_ssl_mode: str | None = None
+    data_dir: Path = Path("./data")
+    run_migrations: bool = True
+    recorder_queue_size: int = Field(default=100_000, ge=1)
+    recorder_batch_size: int = Field(default=500, ge=1)
+    memory_store_max_calls: int = Field(default=100_000, ge=1)
+
+    # --- DPO flywheel
+    duel_rate: float = Field(default=0.0, ge=0, le=1)
+    judge_model: str | None = None
+    dpo_min_margin: float = Field(default=0.2, ge=0, le=1)
+    dpo_similarity: float = Field(default=0.97, ge=0, le=1)
+
+    _parse_lists = field_validator("cors_origins", "gateway_api_keys", "llm_models", mode="before")(
+        classmethod(lambda cls, v: _comma_list(v))
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get("CONFIG_FILE")
+        if path is None:
+            path = dotenv_settings().get("config_file")
+        return init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, path)
+
+    @model_validator(mode="after")
+    def _catalogue(self) -> Settings:
+        models = list(self.models)
+        if self.llm_models:
+            # LLM_MODELS (as in the original proxy) narrows the catalogue; a name it does not know
+            # becomes an OpenRouter model with unknown prices.
+            known = {m.name: m for m in models}
+            models = [known.get(n) or ModelSpec(name=n, provider="openrouter") for n in self.llm_models]
+        # OPENROUTER_BASE_URL applies to OpenRouter models that did not set their own base URL.
+        models = [
+            m.model_copy(update={"base_url": self.openrouter_base_url})
+            if m.provider == "openrouter" and m.base_url == _DEFAULT_BASE_URLS["openrouter"]
+            else m
+            for m in models
+        ]
+        names = [m.name for m in models]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"duplicate model names in the catalogue: {sorted(duplicates)}")
+        self.models = models
+        known_names = set(names)
+        if self.default_model is None and models:
+            self.default_model = models[0].name
+        if self.default_model is not None and models and self.default_model not in known_names:
+            raise ValueError(f"DEFAULT_MODEL {self.default_model!r} is not in the model catalogue")
+        for m in models:
+            for f in m.fallbacks:
+                if f not in known_names:
+                    raise ValueError(f"model {m.name!r}: fallback {f!r} is not in the catalogue")
+        for where, targets in self._model_references():
+            for name in targets:
+                if name not in known_names:
+                    raise ValueError(f"{where}: model {name!r} is not in the catalogue")
+        for where, policy in self._policy_references():
+            if policy not in self.policies:
+                raise ValueError(f"{where}: policy {policy!r} is not defined under 'policies'")
+        for vname in self.virtual_models:
+            if vname in known_names:
+                raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
+        return self
+
+    def _model_references(self) -> list[tuple[str, tuple[str, ...]]]:
+        refs: list[tuple[str, tuple[str, ...]]] = []
+        refs += [(f"rule {r.name!r}", (r.model,)) for r in self.rules if r.model]
+        refs += [(f"route {r.name!r}", (r.model,)) for r in self.routes if r.model]
+        refs += [(f"policy {n!r}", p.models) for n, p in self.policies.items()]
+        refs += [(f"virtual model {n!r}", v.models) for n, v in self.virtual_models.items()]
+        return refs
+
+    def _policy_references(self) -> list[tuple[str, str]]:
+        refs = [(f"rule {r.name!r}", r.policy) for r in self.rules if r.policy]
+        refs += [(f"route {r.name!r}", r.policy) for r in self.routes if r.policy]
+        refs += [(f"virtual model {n!r}", v.policy) for n, v in self.virtual_models.items() if v.policy]
+        return refs
+
+    def model(self, name: str) -> ModelSpec | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def virtual_model_names(self) -> list[str]:
+        return ["auto", *(n for n in self.virtual_models if n != "auto")]
+
+    def api_key_for(self, spec: ModelSpec) -> str | None:
+        """The API key of a model: its env var, with OPENROUTER_API_KEY also read from settings."""
+        if not spec.api_key_env:
+            return None
+        if spec.api_key_env == "OPENROUTER_API_KEY" and self.openrouter_api_key is not None:
+            return self.openrouter_api_key.get_secret_value() or None
+        return os.environ.get(spec.api_key_env) or None
+
+    def database_dsn(self) -> str | None:
+        """The SQLAlchemy URL of an external database, or None for the embedded one."""
+        if self.database_url is not None and self.database_url.get_secret_value():
+            url = self.database_url.get_secret_value()
+        elif self.database_host:
+            password = self.database_password.get_secret_value() if self.database_password else ""
+            auth = quote(self.database_user, safe="") + (":" + quote(password, safe="") if password else "")
+            url = f"postgresql://{auth}@{self.database_host}:{self.database_port}/{self.database_name}"
+        else:
+            return None
+        return normalise_dsn(url)
+
+    def secrets(self) -> list[str]:
+        """Every secret value this process knows, so that logs can be checked against them."""
+        values = [self.openrouter_api_key, self.admin_api_key, self.database_password, self.database_url]
+        out = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        out += [k for k in self.gateway_api_keys if k]
+        for m in self.models:
+            key = self.api_key_for(m)
+            if key:
+                out.append(key)
+        return out
+
+
+def normalise_dsn(url: str) -> str:
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Build Settings; `overrides` (command-line flags) beat every other source."""
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if config_file:
+        kwargs["config_file"] = config_file
+    return Settings(**kwargs)

@@ -1,0 +1,106 @@
+"""The gateway's one small exception tree, rendered in OpenAI's error shape by one handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unprocessable(InvalidRequest):
+    status = 422
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ServiceUnavailable(GatewayError):
+    """No model can take the request (all circuits open, no key, unreachable), or the store is down."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_available_model"
+
+
+class UpstreamError(GatewayError):
+    """Every attempt failed after retries and fallbacks."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+class UpstreamClientError(GatewayError):
+    """The upstream refused the request itself (a 4xx other than 408/409/429): the caller's
+    problem, passed back with the upstream's status and message, never retried."""
+
+    type = "invalid_request_error"
+    code = "upstream_rejected"
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was sent; nothing is rendered."""

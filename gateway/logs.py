@@ -1,0 +1,89 @@
+"""Logging: one line per request, JSON or text (`LOG_FORMAT=json|text|auto`), secrets redacted.
+
+`auto` means JSON when stderr is not a terminal (containers, log shippers) and text when it is.
+Every known secret (API keys, database password) is replaced by `[redacted]` in every line and in
+every error message sent to a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so that a key containing another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+
+_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STD}
+
+
+class JSONFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(_extra(record))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return self.redact(orjson.dumps(out, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = _extra(record)
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items() if v is not None)
+        return self.redact(line)
+
+
+def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = None) -> Redactor:
+    redact = Redactor(secrets)
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter(redact) if fmt == "json" else TextFormatter(redact))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if level.lower() != "warn" else "WARNING")
+    for noisy in ("uvicorn.access", "httpx", "sentence_transformers", "transformers", "optimum", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Uvicorn's own loggers go through our handler (and our redaction) too.
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    return redact

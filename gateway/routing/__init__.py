@@ -1,0 +1,39 @@
+"""Routing: which model answers a request. See `Router.decide`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.config import RouterConstraints
+
+
+@dataclass
+class RouteContext:
+    request_id: str
+    requested_model: str
+    messages: list[dict[str, Any]]
+    constraints: RouterConstraints = field(default_factory=RouterConstraints)
+    needs: frozenset[str] = frozenset()
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
+
+
+@dataclass
+class Decision:
+    model: str
+    layer: str  # explicit | keyword | semantic | bandit | strategy | default
+    fallbacks: list[str] = field(default_factory=list)
+    strategy: str | None = None
+    policy: str | None = None
+    rule: str | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    propensity: float | None = None
+    embedding: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chain(self) -> list[str]:
+        return [self.model, *self.fallbacks]

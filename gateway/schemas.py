@@ -1,0 +1,79 @@
+"""Validation of what clients send. The request body itself is forwarded as the client sent it
+(only `model` is replaced and `router` removed), so these models only check; they never rebuild it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from gateway.config import RouterConstraints
+from gateway.errors import InvalidRequest
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content(self) -> Message:
+        if self.role in ("system", "developer", "user") and self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class StreamOptions(_Open):
+    include_usage: StrictBool = False
+
+
+class ChatRequest(_Open):
+    model: str = Field(default="auto", min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    router: RouterConstraints | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128)
+    score: float = Field(ge=0, le=1, allow_inf_nan=False)
+    feedback_text: str | None = Field(default=None, max_length=10_000)
+    source: Literal["user", "app"] = "user"
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """Validate, or raise a 400 that names the first offending field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or None
+        where = f" at '{loc}'" if loc else ""
+        raise InvalidRequest(
+            f"invalid request{where}: {first['msg']}", param=loc, code="invalid_value"
+        ) from exc

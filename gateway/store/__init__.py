@@ -1,0 +1,197 @@
+"""The store seam: calls, feedback, arm statistics, neighbours, DPO pairs.
+
+Two implementations pass one contract suite (tests/test_store_contract.py): Postgres + pgvector
+(`gateway.store.postgres`, production and embedded) and a bounded in-memory store
+(`gateway.store.memory`, for ENABLE_PERSISTENCE=false).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content (a string, or the text parts of a content list)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def prompt_hash(messages: Sequence[dict[str, Any]]) -> str:
+    """Hash of the normalised conversation: roles and texts, whitespace collapsed, case kept.
+
+    Two calls with the same hash asked the same thing; the DPO miner pairs their answers.
+    """
+    norm = [(str(m.get("role")), _SPACE.sub(" ", text_of(m.get("content"))).strip()) for m in messages]
+    return hashlib.sha256(orjson.dumps(norm)).hexdigest()
+
+
+@dataclass
+class CallRecord:
+    id: str
+    messages: list[dict[str, Any]]
+    requested_model: str
+    model: str | None
+    status: str  # ok | error | interrupted | cancelled
+    http_status: int
+    created_at: datetime = field(default_factory=utcnow)
+    prompt_hash: str = ""
+    embedding: np.ndarray | None = None
+    layer: str | None = None
+    strategy: str | None = None
+    policy: str | None = None
+    propensity: float | None = None
+    decision: dict[str, Any] = field(default_factory=dict)  # candidates, fallbacks, rule, timings
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    stream: bool = False
+    overhead_ms: float | None = None
+    upstream_ms: float | None = None
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    response: str | None = None
+    upstream_model: str | None = None
+    caller: str | None = None
+    kind: str = "call"  # call | duel | judge
+    duel_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_hash:
+            self.prompt_hash = prompt_hash(self.messages)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    request_id: str
+    score: float
+    text: str | None = None
+    source: str = "user"  # user | app | judge
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class FeedbackOutcome:
+    request_id: str
+    model: str | None
+    previous: float | None  # the call's effective score before this feedback
+    score: float | None  # after (a judge never overrides a human score)
+    applied: bool
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    request_id: str
+    model: str
+    score: float
+    similarity: float
+    created_at: datetime
+
+
+@dataclass
+class ArmStats:
+    model: str
+    calls: int = 0
+    ok_calls: int = 0
+    rated: int = 0
+    score_sum: float = 0.0
+    latency_ms_sum: float = 0.0
+    cost_usd_sum: float = 0.0
+    completion_tokens_sum: int = 0
+
+    @property
+    def mean_score(self) -> float | None:
+        return self.score_sum / self.rated if self.rated else None
+
+    @property
+    def latency_ms_avg(self) -> float | None:
+        return self.latency_ms_sum / self.ok_calls if self.ok_calls else None
+
+    @property
+    def cost_usd_avg(self) -> float | None:
+        return self.cost_usd_sum / self.ok_calls if self.ok_calls else None
+
+    @property
+    def completion_tokens_avg(self) -> float | None:
+        return self.completion_tokens_sum / self.ok_calls if self.ok_calls else None
+
+
+@dataclass
+class DPOPair:
+    prompt_hash: str
+    messages: list[dict[str, Any]]
+    chosen_id: str
+    chosen_model: str
+    chosen: str
+    chosen_score: float
+    rejected_id: str
+    rejected_model: str
+    rejected: str
+    rejected_score: float
+    similarity: float = 1.0
+    label: str | None = None  # routing label (9-cell matrix) when the pair has one
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def margin(self) -> float:
+        return self.chosen_score - self.rejected_score
+
+
+@dataclass(frozen=True)
+class RatedCall:
+    """A rated call with a real response: what the DPO miner pairs."""
+
+    id: str
+    model: str
+    messages: list[dict[str, Any]]
+    prompt_hash: str
+    response: str
+    score: float
+    similarity: float = 1.0
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached; callers answer 503 or keep records waiting."""
+
+
+class Store(Protocol):
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def write_calls(self, records: Sequence[CallRecord]) -> None: ...
+
+    async def get_call(self, request_id: str) -> dict[str, Any] | None: ...
+
+    async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome: ...
+
+    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None: ...
+
+    async def neighbours(
+        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+    ) -> list[Neighbour]: ...
+
+    async def arm_stats(self) -> dict[str, ArmStats]: ...
+
+    async def usage_stats(self, since: datetime) -> list[dict[str, Any]]: ...

@@ -1,0 +1,185 @@
+"""A bounded in-memory store (ENABLE_PERSISTENCE=false): same contract, nothing survives a restart.
+
+The oldest calls are evicted beyond `max_calls`; their feedback goes with them, the arm statistics
+they contributed stay.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import NotFound
+from gateway.store import (
+    ArmStats,
+    CallRecord,
+    Feedback,
+    FeedbackOutcome,
+    Neighbour,
+)
+
+
+class _Call:
+    __slots__ = ("feedback", "record", "score", "score_source")
+
+    def __init__(self, record: CallRecord) -> None:
+        self.record = record
+        self.feedback: list[Feedback] = []
+        self.score: float | None = None
+        self.score_source: str | None = None
+
+
+class MemoryStore:
+    def __init__(self, max_calls: int = 100_000) -> None:
+        self.max_calls = max_calls
+        self.calls: OrderedDict[str, _Call] = OrderedDict()
+        self.arms: dict[str, ArmStats] = {}
+        self._matrix: tuple[list[str], np.ndarray] | None = None  # rated calls' embeddings
+
+    async def aclose(self) -> None:
+        pass
+
+    async def ping(self) -> bool:
+        return True
+
+    def _arm(self, model: str) -> ArmStats:
+        arm = self.arms.get(model)
+        if arm is None:
+            arm = self.arms[model] = ArmStats(model)
+        return arm
+
+    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+        for rec in records:
+            if rec.id in self.calls:
+                continue  # a reused request id keeps its first record (as in Postgres)
+            self.calls[rec.id] = _Call(rec)
+            if rec.model is not None:
+                arm = self._arm(rec.model)
+                arm.calls += 1
+                if rec.status == "ok":
+                    arm.ok_calls += 1
+                    arm.latency_ms_sum += rec.upstream_ms or 0.0
+                    arm.cost_usd_sum += rec.cost_usd or 0.0
+                    arm.completion_tokens_sum += rec.completion_tokens or 0
+        while len(self.calls) > self.max_calls:
+            _, evicted = self.calls.popitem(last=False)
+            if evicted.score is not None:
+                self._matrix = None
+
+    async def get_call(self, request_id: str) -> dict[str, Any] | None:
+        call = self.calls.get(request_id)
+        if call is None:
+            return None
+        rec = asdict(call.record)
+        rec["embedding"] = None if call.record.embedding is None else call.record.embedding.tolist()
+        rec["score"] = call.score
+        rec["feedback"] = [
+            {"score": f.score, "feedback_text": f.text, "source": f.source, "created_at": f.created_at}
+            for f in call.feedback
+        ]
+        return rec
+
+    async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
+        call = self.calls.get(feedback.request_id)
+        if call is None:
+            raise NotFound(f"no request with id {feedback.request_id!r}", param="request_id")
+        call.feedback.append(feedback)
+        previous = call.score
+        human = feedback.source != "judge"
+        applies = human or call.score_source in (None, "judge")
+        if applies:
+            call.score, call.score_source = feedback.score, feedback.source
+            model = call.record.model
+            if model is not None:
+                arm = self._arm(model)
+                if previous is None:
+                    arm.rated += 1
+                    arm.score_sum += feedback.score
+                else:
+                    arm.score_sum += feedback.score - previous
+            self._matrix = None
+        return FeedbackOutcome(feedback.request_id, call.record.model, previous, call.score, applies)
+
+    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None:
+        call = self.calls.get(request_id)
+        if call is not None and call.record.embedding is None:
+            call.record.embedding = embedding
+            self._matrix = None
+
+    def _rated(self) -> tuple[list[str], np.ndarray]:
+        if self._matrix is None:
+            ids = [
+                cid
+                for cid, c in self.calls.items()
+                if c.score is not None and c.record.embedding is not None and c.record.model is not None
+            ]
+            matrix = (
+                np.stack([self.calls[i].record.embedding for i in ids]).astype(np.float32)  # type: ignore[misc]
+                if ids
+                else np.zeros((0, 1), dtype=np.float32)
+            )
+            self._matrix = (ids, matrix)
+        return self._matrix
+
+    async def neighbours(
+        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+    ) -> list[Neighbour]:
+        ids, matrix = self._rated()
+        if not ids:
+            return []
+        sims = matrix @ embedding.astype(np.float32)
+        out: list[Neighbour] = []
+        for i in np.argsort(-sims):
+            call = self.calls[ids[i]]
+            if call.record.created_at < since:
+                continue
+            if len(out) == k:
+                break
+            out.append(
+                Neighbour(
+                    call.record.id,
+                    call.record.model or "",
+                    call.score or 0.0,
+                    float(sims[i]),
+                    call.record.created_at,
+                )
+            )
+        return [n for n in out if n.similarity >= threshold]
+
+    async def arm_stats(self) -> dict[str, ArmStats]:
+        return {name: replace(arm) for name, arm in self.arms.items()}
+
+    async def usage_stats(self, since: datetime) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        for call in self.calls.values():
+            rec = call.record
+            if rec.created_at < since or rec.model is None or rec.kind != "call":
+                continue
+            row = rows.setdefault(
+                rec.model,
+                {"model": rec.model, "requests": 0, "errors": 0, "latency": [], "cost": 0.0, "scores": []},
+            )
+            row["requests"] += 1
+            row["errors"] += rec.status != "ok"
+            if rec.status == "ok" and rec.upstream_ms is not None:
+                row["latency"].append(rec.upstream_ms)
+            row["cost"] += rec.cost_usd or 0.0
+            if call.score is not None:
+                row["scores"].append(call.score)
+        return [
+            {
+                "model": r["model"],
+                "requests": r["requests"],
+                "errors": r["errors"],
+                "latency_ms_avg": float(np.mean(r["latency"])) if r["latency"] else None,
+                "cost_usd": r["cost"],
+                "feedback_count": len(r["scores"]),
+                "feedback_avg": float(np.mean(r["scores"])) if r["scores"] else None,
+            }
+            for r in rows.values()
+        ]

@@ -1,0 +1,339 @@
+"""The Postgres + pgvector store (SQLAlchemy 2 Core, async, on asyncpg).
+
+Connection failures are mapped once, here, to `StoreUnavailable`; a read on a connection that died
+with a database restart is retried once on a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import numpy as np
+import orjson
+from sqlalchemy import and_, func, insert, literal_column, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from gateway.errors import NotFound
+from gateway.store import (
+    ArmStats,
+    CallRecord,
+    Feedback,
+    FeedbackOutcome,
+    Neighbour,
+    StoreUnavailable,
+)
+from gateway.store.schema import arm_stats, calls, feedback
+
+T = TypeVar("T")
+
+
+def _json(obj: Any) -> str:
+    return orjson.dumps(
+        obj, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    ).decode()
+
+
+def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> AsyncEngine:
+    server_settings = {
+        # pgvector >= 0.8: keep scanning the HNSW graph when the WHERE clause filters results out.
+        "hnsw.iterative_scan": "relaxed_order",
+        "hnsw.ef_search": "200",
+        "application_name": "llm-router",
+    }
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    if ssl:
+        connect_args["ssl"] = ssl
+    return create_async_engine(
+        dsn,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        json_serializer=_json,
+        json_deserializer=orjson.loads,
+        connect_args=connect_args,
+    )
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(
+        exc, OSError | ConnectionError | asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
+    ):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.AdminShutdownError):
+        return True
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    cause = exc.__cause__ or getattr(exc, "orig", None)
+    return cause is not None and cause is not exc and _is_unavailable(cause)
+
+
+class PostgresStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool = False) -> T:
+        for attempt in (0, 1):
+            try:
+                if write:
+                    async with self.engine.begin() as conn:
+                        return await fn(conn)
+                async with self.engine.connect() as conn:
+                    return await fn(conn)
+            except NotFound:
+                raise
+            except Exception as exc:
+                if not _is_unavailable(exc):
+                    raise
+                if attempt == 1:
+                    raise StoreUnavailable(
+                        f"the database is unreachable: {type(exc).__name__}: {exc}"
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ping(self) -> bool:
+        async def q(conn: AsyncConnection) -> bool:
+            return (await conn.execute(select(literal_column("1")))).scalar() == 1
+
+        return await self._run(q)
+
+    # --- calls
+    @staticmethod
+    def _row(rec: CallRecord) -> dict[str, Any]:
+        return {
+            "id": rec.id,
+            "created_at": rec.created_at,
+            "kind": rec.kind,
+            "duel_of": rec.duel_of,
+            "caller": rec.caller,
+            "requested_model": rec.requested_model,
+            "model": rec.model,
+            "upstream_model": rec.upstream_model,
+            "messages": rec.messages,
+            "prompt_hash": rec.prompt_hash,
+            "embedding": rec.embedding,
+            "layer": rec.layer,
+            "strategy": rec.strategy,
+            "policy": rec.policy,
+            "propensity": rec.propensity,
+            "decision": rec.decision,
+            "attempts": rec.attempts,
+            "status": rec.status,
+            "http_status": rec.http_status,
+            "error": rec.error,
+            "stream": rec.stream,
+            "overhead_ms": rec.overhead_ms,
+            "upstream_ms": rec.upstream_ms,
+            "ttft_ms": rec.ttft_ms,
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": rec.completion_tokens,
+            "cost_usd": rec.cost_usd,
+            "response": rec.response,
+        }
+
+    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+        if not records:
+            return
+        by_id = {r.id: r for r in records}
+        rows = [self._row(r) for r in by_id.values()]
+
+        async def tx(conn: AsyncConnection) -> None:
+            stmt = pg_insert(calls).on_conflict_do_nothing(index_elements=[calls.c.id]).returning(calls.c.id)
+            inserted = (await conn.execute(stmt, rows)).scalars().all()
+            sums: dict[str, dict[str, Any]] = defaultdict(
+                lambda: {
+                    "calls": 0,
+                    "ok_calls": 0,
+                    "latency_ms_sum": 0.0,
+                    "cost_usd_sum": 0.0,
+                    "completion_tokens_sum": 0,
+                }
+            )
+            for rid in inserted:
+                rec = by_id[rid]
+                if rec.model is None:
+                    continue
+                s = sums[rec.model]
+                s["calls"] += 1
+                if rec.status == "ok":
+                    s["ok_calls"] += 1
+                    s["latency_ms_sum"] += rec.upstream_ms or 0.0
+                    s["cost_usd_sum"] += rec.cost_usd or 0.0
+                    s["completion_tokens_sum"] += rec.completion_tokens or 0
+            if sums:
+                await self._bump_arms(conn, [{"model": m, **s} for m, s in sorted(sums.items())])
+
+        await self._run(tx, write=True)
+
+    @staticmethod
+    async def _bump_arms(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        cols = [k for k in rows[0] if k != "model"]
+        stmt = pg_insert(arm_stats)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[arm_stats.c.model],
+            set_={
+                **{c: arm_stats.c[c] + stmt.excluded[c] for c in cols},
+                "updated_at": func.now(),
+            },
+        )
+        for row in rows:  # one statement per model: few models per batch
+            await conn.execute(stmt.values(**row))
+
+    async def get_call(self, request_id: str) -> dict[str, Any] | None:
+        async def q(conn: AsyncConnection) -> dict[str, Any] | None:
+            row = (await conn.execute(select(calls).where(calls.c.id == request_id))).mappings().first()
+            if row is None:
+                return None
+            out = dict(row)
+            if out["embedding"] is not None:
+                out["embedding"] = np.asarray(out["embedding"]).tolist()
+            fb = await conn.execute(
+                select(feedback.c.score, feedback.c.feedback_text, feedback.c.source, feedback.c.created_at)
+                .where(feedback.c.request_id == request_id)
+                .order_by(feedback.c.created_at, feedback.c.id)
+            )
+            out["feedback"] = [dict(r) for r in fb.mappings()]
+            return out
+
+        return await self._run(q)
+
+    async def add_feedback(self, fb: Feedback) -> FeedbackOutcome:
+        async def tx(conn: AsyncConnection) -> FeedbackOutcome:
+            row = (
+                await conn.execute(
+                    select(calls.c.model, calls.c.score, calls.c.score_source)
+                    .where(calls.c.id == fb.request_id)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no request with id {fb.request_id!r}", param="request_id")
+            model, previous, previous_source = row
+            await conn.execute(
+                insert(feedback).values(
+                    request_id=fb.request_id,
+                    score=fb.score,
+                    feedback_text=fb.text,
+                    source=fb.source,
+                    created_at=fb.created_at,
+                )
+            )
+            applies = fb.source != "judge" or previous_source in (None, "judge")
+            if not applies:
+                return FeedbackOutcome(fb.request_id, model, previous, previous, False)
+            await conn.execute(
+                update(calls)
+                .where(calls.c.id == fb.request_id)
+                .values(score=fb.score, score_source=fb.source, score_at=fb.created_at)
+            )
+            if model is not None:
+                await self._bump_arms(
+                    conn,
+                    [
+                        {
+                            "model": model,
+                            "rated": 1 if previous is None else 0,
+                            "score_sum": fb.score - (previous or 0.0),
+                        }
+                    ],
+                )
+            return FeedbackOutcome(fb.request_id, model, previous, fb.score, True)
+
+        return await self._run(tx, write=True)
+
+    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None:
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(calls)
+                .where(and_(calls.c.id == request_id, calls.c.embedding.is_(None)))
+                .values(embedding=embedding)
+            )
+
+        await self._run(tx, write=True)
+
+    # --- routing
+    async def neighbours(
+        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+    ) -> list[Neighbour]:
+        distance = calls.c.embedding.cosine_distance(embedding)
+        stmt = (
+            select(
+                calls.c.id,
+                calls.c.model,
+                calls.c.score,
+                (1 - distance).label("similarity"),
+                calls.c.created_at,
+            )
+            .where(calls.c.score.is_not(None), calls.c.created_at >= since, calls.c.model.is_not(None))
+            .order_by(distance)
+            .limit(k)
+        )
+
+        async def q(conn: AsyncConnection) -> list[Neighbour]:
+            rows = (await conn.execute(stmt)).all()
+            out = [Neighbour(r[0], r[1], float(r[2]), float(r[3]), r[4]) for r in rows if r[3] >= threshold]
+            out.sort(key=lambda n: -n.similarity)  # relaxed_order scans may return slightly out of order
+            return out
+
+        return await self._run(q)
+
+    async def arm_stats(self) -> dict[str, ArmStats]:
+        async def q(conn: AsyncConnection) -> dict[str, ArmStats]:
+            rows = (await conn.execute(select(arm_stats))).mappings().all()
+            return {
+                r["model"]: ArmStats(
+                    model=r["model"],
+                    calls=r["calls"],
+                    ok_calls=r["ok_calls"],
+                    rated=r["rated"],
+                    score_sum=r["score_sum"],
+                    latency_ms_sum=r["latency_ms_sum"],
+                    cost_usd_sum=r["cost_usd_sum"],
+                    completion_tokens_sum=r["completion_tokens_sum"],
+                )
+                for r in rows
+            }
+
+        return await self._run(q)
+
+    async def usage_stats(self, since: datetime) -> list[dict[str, Any]]:
+        ok = calls.c.status == "ok"
+        stmt = (
+            select(
+                calls.c.model,
+                func.count().label("requests"),
+                func.count().filter(calls.c.status != "ok").label("errors"),
+                func.avg(calls.c.upstream_ms).filter(ok).label("latency_ms_avg"),
+                func.coalesce(func.sum(calls.c.cost_usd), 0.0).label("cost_usd"),
+                func.count(calls.c.score).label("feedback_count"),
+                func.avg(calls.c.score).label("feedback_avg"),
+            )
+            .where(calls.c.created_at >= since, calls.c.model.is_not(None), calls.c.kind == "call")
+            .group_by(calls.c.model)
+            .order_by(calls.c.model)
+        )
+
+        async def q(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+
+        return await self._run(q)
+
+
+@contextlib.asynccontextmanager
+async def postgres_store(dsn: str, *, ssl: str | None = None) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(make_engine(dsn, ssl=ssl))
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,102 @@
+"""SQLAlchemy Core tables, for queries. The schema itself is created and changed only by the
+Alembic migrations in `migrations/`; a test checks that the two agree."""
+
+from __future__ import annotations
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+EMBEDDING_DIM = 384
+
+metadata = MetaData()
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("kind", Text, nullable=False, server_default="call"),  # call | duel | judge
+    Column("duel_of", Text),
+    Column("caller", Text),
+    Column("requested_model", Text, nullable=False),
+    Column("model", Text),
+    Column("upstream_model", Text),
+    Column("messages", JSONB, nullable=False),
+    Column("prompt_hash", Text, nullable=False),
+    Column("embedding", Vector(EMBEDDING_DIM)),
+    Column("layer", Text),
+    Column("strategy", Text),
+    Column("policy", Text),
+    Column("propensity", Float),
+    Column("decision", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("attempts", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("status", Text, nullable=False),
+    Column("http_status", Integer, nullable=False),
+    Column("error", Text),
+    Column("stream", Boolean, nullable=False, server_default=text("false")),
+    Column("overhead_ms", Float),
+    Column("upstream_ms", Float),
+    Column("ttft_ms", Float),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("cost_usd", Float),
+    Column("response", Text),
+    # The effective feedback score (latest human score wins; a judge only fills in where no
+    # human rated), denormalised here so that the neighbour search reads one table.
+    Column("score", Float),
+    Column("score_source", Text),
+    Column("score_at", DateTime(timezone=True)),
+    Index("calls_created_at_idx", "created_at"),
+    Index("calls_model_created_at_idx", "model", "created_at"),
+    Index("calls_prompt_hash_idx", "prompt_hash"),
+    Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
+    Index(
+        "calls_embedding_hnsw_idx",
+        "embedding",
+        postgresql_using="hnsw",
+        postgresql_ops={"embedding": "vector_cosine_ops"},
+        postgresql_where=text("score IS NOT NULL"),
+    ),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("request_id", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("feedback_text", Text),
+    Column("source", Text, nullable=False, server_default="user"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("score >= 0 AND score <= 1", name="feedback_score_range"),
+    Index("feedback_request_id_idx", "request_id", "created_at"),
+)
+
+arm_stats = Table(
+    "arm_stats",
+    metadata,
+    Column("model", Text, primary_key=True),
+    Column("calls", BigInteger, nullable=False, server_default="0"),
+    Column("ok_calls", BigInteger, nullable=False, server_default="0"),
+    Column("rated", BigInteger, nullable=False, server_default="0"),
+    Column("score_sum", Float, nullable=False, server_default="0"),
+    Column("latency_ms_sum", Float, nullable=False, server_default="0"),
+    Column("cost_usd_sum", Float, nullable=False, server_default="0"),
+    Column("completion_tokens_sum", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)

@@ -1,0 +1,384 @@
+"""Calling upstream models: retries with backoff, a fallback chain, a circuit breaker per model.
+
+Everything here happens before the first byte reaches the client; once a stream has started,
+a failure ends it with an error event instead (see `gateway.api`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import ModelSpec, Settings
+from gateway.errors import (
+    GatewayError,
+    ServiceUnavailable,
+    UpstreamClientError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.providers import Provider, ProviderError
+
+Clock = Callable[[], float]
+
+
+class CircuitBreaker:
+    """Closed -> open after `threshold` consecutive failures -> half-open after `cooldown_s`
+    (one probe request) -> closed on its success, open again on its failure."""
+
+    def __init__(self, threshold: int, cooldown_s: float, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at >= self.cooldown_s:
+            return "half_open"
+        return "open"
+
+    def available(self) -> bool:
+        """Whether a request may go now (without taking the half-open probe slot)."""
+        state = self.state
+        return state == "closed" or (state == "half_open" and not self.probing)
+
+    def acquire(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.probing or self.failures >= self.threshold:
+            self.opened_at = self.clock()
+        self.probing = False
+
+    def release(self) -> None:
+        """The request ended without telling anything about the model (cancelled, 4xx)."""
+        self.probing = False
+
+
+@dataclass
+class ModelHealth:
+    requests: int = 0
+    failures: int = 0
+    in_flight: int = 0
+    latency_ms_avg: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def observe_latency(self, ms: float) -> None:
+        # Exponentially weighted, so it follows an upstream that slows down.
+        self.latency_ms_avg = ms if self.latency_ms_avg is None else 0.9 * self.latency_ms_avg + 0.1 * ms
+
+
+@dataclass
+class Attempt:
+    model: str
+    outcome: str  # ok | error | circuit_open | unavailable
+    ms: float = 0.0
+    error: str | None = None
+    status: int | None = None
+    kind: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class ChatResult:
+    spec: ModelSpec
+    data: dict[str, Any]
+    upstream_ms: float
+    attempts: list[Attempt]
+
+
+@dataclass
+class OpenStream:
+    spec: ModelSpec
+    first: dict[str, Any]
+    rest: AsyncIterator[dict[str, Any]]
+    ttft_ms: float
+    upstream_ms: float  # time spent on upstreams until the first chunk (failed attempts included)
+    attempts: list[Attempt]
+    release: Callable[[], None] = lambda: None
+
+    async def aclose(self) -> None:
+        """Closes the upstream connection (idempotent) and frees the model's slot."""
+        try:
+            aclose = getattr(self.rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self.release()
+
+
+class Upstreams:
+    """The providers of every catalogue model, with their breakers, limits and health."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        providers: dict[str, Provider],
+        unavailable: dict[str, str] | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.specs = {m.name: m for m in settings.models}
+        self.providers = providers
+        self.unavailable = dict(unavailable or {})
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.breakers = {
+            name: CircuitBreaker(
+                settings.circuit_breaker_failure_threshold, settings.circuit_breaker_cooldown_s, clock
+            )
+            for name in self.specs
+        }
+        self.health = {name: ModelHealth() for name in self.specs}
+        self.limits = {
+            m.name: asyncio.Semaphore(m.max_concurrency) for m in settings.models if m.max_concurrency
+        }
+        self.on_fallback: Callable[[str, str], None] | None = None
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+    # --- what the router needs to know
+    def is_available(self, name: str) -> bool:
+        return name in self.providers and name not in self.unavailable and self.breakers[name].available()
+
+    def why_unavailable(self, name: str) -> str | None:
+        if name in self.unavailable:
+            return self.unavailable[name]
+        if name not in self.providers:
+            return "no provider"
+        if not self.breakers[name].available():
+            return "circuit open"
+        return None
+
+    def in_flight(self, name: str) -> int:
+        return self.health[name].in_flight
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, h in self.health.items():
+            reason = self.unavailable.get(name)
+            state = self.breakers[name].state
+            out[name] = {
+                "status": "unavailable" if reason else ("up" if state == "closed" else f"circuit_{state}"),
+                "circuit": state,
+                "reason": reason,
+                "in_flight": h.in_flight,
+                "requests": h.requests,
+                "failures": h.failures,
+                "latency_ms_avg": None if h.latency_ms_avg is None else round(h.latency_ms_avg, 2),
+                "last_error": h.last_error,
+                "last_error_at": h.last_error_at,
+            }
+        return out
+
+    # --- calling
+    def _payload(self, spec: ModelSpec, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        payload = dict(body)
+        payload["model"] = spec.upstream_id
+        if stream:
+            options = dict(payload.get("stream_options") or {})
+            options["include_usage"] = True  # so that every streamed call can be priced
+            payload["stream_options"] = options
+        return payload
+
+    async def _with_retries(
+        self, name: str, call: Callable[[], Any], attempts: list[Attempt], *, hold: bool = False
+    ) -> Any:
+        """Calls `call` with retries. Returns None when the model failed (or was skipped).
+
+        With `hold`, a success keeps the model's concurrency slot and returns `(result, release)`:
+        a stream holds its slot until it ends.
+        """
+        health = self.health[name]
+        breaker = self.breakers[name]
+        if name in self.unavailable:
+            attempts.append(Attempt(name, "unavailable", error=self.unavailable[name], kind="unconfigured"))
+            return None
+        if not breaker.acquire():
+            attempts.append(Attempt(name, "circuit_open", error="circuit open", kind="circuit_open"))
+            return None
+        limit = self.limits.get(name)
+        if limit is not None:
+            await limit.acquire()
+        health.in_flight += 1
+        released = False
+        handed_over = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                health.in_flight -= 1
+                if limit is not None:
+                    limit.release()
+
+        try:
+            for i in range(self.settings.upstream_retries + 1):
+                t0 = time.perf_counter()
+                try:
+                    result = await call()
+                except ProviderError as exc:
+                    ms = (time.perf_counter() - t0) * 1000
+                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
+                    health.requests += 1
+                    if exc.is_client_error:
+                        breaker.release()
+                        raise
+                    health.failures += 1
+                    health.last_error, health.last_error_at = exc.message, time.time()
+                    if not exc.retryable or i == self.settings.upstream_retries:
+                        breaker.failure()
+                        return None
+                    delay = self.settings.retry_backoff_ms / 1000 * (2**i) * (0.5 + self.rng.random())
+                    if exc.retry_after_s is not None:
+                        delay = max(delay, exc.retry_after_s)
+                    await self.sleep(min(delay, 5.0))
+                    continue
+                except BaseException:
+                    breaker.release()
+                    raise
+                ms = (time.perf_counter() - t0) * 1000
+                attempts.append(Attempt(name, "ok", ms))
+                health.requests += 1
+                health.observe_latency(ms)
+                breaker.success()
+                if hold:
+                    handed_over = True
+                    return result, release
+                return result
+            return None  # pragma: no cover - the loop always returns
+        finally:
+            if not handed_over:
+                release()
+
+    def stream_failed(self, name: str, message: str) -> None:
+        """A stream broke after its first chunk: that counts against the model."""
+        health = self.health[name]
+        health.failures += 1
+        health.last_error, health.last_error_at = message, time.time()
+        self.breakers[name].failure()
+
+    def _chain(self, chain: Sequence[str]) -> list[str]:
+        seen: list[str] = []
+        for name in chain:
+            if name in self.specs and name not in seen:
+                seen.append(name)
+        return seen
+
+    async def chat(self, chain: Sequence[str], body: dict[str, Any]) -> ChatResult:
+        attempts: list[Attempt] = []
+        t0 = time.perf_counter()
+        for n, name in enumerate(self._chain(chain)):
+            if n > 0 and self.on_fallback is not None:
+                self.on_fallback(chain[0], name)
+            spec = self.specs[name]
+            provider = self.providers.get(name)
+            payload = self._payload(spec, body, stream=False)
+
+            async def call(provider: Provider | None = provider, payload: dict[str, Any] = payload) -> Any:
+                assert provider is not None
+                return await provider.chat(payload)
+
+            try:
+                data = await self._with_retries(name, call, attempts)
+            except ProviderError as exc:
+                raise _client_error(exc) from exc
+            if data is not None:
+                return ChatResult(spec, data, (time.perf_counter() - t0) * 1000, attempts)
+        raise final_error(attempts, (time.perf_counter() - t0) * 1000)
+
+    async def open_stream(self, chain: Sequence[str], body: dict[str, Any]) -> OpenStream:
+        """Opens a stream on the first model of `chain` that yields a first chunk."""
+        attempts: list[Attempt] = []
+        t0 = time.perf_counter()
+        for n, name in enumerate(self._chain(chain)):
+            if n > 0 and self.on_fallback is not None:
+                self.on_fallback(chain[0], name)
+            spec = self.specs[name]
+            provider = self.providers.get(name)
+            payload = self._payload(spec, body, stream=True)
+
+            async def call(
+                provider: Provider | None = provider, payload: dict[str, Any] = payload
+            ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], float]:
+                assert provider is not None
+                t_call = time.perf_counter()
+                agen = provider.stream(payload)
+                try:
+                    first = await agen.__anext__()
+                except StopAsyncIteration as exc:
+                    raise ProviderError("protocol", "empty stream", retryable=True) from exc
+                except BaseException:
+                    aclose = getattr(agen, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    raise
+                return first, agen, (time.perf_counter() - t_call) * 1000
+
+            try:
+                opened = await self._with_retries(name, call, attempts, hold=True)
+            except ProviderError as exc:
+                raise _client_error(exc) from exc
+            if opened is not None:
+                (first, agen, ttft_ms), release = opened
+                upstream_ms = (time.perf_counter() - t0) * 1000
+                return OpenStream(spec, first, agen, ttft_ms, upstream_ms, attempts, release=release)
+        raise final_error(attempts, (time.perf_counter() - t0) * 1000)
+
+
+def _client_error(exc: ProviderError) -> UpstreamClientError:
+    body = exc.body or {}
+    message = str(body.get("message") or exc.message)
+    param = body.get("param") if isinstance(body.get("param"), str) else None
+    code = body.get("code") if isinstance(body.get("code"), str) else None
+    assert exc.status is not None
+    return UpstreamClientError(exc.status, message, param=param, code=code)
+
+
+def final_error(attempts: list[Attempt], upstream_ms: float = 0.0) -> GatewayError:
+    """The error a client sees when no attempt succeeded (`upstream_ms`: time spent trying)."""
+    error = _final_error(attempts)
+    error.upstream_ms = upstream_ms  # type: ignore[attr-defined]
+    return error
+
+
+def _final_error(attempts: list[Attempt]) -> GatewayError:
+    if not attempts:
+        return ServiceUnavailable("no model is configured for this request")
+    detail = "; ".join(f"{a.model}: {a.error}" for a in attempts)
+    kinds = {a.kind for a in attempts}
+    if kinds <= {"unconfigured", "circuit_open", "connect"}:
+        return ServiceUnavailable(f"no model could take the request: {detail}", headers={"retry-after": "5"})
+    if attempts[-1].kind == "timeout":
+        return UpstreamTimeout(f"the upstream timed out: {detail}")
+    return UpstreamError(f"all upstream attempts failed: {detail}")

@@ -1,0 +1,159 @@
+"""Shared fixtures: a fake upstream, a real embedded PostgreSQL, gateways on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from gateway.app import create_app
+from gateway.config import ModelSpec, Settings
+from tests.fake_upstream import FakeUpstream
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def model(name: str, base_url: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "provider": "openai_compatible", "base_url": base_url, **kw}
+
+
+def make_settings(models: list[dict[str, Any]] | list[ModelSpec], **kw: Any) -> Settings:
+    kw.setdefault("enable_persistence", False)
+    kw.setdefault("retry_backoff_ms", 1)
+    return Settings(_env_file=None, models=models, **kw)  # type: ignore[call-arg]
+
+
+class GatewayServer:
+    """A gateway app served by uvicorn on a random loopback port, in a thread of its own."""
+
+    def __init__(self, settings: Settings, **app_kw: Any) -> None:
+        self.settings = settings
+        self.app = create_app(settings, **app_kw)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            loop="asyncio",
+            http="httptools",
+            log_config=None,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            self.error = exc
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self.sock])
+
+    @property
+    def gw(self) -> Any:
+        return self.app.state.gw
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the gateway's own event loop (to inspect or drive its parts)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if self.error is not None or not self.thread.is_alive():
+                raise RuntimeError(f"gateway failed to start: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway did not start in time")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[..., GatewayServer]]:
+    """`gateway(settings, **app_kw)` starts a gateway; all are stopped at the end of the test."""
+    started: list[GatewayServer] = []
+
+    def start(settings: Settings, **app_kw: Any) -> GatewayServer:
+        server = GatewayServer(settings, **app_kw).__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.__exit__()
+
+
+# --- PostgreSQL: one embedded server per test session, a fresh migrated database per test
+
+
+class PG:
+    def __init__(self, root: Path) -> None:
+        from gateway.store.embedded import EmbeddedPostgres
+
+        self.embedded = EmbeddedPostgres(root, database="template_migrated")
+        self.template = "template_migrated"
+
+    def start(self) -> None:
+        from gateway.store.factory import migrate
+
+        async def go() -> None:
+            dsn = await self.embedded.start()
+            await migrate(dsn)
+
+        asyncio.run(go())
+
+    def new_database(self) -> str:
+        name = "t_" + uuid.uuid4().hex[:12]
+        asyncio.run(self.embedded.create_database(name, template=self.template))
+        return self.embedded.dsn(name)
+
+    def stop(self) -> None:
+        asyncio.run(self.embedded.stop())
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PG]:
+    server = PG(tmp_path_factory.mktemp("pg"))
+    server.start()
+    yield server
+    with contextlib.suppress(Exception):
+        server.stop()
+
+
+@pytest.fixture
+def dsn(pg: PG) -> str:
+    """A fresh database, migrated to head (cloned from a migrated template)."""
+    return pg.new_database()

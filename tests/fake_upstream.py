@@ -1,0 +1,334 @@
+"""A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 (uvicorn, raw ASGI).
+
+Behaviour is chosen per base URL, so one server plays many models: a model whose base URL is
+`http://127.0.0.1:PORT/s/delay_ms=50,status=500/v1` gets the knobs `delay_ms=50,status=500`.
+
+Knobs (all optional):
+  delay_ms=N        wait N ms before the response head
+  chunk_delay_ms=N  wait N ms between stream chunks
+  chunks=N          number of content chunks in a stream (default 8)
+  status=N          answer every request with HTTP N and an OpenAI error body
+  fail_times=N      the first N requests of this scenario fail (with `status`, default 500)
+  cut_after=N       stream: end the body after N content chunks, without [DONE]
+  error_after=N     stream: after N content chunks send an error event (as OpenRouter does)
+  abort_after=N     stream: after N content chunks reset the connection
+  hang=1            never answer (until the client goes away)
+  answer=TEXT       the content (default: "Hello from <model>."); `_` stands for a space
+  usage=0           leave `usage` out of responses
+
+It records what it receives (`received`), how many requests each scenario saw (`counts`) and how
+many streams their client abandoned (`disconnects`). Run standalone for benchmarks:
+  python -m tests.fake_upstream --port 9100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+import orjson
+import uvicorn
+
+_ids = itertools.count(1)
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+def parse_knobs(path: str) -> tuple[str, dict[str, str]]:
+    """`/s/a=1,b=2/v1/chat/completions` -> ("a=1,b=2", {"a": "1", "b": "2"})."""
+    if not path.startswith("/s/"):
+        return "", {}
+    scenario = path[3:].split("/", 1)[0]
+    knobs = dict(kv.split("=", 1) for kv in scenario.split(",") if "=" in kv)
+    return scenario, knobs
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _error(status: int, message: str) -> bytes:
+    etype = (
+        "rate_limit_error"
+        if status == 429
+        else ("server_error" if status >= 500 else "invalid_request_error")
+    )
+    return orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": str(status)}})
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.received: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.counts: Counter[str] = Counter()
+        self.disconnects = 0
+        self.completed_streams = 0
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+        self.port = 0
+
+    # --- ASGI
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        if path.endswith("/models") and scope["method"] == "GET":
+            await self._json(
+                send, 200, orjson.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            )
+            return
+        if not path.endswith("/chat/completions") or scope["method"] != "POST":
+            await self._json(send, 404, _error(404, f"no route {path}"))
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            await self._json(send, 400, _error(400, "invalid JSON"))
+            return
+        scenario, knobs = parse_knobs(path)
+        self.counts[scenario] += 1
+        n = self.counts[scenario]
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+        self.received.append(
+            {
+                "scenario": scenario,
+                "body": req,
+                "authorization": auth,
+                "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+            }
+        )
+        if not isinstance(req.get("messages"), list) or not req["messages"]:
+            await self._json(send, 400, _error(400, "'messages' must be a non-empty array"))
+            return
+        if knobs.get("hang"):
+            await self._wait_disconnect(receive)
+            self.disconnects += 1
+            return
+        if "delay_ms" in knobs:
+            await asyncio.sleep(float(knobs["delay_ms"]) / 1000)
+        fail_times = int(knobs.get("fail_times", "0"))
+        if "status" in knobs and (fail_times == 0 or n <= fail_times):
+            status = int(knobs["status"])
+            await self._json(send, status, _error(status, f"fake failure {status}"))
+            return
+        if fail_times and n <= fail_times:
+            await self._json(send, 500, _error(500, "fake failure 500"))
+            return
+        model = str(req.get("model") or "fake")
+        answer = knobs.get("answer", f"Hello from {model}.").replace("_", " ")
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in req["messages"])
+        with_usage = knobs.get("usage", "1") != "0"
+        if req.get("stream"):
+            await self._stream(scope, receive, send, req, knobs, model, answer, prompt_tokens, with_usage)
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        finish = "stop"
+        if req.get("tools"):
+            tool = req["tools"][0]["function"]["name"]
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": tool, "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        elif (req.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+            message["content"] = orjson.dumps({"answer": answer}).decode()
+        completion = {
+            "id": f"chatcmpl-fake{next(_ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model + "-2026-01-01",
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                for i in range(int(req.get("n") or 1))
+            ],
+        }
+        if with_usage:
+            completion["usage"] = _usage(prompt_tokens, len(answer.split()))
+        await self._json(send, 200, orjson.dumps(completion))
+
+    async def _stream(
+        self,
+        scope: Any,
+        receive: Any,
+        send: Any,
+        req: dict[str, Any],
+        knobs: dict[str, str],
+        model: str,
+        answer: str,
+        prompt_tokens: int,
+        with_usage: bool,
+    ) -> None:
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage")) and with_usage
+        words = answer.split(" ")
+        n_chunks = max(1, min(int(knobs.get("chunks", "8")), len(words)))
+        step = -(-len(words) // n_chunks)
+        pieces = [(" " if i else "") + " ".join(words[i : i + step]) for i in range(0, len(words), step)]
+        cid, created = f"chatcmpl-fake{next(_ids)}", int(time.time())
+        chunk_delay = float(knobs.get("chunk_delay_ms", "0")) / 1000
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            await self._wait_disconnect(receive)
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            obj: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model + "-2026-01-01",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b": keep-alive\n\n" + chunk({"role": "assistant", "content": ""}, None),
+                    "more_body": True,
+                }
+            )
+            for i, piece in enumerate(pieces):
+                if chunk_delay:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(gone.wait(), chunk_delay)
+                if gone.is_set():
+                    self.disconnects += 1
+                    return
+                if "cut_after" in knobs and i == int(knobs["cut_after"]):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                if "error_after" in knobs and i == int(knobs["error_after"]):
+                    err = {"error": {"message": "fake upstream overloaded mid-stream", "code": 502}}
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + orjson.dumps(err) + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
+                    await send(
+                        {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+                    )
+                    return
+                if "abort_after" in knobs and i == int(knobs["abort_after"]):
+                    raise ConnectionAbortedError("fake upstream aborts the stream")
+                await send(
+                    {"type": "http.response.body", "body": chunk({"content": piece}, None), "more_body": True}
+                )
+            tail = chunk({}, "stop")
+            if include_usage:
+                tail += (
+                    b"data: "
+                    + orjson.dumps(
+                        {
+                            "id": cid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model + "-2026-01-01",
+                            "choices": [],
+                            "usage": _usage(prompt_tokens, len(words)),
+                        }
+                    )
+                    + b"\n\n"
+                )
+            await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+            self.completed_streams += 1
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _wait_disconnect(receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    @staticmethod
+    async def _json(send: Any, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": JSON})
+        await send({"type": "http.response.body", "body": body})
+
+    # --- running
+    def url(self, **knobs: object) -> str:
+        """The base URL (ending in /v1) of a model with these knobs."""
+        if not knobs:
+            return f"http://127.0.0.1:{self.port}/v1"
+        scenario = ",".join(f"{k}={v}" for k, v in knobs.items())
+        return f"http://127.0.0.1:{self.port}/s/{scenario}/v1"
+
+    def start(self, port: int = 0) -> FakeUpstream:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self, log_level="critical", access_log=False, lifespan="on", loop="asyncio", http="httptools"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fake OpenAI-compatible upstream")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9100)
+    args = ap.parse_args()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("the fake upstream only listens on loopback")
+    uvicorn.run(
+        FakeUpstream(),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()
