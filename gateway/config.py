@@ -20,6 +20,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
+Strategy = Literal[
+    "bandit", "cost_optimized", "latency_optimized", "quality_optimized", "balanced", "round_robin", "least_loaded"
+]
 
 _DEFAULT_BASE_URLS: dict[str, str] = {
     "openai": "https://api.openai.com/v1",
@@ -101,7 +104,10 @@ class Rule(_Strict):
         if (self.model is None) == (self.policy is None):
             raise ValueError(f"rule {self.name!r}: give exactly one of model or policy")
         if self.pattern:
-            re.compile(self.pattern)
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"rule {self.name!r}: invalid pattern: {exc}") from exc
         return self
 
 
@@ -123,14 +129,14 @@ class Policy(_Strict):
     """A named set of arms; the bandit (or `strategy`) picks among them."""
 
     models: tuple[str, ...] = Field(min_length=1)
-    strategy: str | None = None
+    strategy: Strategy | None = None
 
 
 class RouterConstraints(_Strict):
     """Per-request routing constraints (`extra_body={"router": {...}}`, `X-Router-*` headers,
     or a virtual model)."""
 
-    strategy: str | None = None
+    strategy: Strategy | None = None
     policy: str | None = None
     max_cost_usd: float | None = Field(default=None, ge=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
@@ -163,6 +169,14 @@ def _comma_list(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode]
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """`${VAR}` and `${VAR:-default}` in the YAML file take values from the environment."""
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
         super().__init__(settings_cls)
@@ -177,7 +191,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = Path(self.path)
         if not path.is_file():
             raise ValueError(f"config file {self.path!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(expand_env(path.read_text())) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {self.path!r}: expected a mapping at the top level")
         return {str(k).lower(): v for k, v in data.items()}
