@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from gateway.api import chat, ops
+from gateway.api import chat, ops, records
 from gateway.config import ModelSpec, Settings
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import Redactor
@@ -30,7 +30,7 @@ from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.recorder import Recorder
 from gateway.routing.router import Router
-from gateway.store import CallRecord, Store
+from gateway.store import CallRecord, Feedback, Store
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
@@ -102,6 +102,18 @@ class Gateway:
         if self.settings.log_prompts:
             fields["messages"] = record.messages
         self.recorder.record(record)
+
+    async def learn(self, feedback: Feedback) -> dict[str, Any]:
+        """Feedback, durable first; then what it teaches."""
+        outcome = await self.store.add_feedback(feedback)
+        return {
+            "status": "ok",
+            "request_id": outcome.request_id,
+            "model": outcome.model,
+            "score": outcome.score,
+            "previous_score": outcome.previous,
+            "applied": outcome.applied,
+        }
 
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}
@@ -241,6 +253,10 @@ def create_app(
         Route("/live", ops.live, methods=["GET"]),
         Route("/ready", ops.ready, methods=["GET"]),
         Route("/health", ops.health, methods=["GET"]),
+        Route("/feedback", records.feedback, methods=["POST"]),
+        Route("/v1/feedback", records.feedback, methods=["POST"]),
+        Route("/requests/{request_id}", records.get_request, methods=["GET"]),
+        Route("/metrics/{request_id}", records.get_metrics, methods=["GET"]),
     ]
     middleware = [
         Middleware(

@@ -21,7 +21,13 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
 Strategy = Literal[
-    "bandit", "cost_optimized", "latency_optimized", "quality_optimized", "balanced", "round_robin", "least_loaded"
+    "bandit",
+    "cost_optimized",
+    "latency_optimized",
+    "quality_optimized",
+    "balanced",
+    "round_robin",
+    "least_loaded",
 ]
 
 _DEFAULT_BASE_URLS: dict[str, str] = {

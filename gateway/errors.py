@@ -76,6 +76,15 @@ class ServiceUnavailable(GatewayError):
     code = "no_available_model"
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The database cannot be reached: 503 with Retry-After; the recorder keeps records waiting."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": "5"})
+
+
 class UpstreamError(GatewayError):
     """Every attempt failed after retries and fallbacks."""
 

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,12 @@ def gateway() -> Iterator[Callable[..., GatewayServer]]:
 # --- PostgreSQL: one embedded server per test session, a fresh migrated database per test
 
 
+def run_async(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 class PG:
     def __init__(self, root: Path) -> None:
         from gateway.store.embedded import EmbeddedPostgres
@@ -133,15 +140,15 @@ class PG:
             dsn = await self.embedded.start()
             await migrate(dsn)
 
-        asyncio.run(go())
+        run_async(go())
 
     def new_database(self) -> str:
         name = "t_" + uuid.uuid4().hex[:12]
-        asyncio.run(self.embedded.create_database(name, template=self.template))
+        run_async(self.embedded.create_database(name, template=self.template))
         return self.embedded.dsn(name)
 
     def stop(self) -> None:
-        asyncio.run(self.embedded.stop())
+        run_async(self.embedded.stop())
 
 
 @pytest.fixture(scope="session")

@@ -77,13 +77,28 @@ def test_env_expansion_in_yaml(tmp_path, monkeypatch):
 
 def test_every_documented_variable_is_accepted(monkeypatch):
     env = {
-        "FEEDBACK_WEIGHT": "0.7", "LATENCY_WEIGHT": "0.1", "COST_WEIGHT": "-0.3", "EXPLORATION_RATE": "0.2",
-        "SIMILARITY_THRESHOLD": "0.8", "MAX_SIMILAR_REQUESTS": "20", "RECENCY_DAYS": "7",
-        "MIN_SIMILAR_REQUESTS": "2", "MIN_CONFIDENCE_SCORE": "0.2", "OPTIMISTIC_PRIOR": "0.9",
-        "EXPLORATION_BONUS": "0.05", "MIN_REQUESTS_FOR_GLOBAL": "3", "OPENROUTER_API_KEY": "sk-or-x",
-        "LLM_MODELS": "a, openai/gpt-4o", "DEFAULT_MODEL": "a", "HOST": "127.0.0.1", "PORT": "8081",
-        "CORS_ORIGINS": "https://x.example,https://y.example", "ENABLE_PERSISTENCE": "false",
-        "DATABASE_URL": "postgres://u:p@db:5432/r", "LOG_LEVEL": "warn", "LOG_FORMAT": "json",
+        "FEEDBACK_WEIGHT": "0.7",
+        "LATENCY_WEIGHT": "0.1",
+        "COST_WEIGHT": "-0.3",
+        "EXPLORATION_RATE": "0.2",
+        "SIMILARITY_THRESHOLD": "0.8",
+        "MAX_SIMILAR_REQUESTS": "20",
+        "RECENCY_DAYS": "7",
+        "MIN_SIMILAR_REQUESTS": "2",
+        "MIN_CONFIDENCE_SCORE": "0.2",
+        "OPTIMISTIC_PRIOR": "0.9",
+        "EXPLORATION_BONUS": "0.05",
+        "MIN_REQUESTS_FOR_GLOBAL": "3",
+        "OPENROUTER_API_KEY": "sk-or-x",
+        "LLM_MODELS": "a, openai/gpt-4o",
+        "DEFAULT_MODEL": "a",
+        "HOST": "127.0.0.1",
+        "PORT": "8081",
+        "CORS_ORIGINS": "https://x.example,https://y.example",
+        "ENABLE_PERSISTENCE": "false",
+        "DATABASE_URL": "postgres://u:p@db:5432/r",
+        "LOG_LEVEL": "warn",
+        "LOG_FORMAT": "json",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -100,7 +115,12 @@ def test_every_documented_variable_is_accepted(monkeypatch):
 
 
 def test_database_parts(monkeypatch):
-    for k, v in {"DATABASE_HOST": "db", "DATABASE_USER": "u@x", "DATABASE_PASSWORD": "p/w", "DATABASE_NAME": "r"}.items():
+    for k, v in {
+        "DATABASE_HOST": "db",
+        "DATABASE_USER": "u@x",
+        "DATABASE_PASSWORD": "p/w",
+        "DATABASE_NAME": "r",
+    }.items():
         monkeypatch.setenv(k, v)
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     assert s.database_dsn() == "postgresql+asyncpg://u%40x:p%2Fw@db:5432/r"
@@ -117,7 +137,10 @@ def test_database_parts(monkeypatch):
         (CATALOGUE + "policies: {p: {models: [zz]}}\n", "policy 'p': model 'zz' is not in the catalogue"),
         (CATALOGUE + "rules: [{name: r, pattern: x, policy: nope}]\n", "policy 'nope' is not defined"),
         (CATALOGUE + "rules: [{name: r, pattern: '(', model: a}]\n", r"missing \), unterminated subpattern"),
-        (CATALOGUE + "virtual_models: {a: {strategy: cost_optimized}}\n", "has the name of a catalogue model"),
+        (
+            CATALOGUE + "virtual_models: {a: {strategy: cost_optimized}}\n",
+            "has the name of a catalogue model",
+        ),
         (CATALOGUE + "virtual_models: {x: {strategy: cheapest}}\n", "strategy"),
         (CATALOGUE + "exploration_rate: 2\n", "exploration_rate"),
         (CATALOGUE + "unknown_models_key: [1]\nmodels: [{name: a, base_url: x, colour: red}]\n", "colour"),
@@ -134,7 +157,16 @@ def test_missing_config_file_is_refused(tmp_path):
 
 
 def test_model_prices():
-    s = Settings(_env_file=None, models=[{"name": "a", "base_url": "http://x/v1",  # type: ignore[call-arg]
-                                          "input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0}])
+    s = Settings(
+        _env_file=None,
+        models=[
+            {
+                "name": "a",
+                "base_url": "http://x/v1",  # type: ignore[call-arg]
+                "input_usd_per_mtok": 2.0,
+                "output_usd_per_mtok": 8.0,
+            }
+        ],
+    )
     assert s.models[0].cost_usd(1000, 500) == pytest.approx(0.006)
     assert s.default_model == "a"

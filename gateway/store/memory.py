@@ -87,7 +87,9 @@ class MemoryStore:
     async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
         call = self.calls.get(feedback.request_id)
         if call is None:
-            raise NotFound(f"no request with id {feedback.request_id!r}", param="request_id")
+            raise NotFound(
+                f"no request with id {feedback.request_id!r}", param="request_id", code="request_not_found"
+            )
         call.feedback.append(feedback)
         previous = call.score
         human = feedback.source != "judge"

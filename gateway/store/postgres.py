@@ -15,19 +15,18 @@ from typing import Any, TypeVar
 import asyncpg
 import numpy as np
 import orjson
-from sqlalchemy import and_, func, insert, literal_column, select, update
+from sqlalchemy import Select, and_, func, insert, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from gateway.errors import NotFound
+from gateway.errors import NotFound, StoreUnavailable
 from gateway.store import (
     ArmStats,
     CallRecord,
     Feedback,
     FeedbackOutcome,
     Neighbour,
-    StoreUnavailable,
 )
 from gateway.store.schema import arm_stats, calls, feedback
 
@@ -218,7 +217,9 @@ class PostgresStore:
                 )
             ).first()
             if row is None:
-                raise NotFound(f"no request with id {fb.request_id!r}", param="request_id")
+                raise NotFound(
+                    f"no request with id {fb.request_id!r}", param="request_id", code="request_not_found"
+                )
             model, previous, previous_source = row
             await conn.execute(
                 insert(feedback).values(
@@ -263,11 +264,11 @@ class PostgresStore:
         await self._run(tx, write=True)
 
     # --- routing
-    async def neighbours(
-        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
-    ) -> list[Neighbour]:
+    @staticmethod
+    def neighbours_query(embedding: np.ndarray, k: int, since: datetime) -> Select[Any]:
+        """Rated calls nearest to `embedding`: ORDER BY distance LIMIT k, so the HNSW index serves it."""
         distance = calls.c.embedding.cosine_distance(embedding)
-        stmt = (
+        return (
             select(
                 calls.c.id,
                 calls.c.model,
@@ -275,14 +276,25 @@ class PostgresStore:
                 (1 - distance).label("similarity"),
                 calls.c.created_at,
             )
-            .where(calls.c.score.is_not(None), calls.c.created_at >= since, calls.c.model.is_not(None))
+            # Only the partial index's own predicate and the time window: more IS NOT NULL filters
+            # make the planner underestimate the rows and prefer a sequential scan.
+            .where(calls.c.score.is_not(None), calls.c.created_at >= since)
             .order_by(distance)
             .limit(k)
         )
 
+    async def neighbours(
+        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+    ) -> list[Neighbour]:
+        stmt = self.neighbours_query(embedding, k, since)
+
         async def q(conn: AsyncConnection) -> list[Neighbour]:
             rows = (await conn.execute(stmt)).all()
-            out = [Neighbour(r[0], r[1], float(r[2]), float(r[3]), r[4]) for r in rows if r[3] >= threshold]
+            out = [
+                Neighbour(r[0], r[1], float(r[2]), float(r[3]), r[4])
+                for r in rows
+                if r[3] is not None and r[1] is not None and r[3] >= threshold
+            ]
             out.sort(key=lambda n: -n.similarity)  # relaxed_order scans may return slightly out of order
             return out
 

@@ -1,0 +1,203 @@
+"""One contract, two stores: the in-memory store and Postgres + pgvector pass the same tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from gateway.errors import NotFound
+from gateway.store import CallRecord, Feedback, prompt_hash, utcnow
+from gateway.store.memory import MemoryStore
+from gateway.store.postgres import PostgresStore, make_engine
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def store(request) -> AsyncIterator[MemoryStore | PostgresStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    s = PostgresStore(make_engine(request.getfixturevalue("dsn")))
+    yield s
+    await s.aclose()
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.zeros(384, dtype=np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+def call(id: str, model: str = "m1", **kw) -> CallRecord:
+    kw.setdefault("messages", [{"role": "user", "content": f"question {id}"}])
+    kw.setdefault("status", "ok")
+    kw.setdefault("http_status", 200)
+    kw.setdefault("upstream_ms", 100.0)
+    kw.setdefault("cost_usd", 0.001)
+    kw.setdefault("completion_tokens", 10)
+    return CallRecord(id=id, requested_model="auto", model=model, **kw)
+
+
+async def test_write_and_read_back_a_call(store):
+    emb = unit(1, 2, 3)
+    rec = call(
+        "c1",
+        embedding=emb,
+        layer="bandit",
+        strategy="bandit",
+        propensity=0.4,
+        prompt_tokens=12,
+        decision={"candidates": [{"model": "m1", "score": 0.7}]},
+        attempts=[{"model": "m1", "outcome": "ok"}],
+        response="an answer",
+        ttft_ms=5.0,
+        overhead_ms=0.8,
+        caller="key_abc",
+        stream=True,
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+    )
+    await store.write_calls([rec])
+    got = await store.get_call("c1")
+    assert got is not None
+    assert got["messages"] == rec.messages
+    assert got["prompt_hash"] == prompt_hash(rec.messages)
+    assert np.allclose(got["embedding"], emb, atol=1e-6)
+    assert got["decision"]["candidates"][0]["score"] == 0.7
+    assert (got["layer"], got["propensity"], got["response"], got["caller"]) == (
+        "bandit",
+        0.4,
+        "an answer",
+        "key_abc",
+    )
+    assert (got["upstream_ms"], got["ttft_ms"], got["overhead_ms"]) == (100.0, 5.0, 0.8)
+    assert (got["prompt_tokens"], got["completion_tokens"], got["cost_usd"]) == (12, 10, 0.001)
+    assert got["stream"] is True and got["score"] is None and got["feedback"] == []
+    assert await store.get_call("nope") is None
+
+
+async def test_a_reused_request_id_keeps_the_first_record(store):
+    await store.write_calls([call("dup", model="m1")])
+    await store.write_calls([call("dup", model="m2")])
+    assert (await store.get_call("dup"))["model"] == "m1"
+    stats = await store.arm_stats()
+    assert stats["m1"].calls == 1 and "m2" not in stats
+
+
+async def test_arm_statistics_follow_calls(store):
+    await store.write_calls(
+        [
+            call("a", upstream_ms=100, cost_usd=0.002, completion_tokens=20),
+            call("b", upstream_ms=300, cost_usd=0.004, completion_tokens=40),
+            call("c", status="error", http_status=502, upstream_ms=5000, cost_usd=None),
+            call("d", model="m2"),
+        ]
+    )
+    stats = await store.arm_stats()
+    m1 = stats["m1"]
+    assert (m1.calls, m1.ok_calls, m1.rated) == (3, 2, 0)
+    assert m1.latency_ms_avg == pytest.approx(200)
+    assert m1.cost_usd_avg == pytest.approx(0.003)
+    assert m1.completion_tokens_avg == pytest.approx(30)
+    assert m1.mean_score is None
+    assert stats["m2"].calls == 1
+
+
+async def test_feedback_latest_wins_and_moves_the_arm(store):
+    await store.write_calls([call("a"), call("b")])
+    with pytest.raises(NotFound):
+        await store.add_feedback(Feedback("missing", 0.5))
+    first = await store.add_feedback(Feedback("a", 0.2, "meh"))
+    assert (first.previous, first.score, first.applied, first.model) == (None, 0.2, True, "m1")
+    second = await store.add_feedback(Feedback("a", 0.9, "better on reflection"))
+    assert (second.previous, second.score) == (0.2, 0.9)
+    await store.add_feedback(Feedback("b", 0.5))
+    stats = (await store.arm_stats())["m1"]
+    assert stats.rated == 2  # two rated calls, not three feedbacks
+    assert stats.mean_score == pytest.approx((0.9 + 0.5) / 2)
+    got = await store.get_call("a")
+    assert got["score"] == 0.9
+    assert [f["score"] for f in got["feedback"]] == [0.2, 0.9]
+    assert got["feedback"][0]["feedback_text"] == "meh"
+
+
+async def test_a_judge_never_overrides_a_human(store):
+    await store.write_calls([call("h"), call("j")])
+    await store.add_feedback(Feedback("h", 1.0, source="user"))
+    judged = await store.add_feedback(Feedback("h", 0.0, source="judge"))
+    assert not judged.applied and judged.score == 1.0
+    assert (await store.get_call("h"))["score"] == 1.0
+    await store.add_feedback(Feedback("j", 0.3, source="judge"))
+    human = await store.add_feedback(Feedback("j", 0.8, source="user"))
+    assert human.applied and human.previous == 0.3
+    stats = (await store.arm_stats())["m1"]
+    assert stats.rated == 2 and stats.mean_score == pytest.approx(0.9)
+
+
+async def test_neighbours_are_rated_recent_nearest_then_thresholded(store):
+    now = utcnow()
+    calls = [
+        call("near", embedding=unit(1, 0.05), model="m1"),
+        call("nearer", embedding=unit(1, 0.01), model="m2"),
+        call("far", embedding=unit(0, 1), model="m1"),
+        call("unrated", embedding=unit(1, 0.0), model="m1"),
+        call("old", embedding=unit(1, 0.0), model="m1", created_at=now - 40 * DAY),
+        call("no-embedding", model="m1"),
+    ]
+    await store.write_calls(calls)
+    for cid, score in [("near", 0.8), ("nearer", 0.4), ("far", 1.0), ("old", 1.0), ("no-embedding", 1.0)]:
+        await store.add_feedback(Feedback(cid, score))
+    q = unit(1, 0)
+    found = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=0.5)
+    assert [n.request_id for n in found] == ["nearer", "near"]
+    assert found[0].model == "m2" and found[0].score == 0.4
+    assert found[0].similarity == pytest.approx(float(unit(1, 0.01) @ q), abs=1e-5)
+    everything = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=-1)
+    assert [n.request_id for n in everything] == ["nearer", "near", "far"]
+    # k applies before the threshold: the database orders by distance and limits, then we filter
+    assert [n.request_id for n in await store.neighbours(q, k=1, since=now - 30 * DAY, threshold=0.5)] == [
+        "nearer"
+    ]
+    assert len(await store.neighbours(q, k=10, since=now - 60 * DAY, threshold=0.5)) == 3
+
+
+async def test_set_embedding_fills_in_only_a_missing_one(store):
+    await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
+    await store.set_embedding("x", unit(1, 0))
+    await store.set_embedding("y", unit(1, 0))
+    assert np.allclose((await store.get_call("x"))["embedding"], unit(1, 0), atol=1e-6)
+    assert np.allclose((await store.get_call("y"))["embedding"], unit(0, 1), atol=1e-6)
+
+
+async def test_usage_stats_over_a_window(store):
+    now = utcnow()
+    await store.write_calls(
+        [
+            call("a", upstream_ms=100, cost_usd=0.01),
+            call("b", upstream_ms=300, cost_usd=0.03),
+            call("c", status="error", http_status=502, cost_usd=None),
+            call("d", model="m2", cost_usd=0.5),
+            call("old", created_at=now - 3 * DAY, cost_usd=9.0),
+        ]
+    )
+    await store.add_feedback(Feedback("a", 1.0))
+    rows = {r["model"]: r for r in await store.usage_stats(now - DAY)}
+    m1 = rows["m1"]
+    assert (m1["requests"], m1["errors"], m1["feedback_count"]) == (3, 1, 1)
+    assert m1["latency_ms_avg"] == pytest.approx(200)
+    assert m1["cost_usd"] == pytest.approx(0.04)
+    assert m1["feedback_avg"] == pytest.approx(1.0)
+    assert rows["m2"]["cost_usd"] == pytest.approx(0.5)
+
+
+async def test_memory_store_is_bounded():
+    store = MemoryStore(max_calls=3)
+    await store.write_calls([call(str(i)) for i in range(5)])
+    assert await store.get_call("0") is None and await store.get_call("4") is not None
+    assert (await store.arm_stats())["m1"].calls == 5  # statistics outlive evicted calls
