@@ -95,7 +95,8 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
         await conn.execute(
             text(
                 "INSERT INTO calls (id, requested_model, model, messages, prompt_hash, status, http_status) "
-                "SELECT 'u' || g, 'auto', 'm1', '[]'::jsonb, md5(g::text), 'ok', 200 FROM generate_series(1, 30000) g"
+                "SELECT 'u' || g, 'auto', 'm1', '[]'::jsonb, md5(g::text), 'ok', 200 "
+                "FROM generate_series(1, 30000) g"
             )
         )
         await conn.execute(text("ANALYZE calls"))
