@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -23,6 +24,7 @@ from starlette.types import Scope
 
 from gateway.api import chat, ops, records
 from gateway.config import ModelSpec, Settings
+from gateway.embedder import Embedder, MiniLMEmbedder, routing_text
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import Redactor
 from gateway.middleware import RequestContext
@@ -81,6 +83,7 @@ class Gateway:
     store: Store
     recorder: Recorder
     redact: Redactor
+    embedder: Embedder | None = None
 
     def finish(self, record: CallRecord, t0: float, state: dict[str, Any]) -> None:
         """A call ended (any way): log fields, metrics, and the write-behind record."""
@@ -104,8 +107,12 @@ class Gateway:
         self.recorder.record(record)
 
     async def learn(self, feedback: Feedback) -> dict[str, Any]:
-        """Feedback, durable first; then what it teaches."""
+        """Feedback, durable first; then what it teaches: the arm's global statistics (at once),
+        and the call's embedding for future neighbour searches (computed now if routing did not)."""
         outcome = await self.store.add_feedback(feedback)
+        if outcome.applied and outcome.model is not None and outcome.score is not None:
+            embedding = await self._embedding_of(outcome.request_id)
+            self.router.observe_feedback(outcome.model, outcome.score, outcome.previous, embedding)
         return {
             "status": "ok",
             "request_id": outcome.request_id,
@@ -115,6 +122,21 @@ class Gateway:
             "applied": outcome.applied,
         }
 
+    async def _embedding_of(self, request_id: str) -> np.ndarray | None:
+        record = await self.store.get_call(request_id)
+        if record is None:
+            return None
+        if record.get("embedding") is not None:
+            return np.asarray(record["embedding"], dtype=np.float32)
+        if self.embedder is None:
+            return None
+        text = routing_text(record["messages"], self.settings.embedding_max_chars)
+        if not text:
+            return None
+        embedding = (await self.embedder.embed([text]))[0]
+        await self.store.set_embedding(request_id, embedding)
+        return embedding
+
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}
         try:
@@ -123,6 +145,8 @@ class Gateway:
             checks["store"] = f"unreachable: {type(exc).__name__}"
         available = [m.name for m in self.settings.models if self.upstreams.is_available(m.name)]
         checks["models"] = "ok" if available else "no model available"
+        if self.settings.router_policy != "default":
+            checks["embedder"] = "ok" if self.embedder is not None else "unavailable: routing without context"
         return checks
 
     def recorder_state(self) -> dict[str, Any]:
@@ -156,6 +180,19 @@ async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> No
     await asyncio.gather(*(probe(m) for m in local))
 
 
+async def _load_embedder(settings: Settings) -> Embedder | None:
+    try:
+        return await MiniLMEmbedder.load(
+            settings.data_dir / "models",
+            settings.embedding_backend,
+            cache_size=settings.embedding_cache_size,
+            max_batch=settings.embedding_max_batch,
+        )
+    except Exception:
+        log.exception("the embedding model failed to load: routing goes on without context")
+        return None
+
+
 def _on_finish(scope: Scope, status: int, duration_ms: float) -> None:
     state = scope.get("state", {})
     fields = state.get("log")
@@ -181,6 +218,8 @@ def create_app(
     store: Store | None = None,
     providers: dict[str, ProviderFactory] | None = None,
     redact: Redactor | None = None,
+    embedder: Embedder | None = None,
+    rng: np.random.Generator | None = None,
 ) -> Starlette:
     """Build the ASGI app. Parts given here are used as they are (tests share a store this way);
     the others are built by the lifespan from `settings`."""
@@ -219,8 +258,15 @@ def create_app(
                 the_store, max_queue=settings.recorder_queue_size, batch_size=settings.recorder_batch_size
             )
             await stack.enter_async_context(recorder)
-            router = Router(settings, upstreams)
-            app.state.gw = Gateway(settings, upstreams, router, the_store, recorder, redactor)
+            the_embedder = embedder
+            if the_embedder is None and (settings.router_policy != "default" or settings.routes):
+                the_embedder = await _load_embedder(settings)
+                if the_embedder is not None:
+                    stack.push_async_callback(the_embedder.aclose)
+            router = Router(settings, upstreams, store=the_store, embedder=the_embedder, rng=rng)
+            await router.start()
+            stack.push_async_callback(router.aclose)
+            app.state.gw = Gateway(settings, upstreams, router, the_store, recorder, redactor, the_embedder)
             probe = asyncio.create_task(_probe_local(settings, session))
             log.info("gateway ready: %d models, default %s", len(settings.models), settings.default_model)
             try:

@@ -235,7 +235,9 @@ class Settings(BaseSettings):
     circuit_breaker_cooldown_s: float = Field(default=30.0, gt=0)
 
     # --- routing (names as the original proxy documented them)
-    router_policy: Literal["knn_ts", "lin_ts"] = "knn_ts"
+    # knn_ts: Thompson sampling on similar past requests; lin_ts: linear Thompson sampling on the
+    # embedding; default: `auto` goes to DEFAULT_MODEL (rules, routes and strategies still apply).
+    router_policy: Literal["knn_ts", "lin_ts", "default"] = "knn_ts"
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
     cost_weight: float = -0.2  # applied to normalised cost: negative favours cheaper models
@@ -249,14 +251,15 @@ class Settings(BaseSettings):
     exploration_bonus: float = Field(default=0.1, ge=0)
     min_requests_for_global: int = Field(default=10, ge=0)
     prior_strength: float = Field(default=2.0, gt=0)
-    stats_refresh_s: float = Field(default=2.0, gt=0)
+    stats_refresh_s: float = Field(default=2.0, ge=0)
+    neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)
     routes: list[SemanticRoute] = Field(default_factory=list)
     policies: dict[str, Policy] = Field(default_factory=dict)
     virtual_models: dict[str, RouterConstraints] = Field(default_factory=dict)
     embedding_cache_size: int = Field(default=10_000, ge=0)
     embedding_max_batch: int = Field(default=32, ge=1)
-    embedding_max_chars: int = Field(default=2000, ge=64)
+    embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
 
     # --- persistence

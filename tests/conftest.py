@@ -102,12 +102,27 @@ class GatewayServer:
         self.thread.join(timeout=60)
 
 
+@pytest.fixture(scope="session")
+def st_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The real all-MiniLM-L6-v2 (ONNX), loaded once per test session."""
+    from gateway.embedder import load_sentence_transformer
+
+    return load_sentence_transformer(tmp_path_factory.mktemp("models"))
+
+
 @pytest.fixture
-def gateway() -> Iterator[Callable[..., GatewayServer]]:
-    """`gateway(settings, **app_kw)` starts a gateway; all are stopped at the end of the test."""
+def gateway(st_model: Any) -> Iterator[Callable[..., GatewayServer]]:
+    """`gateway(settings, **app_kw)` starts a gateway with a real embedder (the session's model);
+    all are stopped at the end of the test."""
+    from gateway.embedder import MiniLMEmbedder
+
     started: list[GatewayServer] = []
+    embedders: list[MiniLMEmbedder] = []
 
     def start(settings: Settings, **app_kw: Any) -> GatewayServer:
+        if "embedder" not in app_kw:
+            app_kw["embedder"] = MiniLMEmbedder(st_model)
+            embedders.append(app_kw["embedder"])
         server = GatewayServer(settings, **app_kw).__enter__()
         started.append(server)
         return server
@@ -115,6 +130,8 @@ def gateway() -> Iterator[Callable[..., GatewayServer]]:
     yield start
     for server in reversed(started):
         server.__exit__()
+    for embedder in embedders:
+        embedder.worker.shutdown(wait=True)
 
 
 # --- PostgreSQL: one embedded server per test session, a fresh migrated database per test

@@ -22,6 +22,7 @@ def gw(fake, gateway):
             model("beta", fake.url(chunks=4), upstream_model="vendor/beta-large"),
         ],
         default_model="alpha",
+        router_policy="default",  # `auto` -> DEFAULT_MODEL: these tests are about proxying
     )
     return gateway(settings)
 
@@ -44,10 +45,11 @@ def test_sync_completion_with_explicit_model(gw, fake):
     assert fake.received[-1]["body"]["model"] == "vendor/beta-large"
 
 
-def test_auto_resolves_to_default_model(gw):
+def test_auto_resolves_to_default_model_when_routing_is_off(gw):
     raw = client(gw).chat.completions.with_raw_response.create(model="auto", messages=USER)
     assert raw.parse().model == "alpha"
     assert raw.headers["x-router-model"] == "alpha"
+    assert raw.headers["x-router-layer"] == "default"
 
 
 async def test_async_client_concurrent_requests(gw):

@@ -153,6 +153,17 @@ class MemoryStore:
             )
         return [n for n in out if n.similarity >= threshold]
 
+    async def rated_embeddings(self, since: datetime, limit: int) -> list[tuple[str, float, np.ndarray]]:
+        out = []
+        for call in reversed(self.calls.values()):
+            rec = call.record
+            if call.score is None or rec.embedding is None or rec.model is None or rec.created_at < since:
+                continue
+            out.append((rec.model, call.score, rec.embedding))
+            if len(out) >= limit:
+                break
+        return out[::-1]
+
     async def arm_stats(self) -> dict[str, ArmStats]:
         return {name: replace(arm) for name, arm in self.arms.items()}
 

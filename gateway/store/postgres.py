@@ -46,7 +46,7 @@ def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> Asy
         "hnsw.ef_search": "200",
         "application_name": "llm-router",
     }
-    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": 5}
     if ssl:
         connect_args["ssl"] = ssl
     return create_async_engine(
@@ -297,6 +297,21 @@ class PostgresStore:
             ]
             out.sort(key=lambda n: -n.similarity)  # relaxed_order scans may return slightly out of order
             return out
+
+        return await self._run(q)
+
+    async def rated_embeddings(self, since: datetime, limit: int) -> list[tuple[str, float, np.ndarray]]:
+        stmt = (
+            select(calls.c.model, calls.c.score, calls.c.embedding)
+            .where(calls.c.score.is_not(None), calls.c.embedding.is_not(None), calls.c.model.is_not(None),
+                   calls.c.created_at >= since)
+            .order_by(calls.c.created_at.desc())
+            .limit(limit)
+        )
+
+        async def q(conn: AsyncConnection) -> list[tuple[str, float, np.ndarray]]:
+            rows = (await conn.execute(stmt)).all()
+            return [(r[0], float(r[1]), np.asarray(r[2], dtype=np.float32)) for r in reversed(rows)]
 
         return await self._run(q)
 

