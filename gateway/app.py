@@ -185,6 +185,7 @@ async def _load_embedder(settings: Settings) -> Embedder | None:
         return await MiniLMEmbedder.load(
             settings.data_dir / "models",
             settings.embedding_backend,
+            threads=settings.embedding_threads,
             cache_size=settings.embedding_cache_size,
             max_batch=settings.embedding_max_batch,
         )

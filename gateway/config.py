@@ -261,6 +261,7 @@ class Settings(BaseSettings):
     embedding_max_batch: int = Field(default=32, ge=1)
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
+    embedding_threads: int = Field(default=1, ge=1, le=64)
 
     # --- persistence
     enable_persistence: bool = True

@@ -105,9 +105,9 @@ class GatewayServer:
 @pytest.fixture(scope="session")
 def st_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The real all-MiniLM-L6-v2 (ONNX), loaded once per test session."""
-    from gateway.embedder import load_sentence_transformer
+    from gateway.embedder import load_encoder
 
-    return load_sentence_transformer(tmp_path_factory.mktemp("models"))
+    return load_encoder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -101,7 +101,10 @@ def view(name: str, mean: float, strength: float = 1000.0, **kw) -> ArmView:
 
 def test_score_combines_quality_speed_and_cost():
     k = Knobs(feedback_weight=0.6, latency_weight=0.2, cost_weight=-0.2, exploration_rate=0.0)
-    arms = [view("slow-dear", 0.9, latency_ms=900, cost_usd=1e-2), view("fast-cheap", 0.8, latency_ms=100, cost_usd=1e-5)]
+    arms = [
+        view("slow-dear", 0.9, latency_ms=900, cost_usd=1e-2),
+        view("fast-cheap", 0.8, latency_ms=100, cost_usd=1e-5),
+    ]
     choice = choose(arms, k, np.random.default_rng(0))
     # 0.6 * 0.9 + 0 - 0.2 = 0.34   vs   0.6 * 0.8 + 0.2 - 0 = 0.68
     assert choice.arm == "fast-cheap"
@@ -209,7 +212,12 @@ def test_fixed_strategies():
     assert rank("cost_optimized", arms, k).arm == "cheap-ok"
     assert rank("quality_optimized", arms, k).arm == "dear-good"
     assert rank("latency_optimized", arms, k).arm == "fast"
-    assert [rank("round_robin", arms, k, turn=t).arm for t in range(4)] == ["dear-good", "cheap-ok", "fast", "dear-good"]
+    assert [rank("round_robin", arms, k, turn=t).arm for t in range(4)] == [
+        "dear-good",
+        "cheap-ok",
+        "fast",
+        "dear-good",
+    ]
     load = {"dear-good": 3, "cheap-ok": 1, "fast": 2}
     assert rank("least_loaded", arms, k, in_flight=load.__getitem__).arm == "cheap-ok"
     # 0.6 q + 0.2 speed - 0.2 cost: dear-good 0.54 + 0.094 - 0.2 = 0.434; fast 0.3 + 0.2 - 0.133 = 0.367;

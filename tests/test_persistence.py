@@ -18,13 +18,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.store import CallRecord, Feedback, utcnow
 from gateway.store.embedded import EmbeddedPostgres
 from gateway.store.factory import migrate
-from gateway.store.postgres import PostgresStore, make_engine
+from gateway.store.postgres import NEIGHBOURS_SQL, PostgresStore, make_engine
 from gateway.store.schema import metadata
 from tests.conftest import make_settings, model, run_async
 
@@ -100,10 +99,9 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
             )
         )
         await conn.execute(text("ANALYZE calls"))
-    stmt = store.neighbours_query(vectors[0], 50, utcnow() - timedelta(days=30))
-    sql = str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-    async with store.engine.connect() as conn:
-        plan = "\n".join(r[0] for r in (await conn.execute(text("EXPLAIN " + sql))).all())
+    pool = await store._hot()
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50)
+    plan = "\n".join(r[0] for r in rows)
     assert "Index Scan using calls_embedding_hnsw_idx" in plan, plan
     assert "Order By: (embedding <=>" in plan
     found = await store.neighbours(vectors[0], 50, utcnow() - timedelta(days=30), threshold=-1)

@@ -13,31 +13,75 @@ import pytest
 from tests.conftest import make_settings, model
 
 DISHES = [
-    "lasagna", "risotto", "banana bread", "pad thai", "beef stew", "sourdough bread", "paella", "ramen",
-    "apple pie", "guacamole", "tiramisu", "chicken curry", "pancakes", "potato gnocchi", "falafel",
-    "chocolate brownies", "minestrone soup", "chili con carne", "croissants", "pork dumplings",
+    "lasagna",
+    "risotto",
+    "banana bread",
+    "pad thai",
+    "beef stew",
+    "sourdough bread",
+    "paella",
+    "ramen",
+    "apple pie",
+    "guacamole",
+    "tiramisu",
+    "chicken curry",
+    "pancakes",
+    "potato gnocchi",
+    "falafel",
+    "chocolate brownies",
+    "minestrone soup",
+    "chili con carne",
+    "croissants",
+    "pork dumplings",
 ]
 COOKING = [
-    "How do I make {} at home?", "What is the secret to a really good {}?", "Give me a simple recipe for {}.",
-    "How long should I bake or cook {}?", "Which ingredients do I need for {}?", "Can I freeze homemade {}?",
-    "What wine pairs well with {}?", "Why did my {} come out dry and bland?", "How do I reheat leftover {}?",
-    "Is {} difficult to cook for a beginner?", "What spices go into a traditional {}?",
+    "How do I make {} at home?",
+    "What is the secret to a really good {}?",
+    "Give me a simple recipe for {}.",
+    "How long should I bake or cook {}?",
+    "Which ingredients do I need for {}?",
+    "Can I freeze homemade {}?",
+    "What wine pairs well with {}?",
+    "Why did my {} come out dry and bland?",
+    "How do I reheat leftover {}?",
+    "Is {} difficult to cook for a beginner?",
+    "What spices go into a traditional {}?",
     "How do I keep {} from sticking to the pan?",
 ]
 TASKS = [
-    "reverse a linked list", "parse a JSON string", "sort a dictionary by value", "read a CSV file",
-    "write a unit test", "handle exceptions properly", "connect to a PostgreSQL database",
-    "make an HTTP request", "use async and await", "find a memory leak", "profile slow code",
-    "merge two sorted arrays", "implement binary search", "validate an email with a regex",
-    "serialize an object to JSON", "build a REST API", "spawn a background thread",
-    "read environment variables", "implement an LRU cache", "compute a SHA-256 hash",
+    "reverse a linked list",
+    "parse a JSON string",
+    "sort a dictionary by value",
+    "read a CSV file",
+    "write a unit test",
+    "handle exceptions properly",
+    "connect to a PostgreSQL database",
+    "make an HTTP request",
+    "use async and await",
+    "find a memory leak",
+    "profile slow code",
+    "merge two sorted arrays",
+    "implement binary search",
+    "validate an email with a regex",
+    "serialize an object to JSON",
+    "build a REST API",
+    "spawn a background thread",
+    "read environment variables",
+    "implement an LRU cache",
+    "compute a SHA-256 hash",
 ]
 CODING = [
-    "How do I {} in Python?", "What's the idiomatic way to {} in Rust?", "Show me code to {} in JavaScript.",
-    "Why does my Go program fail when I try to {}?", "Explain how to {} in Java.",
-    "What library should I use to {} in C#?", "Write a function to {} in TypeScript.",
-    "How can I {} efficiently in C++?", "Is there a one-liner to {} in Ruby?",
-    "What's the fastest way to {} in Kotlin?", "Help me debug my code that tries to {} in PHP.",
+    "How do I {} in Python?",
+    "What's the idiomatic way to {} in Rust?",
+    "Show me code to {} in JavaScript.",
+    "Why does my Go program fail when I try to {}?",
+    "Explain how to {} in Java.",
+    "What library should I use to {} in C#?",
+    "Write a function to {} in TypeScript.",
+    "How can I {} efficiently in C++?",
+    "Is there a one-liner to {} in Ruby?",
+    "What's the fastest way to {} in Kotlin?",
+    "Help me debug my code that tries to {} in PHP.",
     "Give an example that shows how to {} in Swift.",
 ]
 
@@ -100,15 +144,31 @@ def test_auto_learns_which_model_is_better_for_each_topic(fake, gateway, dsn, po
 def catalogue(fake):
     return [
         model("cheap", fake.url(delay_ms=200), input_usd_per_mtok=0.1, output_usd_per_mtok=0.1, quality=0.5),
-        model("mid", fake.url(), input_usd_per_mtok=1.0, output_usd_per_mtok=2.0, quality=0.7,
-              capabilities=["chat", "streaming", "tools"]),
-        model("premium", fake.url(delay_ms=100), input_usd_per_mtok=10.0, output_usd_per_mtok=30.0, quality=0.95,
-              capabilities=["chat", "streaming", "tools", "vision"]),
+        model(
+            "mid",
+            fake.url(),
+            input_usd_per_mtok=1.0,
+            output_usd_per_mtok=2.0,
+            quality=0.7,
+            capabilities=["chat", "streaming", "tools"],
+        ),
+        model(
+            "premium",
+            fake.url(delay_ms=100),
+            input_usd_per_mtok=10.0,
+            output_usd_per_mtok=30.0,
+            quality=0.95,
+            capabilities=["chat", "streaming", "tools", "vision"],
+        ),
     ]
 
 
 def ask(gw, content="Tell me something interesting.", **kw) -> httpx.Response:
-    body = {"model": kw.pop("model", "auto"), "messages": [{"role": "user", "content": content}], **kw.pop("body", {})}
+    body = {
+        "model": kw.pop("model", "auto"),
+        "messages": [{"role": "user", "content": content}],
+        **kw.pop("body", {}),
+    }
     return httpx.post(gw.url + "/v1/chat/completions", json=body, headers=kw.pop("headers", None), timeout=10)
 
 
@@ -137,8 +197,12 @@ def test_semantic_routes(fake, gateway, catalogue):
     settings = make_settings(
         catalogue,
         routes=[
-            {"name": "translate", "threshold": 0.6, "model": "mid",
-             "utterances": ["Translate this sentence into French", "How do you say this in Spanish?"]},
+            {
+                "name": "translate",
+                "threshold": 0.6,
+                "model": "mid",
+                "utterances": ["Translate this sentence into French", "How do you say this in Spanish?"],
+            },
         ],
     )
     gw = gateway(settings)
@@ -149,12 +213,19 @@ def test_semantic_routes(fake, gateway, catalogue):
 
 
 def test_strategies_by_body_header_and_virtual_model(fake, gateway, catalogue):
-    settings = make_settings(catalogue, virtual_models={"auto-cheap": {"strategy": "cost_optimized"},
-                                                        "auto-best": {"strategy": "quality_optimized"}})
+    settings = make_settings(
+        catalogue,
+        virtual_models={
+            "auto-cheap": {"strategy": "cost_optimized"},
+            "auto-best": {"strategy": "quality_optimized"},
+        },
+    )
     gw = gateway(settings)
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
     by_body = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "hi"}], extra_body={"router": {"strategy": "cost_optimized"}}
+        model="auto",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"router": {"strategy": "cost_optimized"}},
     )
     assert by_body.headers["x-router-model"] == "cheap" and by_body.headers["x-router-layer"] == "strategy"
     by_header = ask(gw, headers={"X-Router-Strategy": "quality_optimized"})
@@ -162,8 +233,13 @@ def test_strategies_by_body_header_and_virtual_model(fake, gateway, catalogue):
     assert ask(gw, model="auto-cheap").headers["x-router-model"] == "cheap"
     assert ask(gw, model="auto-best").headers["x-router-model"] == "premium"
     # the request's own `router` beats the virtual model's
-    assert ask(gw, model="auto-best", body={"router": {"strategy": "cost_optimized"}}).headers["x-router-model"] == "cheap"
-    turns = [ask(gw, headers={"X-Router-Strategy": "round_robin"}).headers["x-router-model"] for _ in range(3)]
+    assert (
+        ask(gw, model="auto-best", body={"router": {"strategy": "cost_optimized"}}).headers["x-router-model"]
+        == "cheap"
+    )
+    turns = [
+        ask(gw, headers={"X-Router-Strategy": "round_robin"}).headers["x-router-model"] for _ in range(3)
+    ]
     assert sorted(turns) == ["cheap", "mid", "premium"]
     listed = {m.id: m for m in client.models.list().data}
     assert {"auto", "auto-cheap", "auto-best"} <= set(listed)
@@ -209,7 +285,9 @@ def test_constraints_and_their_errors(fake, gateway, catalogue):
     assert vision.headers["x-router-model"] == "premium"
     nobody = ask(gw, body={"router": {"capability": ["vision", "audio"]}})
     assert nobody.status_code == 400 and "audio" in nobody.json()["error"]["message"]
-    allowed = {ask(gw, body={"router": {"models": ["cheap", "mid"]}}).headers["x-router-model"] for _ in range(8)}
+    allowed = {
+        ask(gw, body={"router": {"models": ["cheap", "mid"]}}).headers["x-router-model"] for _ in range(8)
+    }
     assert allowed <= {"cheap", "mid"}
     unknown = ask(gw, body={"router": {"models": ["gpt-9"]}})
     assert unknown.status_code == 400 and "gpt-9" in unknown.json()["error"]["message"]
@@ -222,12 +300,20 @@ def test_context_window_and_availability(fake, gateway):
     settings = make_settings(
         [
             model("small", fake.url(), context_window=100),
-            model("keyless", fake.url(), provider="openrouter", api_key_env="NO_SUCH_KEY_ENV", context_window=100_000),
+            model(
+                "keyless",
+                fake.url(),
+                provider="openrouter",
+                api_key_env="NO_SUCH_KEY_ENV",
+                context_window=100_000,
+            ),
         ]
     )
     gw = gateway(settings)
     long = ask(gw, "word " * 1000)
-    assert long.status_code == 503 and "keyless: NO_SUCH_KEY_ENV is not set" in long.json()["error"]["message"]
+    assert (
+        long.status_code == 503 and "keyless: NO_SUCH_KEY_ENV is not set" in long.json()["error"]["message"]
+    )
     short = ask(gw, "hi")
     assert short.headers["x-router-model"] == "small"
     huge = ask(gw, "word " * 500_000)

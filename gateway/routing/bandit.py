@@ -123,7 +123,9 @@ def knn_posteriors(
     hints = hints or {}
     weight = sum(max(n.similarity, 0.0) for n in neighbours)
     confidence = weight / (weight + knobs.prior_strength) if weight > 0 else 0.0
-    use_context = len(neighbours) >= max(1, knobs.min_similar_requests) and confidence >= knobs.min_confidence_score
+    use_context = (
+        len(neighbours) >= max(1, knobs.min_similar_requests) and confidence >= knobs.min_confidence_score
+    )
     if not use_context:
         return (
             [global_posterior(stats.get(n), knobs, hints.get(n)) for n in names],
@@ -157,7 +159,9 @@ class LinTS:
     Sherman-Morrison updates. A re-rated call moves only b (same x, same A).
     """
 
-    def __init__(self, dim: int = 384, ridge: float = 1.0, noise: float = 0.25, prior_mean: float = 0.8) -> None:
+    def __init__(
+        self, dim: int = 384, ridge: float = 1.0, noise: float = 0.25, prior_mean: float = 0.8
+    ) -> None:
         self.dim = dim + 1
         self.ridge = ridge
         self.noise = noise
@@ -228,7 +232,11 @@ def choose(arms: Sequence[ArmView], knobs: Knobs, rng: np.random.Generator) -> C
     k = len(arms)
     speed = normalise_speed([a.latency_ms for a in arms])
     cost = normalise_cost([a.cost_usd for a in arms])
-    fixed = knobs.latency_weight * speed + knobs.cost_weight * cost + np.array([bonus(a.rated, knobs) for a in arms])
+    fixed = (
+        knobs.latency_weight * speed
+        + knobs.cost_weight * cost
+        + np.array([bonus(a.rated, knobs) for a in arms])
+    )
     samples = np.array([a.posterior.sample(rng) for a in arms], dtype=np.float64)
     scores = knobs.feedback_weight * samples + fixed
     explored = bool(rng.random() < knobs.exploration_rate)

@@ -113,7 +113,7 @@ class Router:
         try:
             self.stats = await self.store.arm_stats()
             self.stats_at = self.clock()
-        except Exception as exc:  # noqa: BLE001 - routing goes on with the last known statistics
+        except Exception as exc:
             log.warning("cannot refresh arm statistics: %s", exc)
             self.stats_at = self.clock()
 
@@ -124,7 +124,9 @@ class Router:
             self._refreshing = asyncio.get_running_loop().create_task(self.refresh_stats())
 
     # --- learning
-    def observe_feedback(self, model: str, score: float, previous: float | None, embedding: np.ndarray | None) -> None:
+    def observe_feedback(
+        self, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+    ) -> None:
         """Feedback moves the global statistics at once (and the linear model, if in use)."""
         stats = self.stats.setdefault(model, ArmStats(model))
         if previous is None:
@@ -141,7 +143,7 @@ class Router:
             return None
         try:
             return (await self.embedder.embed([text]))[0]
-        except Exception as exc:  # noqa: BLE001 - route without context rather than fail the call
+        except Exception as exc:
             log.warning("embedding failed (%s); routing without context", exc)
             return None
 
@@ -171,9 +173,17 @@ class Router:
         policy_name = c.policy or (target.policy if target else None)
         policy = self.settings.policies.get(policy_name) if policy_name else None
         strategy = c.strategy or (policy.strategy if policy else None) or "bandit"
-        if self.settings.router_policy == "default" and strategy == "bandit" and not (target and target.model):
-            target = _Target(target.layer if target else "default", target.name if target else "",
-                             self.settings.default_model, None)
+        if (
+            self.settings.router_policy == "default"
+            and strategy == "bandit"
+            and not (target and target.model)
+        ):
+            target = _Target(
+                target.layer if target else "default",
+                target.name if target else "",
+                self.settings.default_model,
+                None,
+            )
         names = list(policy.models) if policy else list(self.specs)
         arms = self._eligible(names, ctx, c)
         choice: Choice
@@ -240,7 +250,7 @@ class Router:
                 ),
                 self.settings.neighbour_timeout_s,
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.store_down_until = self.clock() + 5.0
             log.warning("neighbour search failed (%s); routing without context for 5 s", type(exc).__name__)
             return []
@@ -249,7 +259,9 @@ class Router:
         key = tuple(arms)
         turn = self.turns.get(key, 0)
         self.turns[key] = turn + 1
-        return rank(strategy, self._views(arms, ctx), self.knobs, turn=turn, in_flight=self.availability.in_flight)
+        return rank(
+            strategy, self._views(arms, ctx), self.knobs, turn=turn, in_flight=self.availability.in_flight
+        )
 
     def _views(self, arms: Sequence[str], ctx: RouteContext) -> list[ArmView]:
         views = []
@@ -279,12 +291,18 @@ class Router:
         if c.models:
             unknown = [m for m in c.models if m not in self.specs]
             if unknown:
-                raise InvalidRequest(f"router.models: unknown model {unknown[0]!r}", param="router.models",
-                                     code="invalid_value")
+                raise InvalidRequest(
+                    f"router.models: unknown model {unknown[0]!r}",
+                    param="router.models",
+                    code="invalid_value",
+                )
             names = [n for n in names if n in c.models]
             if not names:
-                raise InvalidRequest("router.models: none of the allowed models is in the chosen policy",
-                                     param="router.models", code="no_eligible_model")
+                raise InvalidRequest(
+                    "router.models: none of the allowed models is in the chosen policy",
+                    param="router.models",
+                    code="no_eligible_model",
+                )
         needs = set(ctx.needs - {"streaming"}) | set(c.capability)
 
         def keep(arms: list[str], ok: object, why: str, param: str) -> list[str]:
@@ -295,22 +313,33 @@ class Router:
 
         arms = names
         if needs:
-            arms = keep(arms, lambda a: needs <= self.specs[a].capabilities,
-                        f"no model among {', '.join(arms)} has the capabilities this request needs: "
-                        f"{', '.join(sorted(needs))}", "router.capability")
+            arms = keep(
+                arms,
+                lambda a: needs <= self.specs[a].capabilities,
+                f"no model among {', '.join(arms)} has the capabilities this request needs: "
+                f"{', '.join(sorted(needs))}",
+                "router.capability",
+            )
         needed = ctx.prompt_tokens + (ctx.max_tokens or 0)
-        arms = keep(arms, lambda a: self.specs[a].context_window >= needed,
-                    f"the prompt (about {ctx.prompt_tokens} tokens"
-                    + (f" + max_tokens {ctx.max_tokens}" if ctx.max_tokens else "")
-                    + f") does not fit the context window of any model (largest: "
-                    f"{max(self.specs[a].context_window for a in arms)})", "messages")
+        arms = keep(
+            arms,
+            lambda a: self.specs[a].context_window >= needed,
+            f"the prompt (about {ctx.prompt_tokens} tokens"
+            + (f" + max_tokens {ctx.max_tokens}" if ctx.max_tokens else "")
+            + f") does not fit the context window of any model (largest: "
+            f"{max(self.specs[a].context_window for a in arms)})",
+            "messages",
+        )
         if c.max_cost_usd is not None:
             limit = c.max_cost_usd
             cheapest = min(arms, key=lambda a: self.estimated_cost(self.specs[a], ctx))
-            arms = keep(arms, lambda a: self.estimated_cost(self.specs[a], ctx) <= limit,
-                        f"max_cost_usd={limit:g} excludes every model: the cheapest, {cheapest}, costs an "
-                        f"estimated ${self.estimated_cost(self.specs[cheapest], ctx):.6g} for this request",
-                        "router.max_cost_usd")
+            arms = keep(
+                arms,
+                lambda a: self.estimated_cost(self.specs[a], ctx) <= limit,
+                f"max_cost_usd={limit:g} excludes every model: the cheapest, {cheapest}, costs an "
+                f"estimated ${self.estimated_cost(self.specs[cheapest], ctx):.6g} for this request",
+                "router.max_cost_usd",
+            )
         if c.max_latency_ms is not None:
             limit_ms = c.max_latency_ms
 
@@ -318,18 +347,28 @@ class Router:
                 s = self.stats.get(a)
                 return s is None or s.latency_ms_avg is None or s.latency_ms_avg <= limit_ms
 
-            arms = keep(arms, fast, f"max_latency_ms={limit_ms:g} excludes every model: none has answered that "
-                                    "fast on average", "router.max_latency_ms")
+            arms = keep(
+                arms,
+                fast,
+                f"max_latency_ms={limit_ms:g} excludes every model: none has answered that fast on average",
+                "router.max_latency_ms",
+            )
         if c.min_quality is not None:
             floor = c.min_quality
             best = max(arms, key=lambda a: self._quality(a))
-            arms = keep(arms, lambda a: self._quality(a) >= floor,
-                        f"min_quality={floor:g} excludes every model: the best, {best}, has an estimated "
-                        f"quality of {self._quality(best):.3f}", "router.min_quality")
+            arms = keep(
+                arms,
+                lambda a: self._quality(a) >= floor,
+                f"min_quality={floor:g} excludes every model: the best, {best}, has an estimated "
+                f"quality of {self._quality(best):.3f}",
+                "router.min_quality",
+            )
         available = [a for a in arms if self.availability.is_available(a)]
         if not available:
             reasons = "; ".join(f"{a}: {self.availability.why_unavailable(a)}" for a in arms)
-            raise ServiceUnavailable(f"no eligible model is available: {reasons}", headers={"retry-after": "5"})
+            raise ServiceUnavailable(
+                f"no eligible model is available: {reasons}", headers={"retry-after": "5"}
+            )
         return available
 
     def _quality(self, name: str) -> float:

@@ -43,7 +43,9 @@ def rank(
         speed = normalise_speed([a.latency_ms for a in arms])
         costs = normalise_cost(cost)
         metric = [
-            knobs.feedback_weight * quality[i] + knobs.latency_weight * speed[i] + knobs.cost_weight * costs[i]
+            knobs.feedback_weight * quality[i]
+            + knobs.latency_weight * speed[i]
+            + knobs.cost_weight * costs[i]
             for i in range(len(arms))
         ]
         order = _rank(arms, lambda i: (-metric[i], cost[i]))
@@ -59,9 +61,19 @@ def rank(
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     candidates = [
-        {"model": arms[i].name, "metric": None if metric[i] == INF else round(float(metric[i]), 6),
-         "quality_mean": round(quality[i], 4), "cost_usd": cost[i], "latency_ms": arms[i].latency_ms}
+        {
+            "model": arms[i].name,
+            "metric": None if metric[i] == INF else round(float(metric[i]), 6),
+            "quality_mean": round(quality[i], 4),
+            "cost_usd": cost[i],
+            "latency_ms": arms[i].latency_ms,
+        }
         for i in order
     ]
-    return Choice(arm=arms[order[0]].name, explored=False, propensity=1.0,
-                  ranking=[arms[i].name for i in order], candidates=candidates)
+    return Choice(
+        arm=arms[order[0]].name,
+        explored=False,
+        propensity=1.0,
+        ranking=[arms[i].name for i in order],
+        candidates=candidates,
+    )
