@@ -27,10 +27,12 @@ from gateway.config import ModelSpec, Settings
 from gateway.embedder import Embedder, MiniLMEmbedder, routing_text
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import Redactor
+from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
 from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.recorder import Recorder
+from gateway.routing.bandit import global_posterior
 from gateway.routing.router import Router
 from gateway.store import CallRecord, Feedback, Store
 from gateway.upstreams import Upstreams
@@ -83,6 +85,7 @@ class Gateway:
     store: Store
     recorder: Recorder
     redact: Redactor
+    metrics: Metrics
     embedder: Embedder | None = None
 
     def finish(self, record: CallRecord, t0: float, state: dict[str, Any]) -> None:
@@ -93,7 +96,7 @@ class Gateway:
         fields = state.setdefault("log", {})
         fields.update(
             model=record.model,
-            status=record.status,
+            outcome=record.status,
             upstream_ms=None if record.upstream_ms is None else round(record.upstream_ms, 3),
             ttft_ms=None if record.ttft_ms is None else round(record.ttft_ms, 3),
             prompt_tokens=record.prompt_tokens,
@@ -104,12 +107,14 @@ class Gateway:
             fields["error"] = record.error
         if self.settings.log_prompts:
             fields["messages"] = record.messages
+        self.metrics.observe_call(record)
         self.recorder.record(record)
 
     async def learn(self, feedback: Feedback) -> dict[str, Any]:
         """Feedback, durable first; then what it teaches: the arm's global statistics (at once),
         and the call's embedding for future neighbour searches (computed now if routing did not)."""
         outcome = await self.store.add_feedback(feedback)
+        self.metrics.feedback.labels(outcome.model or "none", feedback.source).observe(feedback.score)
         if outcome.applied and outcome.model is not None and outcome.score is not None:
             embedding = await self._embedding_of(outcome.request_id)
             self.router.observe_feedback(outcome.model, outcome.score, outcome.previous, embedding)
@@ -149,6 +154,28 @@ class Gateway:
             checks["embedder"] = "ok" if self.embedder is not None else "unavailable: routing without context"
         return checks
 
+    def state(self) -> dict[str, Any]:
+        """What /metrics reads at scrape time."""
+        embedder = None
+        if isinstance(self.embedder, MiniLMEmbedder):
+            e = self.embedder
+            embedder = {"hits": e.hits, "misses": e.misses, "hit_rate": e.hit_rate}
+        arms = {}
+        for m in self.settings.models:
+            stats = self.router.stats.get(m.name)
+            arms[m.name] = {
+                "posterior_mean": global_posterior(
+                    stats, self.router.knobs, self.router.hints.get(m.name)
+                ).mean,
+                "rated": stats.rated if stats else 0,
+            }
+        return {
+            "providers": self.upstreams.snapshot(),
+            "recorder": self.recorder_state(),
+            "embedder": embedder,
+            "arms": arms,
+        }
+
     def recorder_state(self) -> dict[str, Any]:
         return {
             "queue_depth": self.recorder.depth,
@@ -183,7 +210,7 @@ async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> No
 async def _load_embedder(settings: Settings) -> Embedder | None:
     try:
         return await MiniLMEmbedder.load(
-            settings.data_dir / "models",
+            settings.models_dir or settings.data_dir / "models",
             settings.embedding_backend,
             threads=settings.embedding_threads,
             cache_size=settings.embedding_cache_size,
@@ -226,6 +253,7 @@ def create_app(
     the others are built by the lifespan from `settings`."""
     factories = {**PROVIDERS, **(providers or {})}
     redactor = redact or Redactor(settings.secrets())
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -247,7 +275,8 @@ def create_app(
                     log.warning("model %s is unavailable: %s", spec.name, reason)
                     continue
                 built[spec.name] = factories[spec.provider](spec, ctx)
-            upstreams = Upstreams(settings, built, unavailable)
+            upstreams = Upstreams(settings, built, unavailable, redact=redactor)
+            upstreams.on_fallback = metrics.fallback
             stack.push_async_callback(upstreams.aclose)
             if store is None:
                 from gateway.store.factory import open_store
@@ -267,7 +296,9 @@ def create_app(
             router = Router(settings, upstreams, store=the_store, embedder=the_embedder, rng=rng)
             await router.start()
             stack.push_async_callback(router.aclose)
-            app.state.gw = Gateway(settings, upstreams, router, the_store, recorder, redactor, the_embedder)
+            gw = Gateway(settings, upstreams, router, the_store, recorder, redactor, metrics, the_embedder)
+            metrics.add_state(gw.state)
+            app.state.gw = gw
             probe = asyncio.create_task(_probe_local(settings, session))
             log.info("gateway ready: %d models, default %s", len(settings.models), settings.default_model)
             try:
@@ -304,6 +335,8 @@ def create_app(
         Route("/v1/feedback", records.feedback, methods=["POST"]),
         Route("/requests/{request_id}", records.get_request, methods=["GET"]),
         Route("/metrics/{request_id}", records.get_metrics, methods=["GET"]),
+        Route("/metrics", ops.prometheus, methods=["GET"]),
+        Route("/v1/stats", ops.stats, methods=["GET"]),
     ]
     middleware = [
         Middleware(
@@ -312,6 +345,7 @@ def create_app(
             api_keys=settings.gateway_api_keys,
             on_finish=_on_finish,
             redact=redactor,
+            in_flight=metrics.in_flight,
         )
     ]
     if settings.cors_origins:

@@ -262,6 +262,9 @@ class Settings(BaseSettings):
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
     embedding_threads: int = Field(default=1, ge=1, le=64)
+    # Where the ONNX export of the embedding model lives (default DATA_DIR/models); the Docker image
+    # bakes it in at build time.
+    models_dir: Path | None = None
 
     # --- persistence
     enable_persistence: bool = True

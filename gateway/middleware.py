@@ -64,9 +64,11 @@ class RequestContext:
         api_keys: list[str],
         on_finish: Callable[[Scope, int, float], None] | None = None,
         redact: Callable[[str], str] = str,
+        in_flight: Any = None,
     ) -> None:
         self.app = app
         self.redact = redact
+        self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
         self.api_keys = [k.encode() for k in api_keys]
         self.on_finish = on_finish
@@ -91,6 +93,8 @@ class RequestContext:
                 auth = value
         state: dict[str, Any] = scope.setdefault("state", {})
         state["t0"] = t0
+        if self.in_flight is not None:
+            self.in_flight.inc()
         status = 500
         started = False
 
@@ -149,6 +153,8 @@ class RequestContext:
                 send_wrapper, GatewayError("the gateway failed to handle this request; see its logs"), []
             )
         finally:
+            if self.in_flight is not None:
+                self.in_flight.dec()
             if self.on_finish is not None:
                 self.on_finish(scope, status, (time.perf_counter() - t0) * 1000)
 

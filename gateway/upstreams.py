@@ -143,6 +143,7 @@ class Upstreams:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self.settings = settings
         self.specs = {m.name: m for m in settings.models}
@@ -151,6 +152,7 @@ class Upstreams:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sleep = sleep
+        self.redact = redact
         self.breakers = {
             name: CircuitBreaker(
                 settings.circuit_breaker_failure_threshold, settings.circuit_breaker_cooldown_s, clock
@@ -249,6 +251,7 @@ class Upstreams:
                     result = await call()
                 except ProviderError as exc:
                     ms = (time.perf_counter() - t0) * 1000
+                    self._redact(exc)
                     attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
                     health.requests += 1
                     if exc.is_client_error:
@@ -281,8 +284,16 @@ class Upstreams:
             if not handed_over:
                 release()
 
-    def stream_failed(self, name: str, message: str) -> None:
+    def _redact(self, exc: ProviderError) -> None:
+        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-...")."""
+        exc.message = self.redact(exc.message)
+        if exc.body and isinstance(exc.body.get("message"), str):
+            exc.body["message"] = self.redact(exc.body["message"])
+
+    def stream_failed(self, name: str, exc: ProviderError) -> None:
         """A stream broke after its first chunk: that counts against the model."""
+        self._redact(exc)
+        message = exc.message
         health = self.health[name]
         health.failures += 1
         health.last_error, health.last_error_at = message, time.time()

@@ -15,6 +15,7 @@ Knobs (all optional):
   hang=1            never answer (until the client goes away)
   answer=TEXT       the content (default: "Hello from <model>."); `_` stands for a space
   usage=0           leave `usage` out of responses
+  echo_auth=1       with `status`: the error message quotes the API key it received
 
 It records what it receives (`received`), how many requests each scenario saw (`counts`) and how
 many streams their client abandoned (`disconnects`). Run standalone for benchmarks:
@@ -127,7 +128,10 @@ class FakeUpstream:
         fail_times = int(knobs.get("fail_times", "0"))
         if "status" in knobs and (fail_times == 0 or n <= fail_times):
             status = int(knobs["status"])
-            await self._json(send, status, _error(status, f"fake failure {status}"))
+            message = f"fake failure {status}"
+            if knobs.get("echo_auth"):  # as OpenAI does: "Incorrect API key provided: sk-..."
+                message = f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"
+            await self._json(send, status, _error(status, message))
             return
         if fail_times and n <= fail_times:
             await self._json(send, 500, _error(500, "fake failure 500"))

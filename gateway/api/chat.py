@@ -332,8 +332,8 @@ class ChatCompletions:
                 status = "ok"
             except ProviderError as exc:
                 status = "interrupted"
+                gw.upstreams.stream_failed(name, exc)
                 record.error = exc.message
-                gw.upstreams.stream_failed(name, exc.message)
                 error = {
                     "message": f"the upstream stream broke off: {exc.message}",
                     "type": "upstream_error",

@@ -1,13 +1,18 @@
-"""Models list and probes: GET /v1/models, /live, /ready, /health."""
+"""Models list, probes and figures: GET /v1/models, /live, /ready, /health, /metrics, /v1/stats."""
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import json_response
+from gateway.errors import InvalidRequest
+from gateway.store import utcnow
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -65,5 +70,34 @@ async def health(request: Request) -> Response:
         "checks": checks,
         "providers": gw.upstreams.snapshot(),
         "recorder": gw.recorder_state(),
+    }
+    return json_response(body)
+
+
+async def prometheus(request: Request) -> Response:
+    return Response(_gw(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+_WINDOW = re.compile(r"^(\d+)([mhd])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+async def stats(request: Request) -> Response:
+    """Per-model share, latency, cost and feedback over a time window (`?window=24h`; m, h or d)."""
+    window = request.query_params.get("window", "24h")
+    match = _WINDOW.match(window)
+    if not match or int(match.group(1)) == 0:
+        raise InvalidRequest("window must look like 15m, 24h or 7d", param="window", code="invalid_value")
+    since = utcnow() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    rows = await _gw(request).store.usage_stats(since)
+    total = sum(r["requests"] for r in rows)
+    for r in rows:
+        r["share"] = round(r["requests"] / total, 4) if total else 0.0
+    body = {
+        "window": window,
+        "since": since.isoformat(),
+        "requests": total,
+        "cost_usd": sum(r["cost_usd"] or 0.0 for r in rows),
+        "models": sorted(rows, key=lambda r: -r["requests"]),
     }
     return json_response(body)
