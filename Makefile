@@ -39,7 +39,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# Validates docker-compose.yml for every profile; a fresh clone has no .env, and none is needed.
+compose-check:
+	@command -v docker-compose > /dev/null || { echo "compose-check: docker-compose is not installed (apt-get install docker-compose)" >&2; exit 1; }
+	for profile in dev prod cost-optimized ollama; do docker-compose --profile $$profile config -q; done
+
+test: lint typecheck compose-check pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
