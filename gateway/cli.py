@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import orjson
 from pydantic import ValidationError
 
 from gateway.config import Settings, load_settings
@@ -69,6 +70,54 @@ def migrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_dpo(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from tqdm import tqdm
+
+    from gateway import dpo
+    from gateway.logs import setup_logging
+    from gateway.store.factory import open_store
+
+    settings = _settings(args)
+    setup_logging("warning", "text", settings.secrets())
+    if not settings.enable_persistence:
+        print(
+            "llm-router: ENABLE_PERSISTENCE is false: pairs live in the gateway's memory only",
+            file=sys.stderr,
+        )
+        return 1
+    since = None
+    if args.since:
+        since = datetime.fromisoformat(args.since)
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    min_margin = settings.dpo_min_margin if args.min_margin is None else args.min_margin
+
+    async def run() -> int:
+        n = 0
+        async with open_store(settings) as store:
+            # A local file written line by line as the database streams: blocking writes are fine here.
+            with open(args.out, "wb") as out, tqdm(desc=f"export {args.kind}", unit=" records") as bar:  # noqa: ASYNC230
+                async for record, _ in dpo.export_records(
+                    store,
+                    kind=args.kind,
+                    fmt=args.format,
+                    since=since,
+                    min_margin=min_margin,
+                    specs={m.name: m for m in settings.models},
+                    correct=args.correct,
+                    incorrect=args.incorrect,
+                ):
+                    out.write(orjson.dumps(record, default=str) + b"\n")
+                    n += 1
+                    bar.update()
+        return n
+
+    n = asyncio.run(run())
+    print(f"wrote {n} {args.kind} records ({args.format}) to {args.out}")
+    return 0
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -91,6 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="head")
     p.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
     p.set_defaults(func=migrate_cmd)
+
+    p = sub.add_parser("export-dpo", help="export DPO pairs (TRL-ready) or routing labels as JSONL")
+    common(p)
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument("--since", help="only pairs updated at or after this ISO 8601 time")
+    p.add_argument("--min-margin", type=float, help="minimum score margin (default: DPO_MIN_MARGIN)")
+    p.add_argument(
+        "--kind",
+        choices=["responses", "routes"],
+        default="responses",
+        help="responses: {prompt, chosen, rejected}; routes: {prompt, label, chosen_model, rejected_model}",
+    )
+    p.add_argument(
+        "--format",
+        choices=["trl", "jsonl"],
+        default="trl",
+        help="trl: TRL's conversational preference format; jsonl: everything, with models and scores",
+    )
+    p.add_argument("--correct", type=float, default=0.7, help="routes: a score at or above this is correct")
+    p.add_argument(
+        "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"
+    )
+    p.set_defaults(func=export_dpo)
     return parser
 
 

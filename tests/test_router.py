@@ -116,7 +116,7 @@ def test_auto_learns_which_model_is_better_for_each_topic(fake, gateway, dsn, po
         latency_weight=0.0,
         cost_weight=0.0,
     )
-    gw = gateway(settings, rng=__import__("numpy").random.default_rng(1))
+    gw = gateway(settings, seed=1)
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
     train, test = topic_prompts(seed=3)
     with httpx.Client(base_url=gw.url, timeout=10) as http:

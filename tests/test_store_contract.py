@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import NotFound
-from gateway.store import CallRecord, Feedback, prompt_hash, utcnow
+from gateway.store import CallRecord, DPOPair, Feedback, prompt_hash, utcnow
 from gateway.store.memory import MemoryStore
 from gateway.store.postgres import PostgresStore, make_engine
 
@@ -201,3 +201,95 @@ async def test_memory_store_is_bounded():
     await store.write_calls([call(str(i)) for i in range(5)])
     assert await store.get_call("0") is None and await store.get_call("4") is not None
     assert (await store.arm_stats())["m1"].calls == 5  # statistics outlive evicted calls
+
+
+async def test_pair_candidates_are_real_rated_answers_of_other_models(store):
+    q = [{"role": "user", "content": "same question"}]
+    await store.write_calls(
+        [
+            call("me", model="m1", messages=q, response="answer one", embedding=unit(1, 0)),
+            call("other", model="m2", messages=q, response="answer two", embedding=unit(1, 0)),
+            call("same-model", model="m1", messages=q, response="answer three"),
+            call("placeholder", model="m3", messages=q, response="[no response recorded]", synthetic=True),
+            call("failed", model="m3", messages=q, status="error", http_status=502, response=None),
+            call("empty", model="m3", messages=q, response=""),
+            call("unrated", model="m3", messages=q, response="answer four"),
+            call(
+                "near",
+                model="m3",
+                messages=[{"role": "user", "content": "same question!"}],
+                response="a5",
+                embedding=unit(1, 0.1),
+            ),
+            call(
+                "far",
+                model="m3",
+                messages=[{"role": "user", "content": "other"}],
+                response="a6",
+                embedding=unit(0, 1),
+            ),
+        ]
+    )
+    for cid in ("me", "other", "same-model", "placeholder", "failed", "empty", "near", "far"):
+        await store.add_feedback(Feedback(cid, 0.5))
+    me, others = await store.pair_candidates("me", similarity=0.99)
+    assert me is not None and me.response == "answer one" and me.score == 0.5
+    assert {o.id for o in others} == {"other", "near"}
+    assert next(o for o in others if o.id == "near").similarity == pytest.approx(
+        float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5
+    )
+    assert (await store.pair_candidates("placeholder", 0.99)) == (None, [])
+    assert (await store.pair_candidates("unrated", 0.99)) == (None, [])
+
+
+def pair(a: str, b: str, sa: float, sb: float) -> DPOPair:
+    return DPOPair(
+        prompt_hash="h",
+        messages=[{"role": "user", "content": "q"}],
+        chosen_id=a,
+        chosen_model="m1",
+        chosen=f"answer {a}",
+        chosen_score=sa,
+        rejected_id=b,
+        rejected_model="m2",
+        rejected=f"answer {b}",
+        rejected_score=sb,
+    )
+
+
+async def test_pairs_are_saved_once_updated_deleted_and_paged(store):
+    await store.write_calls([call(c) for c in ("a", "b", "c", "d")])
+    assert await store.save_pair(pair("a", "b", 1.0, 0.0)) is True
+    assert await store.save_pair(pair("a", "b", 1.0, 0.0)) is False  # unchanged
+    assert await store.save_pair(pair("b", "a", 0.9, 0.1)) is True  # flipped: the same pair, updated
+    assert await store.save_pair(pair("c", "d", 0.6, 0.3)) is True
+    listed = [p async for p in store.iter_pairs(None, 0.0)]
+    assert [(p.chosen_id, p.rejected_id) for p in listed] == [("b", "a"), ("c", "d")]
+    assert listed[0].margin == pytest.approx(0.8)
+    assert [p.chosen_id async for p in store.iter_pairs(None, 0.5)] == ["b"]
+    first = [p async for p in store.iter_pairs(None, 0.0, limit=1)]
+    after = (first[0].updated_at, first[0].id)
+    assert [p.chosen_id async for p in store.iter_pairs(None, 0.0, after=after)] == ["c"]
+    assert [p async for p in store.iter_pairs(utcnow() + DAY, 0.0)] == []
+    assert await store.delete_pair("a", "b") is True and await store.delete_pair("b", "a") is False
+    assert [p.chosen_id async for p in store.iter_pairs(None, 0.0)] == ["c"]
+
+
+async def test_comparisons_average_each_model_per_prompt(store):
+    q1 = [{"role": "user", "content": "first"}]
+    q2 = [{"role": "user", "content": "second"}]
+    await store.write_calls(
+        [
+            call("1a", model="cheap", messages=q1),
+            call("1b", model="cheap", messages=q1),
+            call("1c", model="strong", messages=q1),
+            call("2a", model="cheap", messages=q2),
+        ]
+    )
+    for cid, s in (("1a", 1.0), ("1b", 0.0), ("1c", 1.0), ("2a", 1.0)):
+        await store.add_feedback(Feedback(cid, s))
+    found = [c async for c in store.iter_comparisons(None)]
+    assert len(found) == 1
+    c = found[0]
+    assert (c.model_a, c.score_a, c.model_b, c.score_b) == ("cheap", 0.5, "strong", 1.0)
+    assert c.messages == q1

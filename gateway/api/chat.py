@@ -267,6 +267,7 @@ class ChatCompletions:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
         gw.finish(record, t0, state)
+        gw.maybe_duel(record, decision, body)
 
     async def _stream(
         self,
@@ -351,6 +352,8 @@ class ChatCompletions:
                 record.response = acc.text()
                 self._account(record, spec, acc.usage or {}, ctx)
                 gw.finish(record, t0, state)
+                if status == "ok":
+                    gw.maybe_duel(record, decision, body)
             yield b"data: [DONE]\n\n"
 
         await send_stream(receive, send, headers, events())

@@ -1,14 +1,19 @@
-"""The learning loop's endpoints: POST /feedback, GET /requests/{id}, GET /metrics/{id}."""
+"""The learning loop's endpoints: POST /feedback, GET /requests/{id}, GET /metrics/{id}, and the
+admin-only GET /v1/dpo/pairs."""
 
 from __future__ import annotations
 
+import hmac
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import dpo
 from gateway.api import json_response
-from gateway.errors import NotFound
+from gateway.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from gateway.schemas import FeedbackRequest, parse_json_object, validate
 from gateway.store import Feedback
 
@@ -46,8 +51,6 @@ async def feedback(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
     data = parse_json_object(await request.body())
     fb: FeedbackRequest = validate(FeedbackRequest, data)
-    if gw.recorder.has(fb.request_id):
-        await gw.recorder.flush()  # the call is still queued: write it first (503 if the store is down)
     outcome = await gw.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
     return json_response(outcome)
 
@@ -65,3 +68,67 @@ async def get_metrics(request: Request) -> Response:
     out = {k: record.get(k) for k in _TIMINGS}
     out["request_id"] = out.pop("id")
     return json_response(out)
+
+
+def _admin(request: Request, gw: Gateway) -> None:
+    key = gw.settings.admin_api_key.get_secret_value() if gw.settings.admin_api_key else ""
+    if not key:
+        raise PermissionDenied("admin endpoints are disabled: set ADMIN_API_KEY", code="admin_disabled")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise AuthenticationError("this endpoint needs 'Authorization: Bearer <ADMIN_API_KEY>'")
+
+
+def _time(value: str | None, param: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{param} must be an ISO 8601 time", param=param, code="invalid_value") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+async def dpo_pairs(request: Request) -> Response:
+    """NDJSON of DPO pairs (or routing labels), paged by time: follow `x-next-cursor`."""
+    gw: Gateway = request.app.state.gw
+    _admin(request, gw)
+    q = request.query_params
+    kind = q.get("kind", "responses")
+    fmt = q.get("format", "jsonl")
+    if kind not in ("responses", "routes"):
+        raise InvalidRequest("kind must be responses or routes", param="kind", code="invalid_value")
+    if fmt not in ("trl", "jsonl"):
+        raise InvalidRequest("format must be trl or jsonl", param="format", code="invalid_value")
+    try:
+        limit = min(int(q.get("limit", "1000")), 10_000)
+        min_margin = float(q.get("min_margin", str(gw.settings.dpo_min_margin)))
+    except ValueError as exc:
+        raise InvalidRequest("limit and min_margin must be numbers", code="invalid_value") from exc
+    after = None
+    if q.get("cursor"):
+        stamp, _, pair_id = q["cursor"].rpartition("|")
+        moment = _time(stamp, "cursor")
+        if moment is None or not pair_id.isdigit():
+            raise InvalidRequest(
+                "cursor must be as given in x-next-cursor", param="cursor", code="invalid_value"
+            )
+        after = (moment, int(pair_id))
+    lines: list[bytes] = []
+    cursor: tuple[datetime, int] | None = None
+    async for record, position in dpo.export_records(
+        gw.store,
+        kind=kind,
+        fmt=fmt,
+        since=_time(q.get("since"), "since"),
+        min_margin=min_margin,
+        specs={m.name: m for m in gw.settings.models},
+        after=after,
+        limit=limit,
+    ):
+        lines.append(orjson.dumps(record, default=str) + b"\n")
+        cursor = position
+    headers = {}
+    if cursor is not None and len(lines) == limit:
+        headers["x-next-cursor"] = f"{cursor[0].isoformat()}|{cursor[1]}"
+    return Response(b"".join(lines), media_type="application/x-ndjson", headers=headers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -75,6 +75,7 @@ class CallRecord:
     caller: str | None = None
     kind: str = "call"  # call | duel | judge
     duel_of: str | None = None
+    synthetic: bool = False  # the response is a placeholder no model wrote (replay data without text)
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -138,6 +139,8 @@ class ArmStats:
 
 @dataclass
 class DPOPair:
+    """Two real responses to the same (or a near-identical) prompt, by different models, rated apart."""
+
     prompt_hash: str
     messages: list[dict[str, Any]]
     chosen_id: str
@@ -149,13 +152,18 @@ class DPOPair:
     rejected: str
     rejected_score: float
     similarity: float = 1.0
-    label: str | None = None  # routing label (9-cell matrix) when the pair has one
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
+    id: int = 0
 
     @property
     def margin(self) -> float:
         return self.chosen_score - self.rejected_score
+
+    @property
+    def key(self) -> tuple[str, str]:
+        a, b = sorted((self.chosen_id, self.rejected_id))
+        return a, b
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,17 @@ class RatedCall:
     response: str
     score: float
     similarity: float = 1.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models' mean scores on one prompt: the raw material of routing labels."""
+
+    messages: list[dict[str, Any]]
+    model_a: str
+    score_a: float
+    model_b: str
+    score_b: float
 
 
 class Store(Protocol):
@@ -193,3 +212,21 @@ class Store(Protocol):
     async def arm_stats(self) -> dict[str, ArmStats]: ...
 
     async def usage_stats(self, since: datetime) -> list[dict[str, Any]]: ...
+
+    async def pair_candidates(
+        self, request_id: str, similarity: float, limit: int = 50
+    ) -> tuple[RatedCall | None, list[RatedCall]]: ...
+
+    async def save_pair(self, pair: DPOPair) -> bool: ...
+
+    async def delete_pair(self, a: str, b: str) -> bool: ...
+
+    def iter_pairs(
+        self,
+        since: datetime | None,
+        min_margin: float,
+        after: tuple[datetime, int] | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[DPOPair]: ...
+
+    def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]: ...

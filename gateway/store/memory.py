@@ -7,7 +7,7 @@ they contributed stay.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
@@ -18,9 +18,13 @@ from gateway.errors import NotFound
 from gateway.store import (
     ArmStats,
     CallRecord,
+    Comparison,
+    DPOPair,
     Feedback,
     FeedbackOutcome,
     Neighbour,
+    RatedCall,
+    utcnow,
 )
 
 
@@ -39,6 +43,8 @@ class MemoryStore:
         self.max_calls = max_calls
         self.calls: OrderedDict[str, _Call] = OrderedDict()
         self.arms: dict[str, ArmStats] = {}
+        self.pairs: dict[tuple[str, str], DPOPair] = {}
+        self._pair_ids = 0
         self._matrix: tuple[list[str], np.ndarray] | None = None  # rated calls' embeddings
 
     async def aclose(self) -> None:
@@ -196,3 +202,100 @@ class MemoryStore:
             }
             for r in rows.values()
         ]
+
+    # --- DPO
+    def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:
+        rec = call.record
+        if call.score is None or rec.model is None or not rec.response or rec.status != "ok" or rec.synthetic:
+            return None
+        return RatedCall(
+            rec.id, rec.model, rec.messages, rec.prompt_hash, rec.response, call.score, similarity
+        )
+
+    async def pair_candidates(
+        self, request_id: str, similarity: float, limit: int = 50
+    ) -> tuple[RatedCall | None, list[RatedCall]]:
+        call = self.calls.get(request_id)
+        me = self._rated_call(call) if call is not None else None
+        if call is None or me is None:
+            return None, []
+        emb = call.record.embedding
+        found: list[RatedCall] = []
+        for other in self.calls.values():
+            if other is call or other.record.model == me.model:
+                continue
+            sim = 1.0
+            if other.record.prompt_hash != me.prompt_hash:
+                if emb is None or other.record.embedding is None:
+                    continue
+                sim = float(np.dot(emb, other.record.embedding))
+                if sim < similarity:
+                    continue
+            rated = self._rated_call(other, sim)
+            if rated is not None:
+                found.append(rated)
+        found.sort(key=lambda r: -r.similarity)
+        return me, found[:limit]
+
+    async def save_pair(self, pair: DPOPair) -> bool:
+        existing = self.pairs.get(pair.key)
+        if existing is not None:
+            same = (
+                existing.chosen_id,
+                existing.chosen_score,
+                existing.rejected_score,
+                existing.chosen,
+                existing.rejected,
+            ) == (pair.chosen_id, pair.chosen_score, pair.rejected_score, pair.chosen, pair.rejected)
+            if same:
+                return False
+            pair.id, pair.created_at = existing.id, existing.created_at
+        else:
+            self._pair_ids += 1
+            pair.id = self._pair_ids
+        pair.updated_at = utcnow()
+        self.pairs[pair.key] = pair
+        return True
+
+    async def delete_pair(self, a: str, b: str) -> bool:
+        key = (a, b) if a < b else (b, a)
+        return self.pairs.pop(key, None) is not None
+
+    async def iter_pairs(
+        self,
+        since: datetime | None,
+        min_margin: float,
+        after: tuple[datetime, int] | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[DPOPair]:
+        n = 0
+        for pair in sorted(self.pairs.values(), key=lambda p: (p.updated_at, p.id)):
+            if since is not None and pair.updated_at < since:
+                continue
+            if after is not None and (pair.updated_at, pair.id) <= after:
+                continue
+            if pair.margin < min_margin:
+                continue
+            yield pair
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+    async def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]:
+        groups: dict[str, dict[str, list[float]]] = {}
+        prompts: dict[str, list[dict[str, Any]]] = {}
+        for call in self.calls.values():
+            rec = call.record
+            if call.score is None or rec.model is None or rec.status != "ok":
+                continue
+            if since is not None and rec.created_at < since:
+                continue
+            groups.setdefault(rec.prompt_hash, {}).setdefault(rec.model, []).append(call.score)
+            prompts.setdefault(rec.prompt_hash, rec.messages)
+        for h, by_model in groups.items():
+            models = sorted(by_model)
+            for i, a in enumerate(models):
+                for b in models[i + 1 :]:
+                    yield Comparison(
+                        prompts[h], a, float(np.mean(by_model[a])), b, float(np.mean(by_model[b]))
+                    )

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -61,6 +62,8 @@ calls = Table(
     Column("score", Float),
     Column("score_source", Text),
     Column("score_at", DateTime(timezone=True)),
+    # A response no model wrote (the replay provider's placeholder): never part of a DPO pair.
+    Column("synthetic", Boolean, nullable=False, server_default=text("false")),
     Index("calls_created_at_idx", "created_at"),
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
@@ -99,4 +102,29 @@ arm_stats = Table(
     Column("cost_usd_sum", Float, nullable=False, server_default="0"),
     Column("completion_tokens_sum", BigInteger, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+dpo_pairs = Table(
+    "dpo_pairs",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("call_a", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("call_b", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("prompt_hash", Text, nullable=False),
+    Column("messages", JSONB, nullable=False),
+    Column("chosen_id", Text, nullable=False),
+    Column("chosen_model", Text, nullable=False),
+    Column("chosen", Text, nullable=False),
+    Column("chosen_score", Float, nullable=False),
+    Column("rejected_id", Text, nullable=False),
+    Column("rejected_model", Text, nullable=False),
+    Column("rejected", Text, nullable=False),
+    Column("rejected_score", Float, nullable=False),
+    Column("margin", Float, nullable=False),
+    Column("similarity", Float, nullable=False, server_default="1"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    UniqueConstraint("call_a", "call_b", name="dpo_pairs_calls_key"),
+    CheckConstraint("call_a < call_b", name="dpo_pairs_ordered"),
+    Index("dpo_pairs_updated_at_idx", "updated_at", "id"),
 )
