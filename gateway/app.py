@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -38,6 +38,9 @@ from gateway.routing import Decision
 from gateway.routing.bandit import global_posterior
 from gateway.routing.router import Router
 from gateway.store import CallRecord, Feedback, Store
+
+if TYPE_CHECKING:
+    from gateway.lab.data import ReplayData
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
@@ -51,6 +54,7 @@ ProviderFactory = Callable[[ModelSpec, "BuildContext"], Provider]
 class BuildContext:
     settings: Settings
     session: aiohttp.ClientSession
+    replay_data: dict[str, ReplayData] = field(default_factory=dict)  # one load per replay file
 
 
 def _http(spec: ModelSpec, ctx: BuildContext) -> Provider:
@@ -63,8 +67,20 @@ def _http(spec: ModelSpec, ctx: BuildContext) -> Provider:
     )
 
 
-# Provider kinds by name; `replay` is added by gateway.providers.replay.
+def _replay(spec: ModelSpec, ctx: BuildContext) -> Provider:
+    from gateway.lab.data import load
+    from gateway.providers.replay import ReplayProvider
+
+    assert spec.replay_file is not None
+    data = ctx.replay_data.get(spec.replay_file)
+    if data is None:
+        data = ctx.replay_data[spec.replay_file] = load(spec.replay_file)
+    return ReplayProvider(spec, data)
+
+
+# Provider kinds by name.
 PROVIDERS: dict[str, ProviderFactory] = {
+    "replay": _replay,
     "openai": _http,
     "openrouter": _http,
     "ollama": _http,
@@ -127,7 +143,9 @@ class Gateway:
         pairs = 0
         if outcome.applied and outcome.model is not None and outcome.score is not None:
             embedding = await self._embedding_of(outcome.request_id)
-            self.router.observe_feedback(outcome.model, outcome.score, outcome.previous, embedding)
+            self.router.observe_feedback(
+                outcome.request_id, outcome.model, outcome.score, outcome.previous, embedding
+            )
             pairs = await dpo.mine(
                 self.store,
                 outcome.request_id,

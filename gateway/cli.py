@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -24,16 +25,34 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
         raise SystemExit(2) from exc
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    extra: dict[str, object] = {}
+    if args.no_migrate:
+        extra["run_migrations"] = False
+    if args.replay:
+        from gateway.lab.data import load
+
+        data = load(args.replay)
+        extra["models"] = data.catalogue()
+        extra["default_model"] = data.models[0]
+        extra["latency_weight"] = 0.0  # replayed answers come at once: latency would be noise
+        # The file's models replace the catalogue, so the config's rules, routes and policies (which
+        # name catalogue models) do not apply; virtual models by strategy do.
+        extra["rules"], extra["routes"], extra["policies"] = [], [], {}
+        extra["virtual_models"] = {
+            "auto-cheap": {"strategy": "cost_optimized"},
+            "auto-quality": {"strategy": "quality_optimized"},
+        }
+    return _settings(args, **extra)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
 
-    extra: dict[str, object] = {}
-    if args.no_migrate:
-        extra["run_migrations"] = False
-    settings = _settings(args, **extra)
+    settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     app = create_app(settings, redact=redact)
     uvicorn.run(
@@ -118,6 +137,43 @@ def export_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_options(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from gateway.lab.runner import Options, parse_set
+
+    return Options(
+        policy=getattr(args, "policy", None),
+        strategy=getattr(args, "strategy", None),
+        feedback_rate=args.feedback_rate,
+        order=args.order,
+        seed=args.seed,
+        limit=args.limit,
+        overrides=parse_set(args.set),
+        store=args.store,
+        config=args.config,
+        data_dir=Path(args.data_dir),
+    )
+
+
+def replay_cmd(args: argparse.Namespace) -> int:
+    from gateway.lab.commands import replay
+    from gateway.logs import setup_logging
+
+    setup_logging("warning", "text", [])
+    replay(args.file, _lab_options(args), args.out)
+    return 0
+
+
+def sweep_cmd(args: argparse.Namespace) -> int:
+    from gateway.lab.commands import sweep
+    from gateway.logs import setup_logging
+
+    setup_logging("warning", "text", [])
+    sweep(args.file, args.grid, _lab_options(args), args.out)
+    return 0
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -133,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default: $HOST or 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (default: $PORT or 8080)")
     p.add_argument("--no-migrate", action="store_true", help="do not run database migrations on start")
+    p.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="answer from a replay file: every model of the file becomes a `replay` model (no API key)",
+    )
     p.set_defaults(func=serve)
 
     p = sub.add_parser("migrate", help="apply database migrations (Alembic)")
@@ -163,6 +224,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"
     )
     p.set_defaults(func=export_dpo)
+
+    def lab(p: argparse.ArgumentParser, store: str) -> None:
+        common(p)
+        p.add_argument("file", help="a replay file (JSONL; NAME.models.json beside it gives the prices)")
+        p.add_argument("--feedback-rate", type=float, default=1.0, help="share of calls that get feedback")
+        p.add_argument("--order", choices=["shuffle", "file"], default="shuffle")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--limit", type=int, help="only the first N prompts (after shuffling)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a setting for the gateway, e.g. --set COST_WEIGHT=-0.5 (repeatable)",
+        )
+        p.add_argument(
+            "--store",
+            choices=["postgres", "memory"],
+            default=store,
+            help=f"where the gateway keeps calls and feedback (default {store})",
+        )
+        p.add_argument(
+            "--data-dir", default="./data", help="embedding cache and the lab's embedded PostgreSQL"
+        )
+        p.add_argument("--out", help="output directory (default out/<verb>-<file>-<time>)")
+
+    p = sub.add_parser("replay", help="stream a replay file through a real gateway and report on the router")
+    lab(p, "postgres")
+    p.add_argument("--policy", choices=["knn_ts", "lin_ts", "default"], help="ROUTER_POLICY")
+    p.add_argument("--strategy", help="a per-request strategy instead of the bandit (e.g. cost_optimized)")
+    p.set_defaults(func=replay_cmd)
+
+    p = sub.add_parser("sweep", help="replays over a grid of settings: cost-quality curve, AIQ, heatmap")
+    lab(p, "memory")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=v1,v2,...",
+        help="a setting and its values, e.g. --grid COST_WEIGHT=-0.1,-0.3 (policy and strategy too)",
+    )
+    p.set_defaults(func=sweep_cmd)
     return parser
 
 

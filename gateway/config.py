@@ -251,6 +251,9 @@ class Settings(BaseSettings):
     exploration_bonus: float = Field(default=0.1, ge=0)
     min_requests_for_global: int = Field(default=10, ge=0)
     prior_strength: float = Field(default=2.0, gt=0)
+    # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
+    lin_ridge: float = Field(default=1.0, gt=0)
+    lin_noise: float = Field(default=0.25, gt=0)
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)

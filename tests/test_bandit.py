@@ -52,6 +52,18 @@ def test_prior_switches_to_the_global_mean_after_enough_ratings():
     assert quality_prior(None, k) == 0.8
 
 
+def test_perfect_and_hopeless_arms_still_have_proper_posteriors():
+    # an arm rated 1.0 every time (or 0.0), or a prior of 1.0, must not give Beta(a, 0)
+    k = Knobs(optimistic_prior=1.0, min_requests_for_global=2, min_similar_requests=1)
+    table = {"perfect": stats("perfect", 5, 1.0), "hopeless": stats("hopeless", 5, 0.0)}
+    posts, *_ = knn_posteriors(["perfect", "hopeless", "new"], table, [nb("perfect", 1.0, 0.9)], k)
+    globals_ = [global_posterior(table.get(n), k) for n in ("perfect", "hopeless", "new")]
+    for p in [*posts, *globals_]:
+        assert p.a > 0 and p.b > 0
+    views = [ArmView(n, p) for n, p in zip(("perfect", "hopeless", "new"), posts, strict=True)]
+    assert choose(views, k, np.random.default_rng(0)).arm in {"perfect", "new"}
+
+
 def test_knn_posterior_weights_neighbours_by_similarity():
     k = Knobs(optimistic_prior=0.5, prior_strength=2.0, min_similar_requests=2, min_confidence_score=0.1)
     posts, evidence, used, confidence = knn_posteriors(
@@ -227,3 +239,55 @@ def test_fixed_strategies():
     assert balanced.candidates[0]["metric"] == pytest.approx(0.434, abs=1e-3)
     with pytest.raises(ValueError, match="unknown strategy"):
         rank("random", arms, k)
+
+
+async def test_linear_policy_replicas_stay_in_sync_through_the_store():
+    from gateway.config import Settings
+    from gateway.routing.router import Router
+    from gateway.store import CallRecord, Feedback
+    from gateway.store.memory import MemoryStore
+
+    class Up:
+        def is_available(self, name: str) -> bool:
+            return True
+
+        def why_unavailable(self, name: str) -> None:
+            return None
+
+        def in_flight(self, name: str) -> int:
+            return 0
+
+    settings = Settings(
+        _env_file=None,
+        router_policy="lin_ts",  # type: ignore[call-arg]
+        models=[{"name": "m", "base_url": "http://127.0.0.1:1/v1"}],
+    )
+    store = MemoryStore()
+    a, b = Router(settings, Up(), store=store), Router(settings, Up(), store=store)
+    await a.start()
+    await b.start()
+    x = np.eye(384, dtype=np.float32)[0]
+    await store.write_calls(
+        [
+            CallRecord(
+                id="c1",
+                messages=[],
+                requested_model="auto",
+                model="m",
+                status="ok",
+                http_status=200,
+                embedding=x,
+            )
+        ]
+    )
+    outcome = await store.add_feedback(Feedback("c1", 1.0))
+    a.observe_feedback("c1", "m", 1.0, outcome.previous, x)  # replica A took the feedback
+    assert a.lin.n["m"] == 1 and b.lin is not None and b.lin.n.get("m", 0) == 0
+    await b.refresh_stats()  # replica B reads it from the store
+    assert b.lin.n["m"] == 1
+    assert b.lin.posterior("m", x).mean == pytest.approx(a.lin.posterior("m", x).mean)
+    await a.refresh_stats()  # A sees its own rating again: absorbed once only
+    assert a.lin.n["m"] == 1
+    await store.add_feedback(Feedback("c1", 0.0))  # a re-rating moves the target, not the count
+    await b.refresh_stats()
+    assert b.lin.n["m"] == 1 and b.lin.posterior("m", x).mean < a.lin.posterior("m", x).mean

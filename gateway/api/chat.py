@@ -256,6 +256,7 @@ class ChatCompletions:
         usage = data.get("usage") or {}
         self._account(record, spec, usage, ctx)
         record.model, record.upstream_model = spec.name, upstream_model
+        record.synthetic = bool((data.get("x_replay") or {}).get("placeholder"))
         record.status, record.http_status = "ok", 200
         record.upstream_ms = result.upstream_ms
         record.attempts = [a.as_dict() for a in result.attempts]
@@ -297,6 +298,7 @@ class ChatCompletions:
         spec = opened.spec
         acc = StreamAccumulator()
         acc.add(opened.first)
+        record.synthetic = bool((opened.first.get("x_replay") or {}).get("placeholder"))
         upstream_model = acc.upstream_model or spec.upstream_id
         record.model, record.upstream_model = spec.name, upstream_model
         record.attempts = [a.as_dict() for a in opened.attempts]

@@ -29,6 +29,11 @@ import numpy as np
 from gateway.store import ArmStats, Neighbour
 
 COST_FLOOR_USD = 1e-7  # free arms sit at the floor of the log scale
+MEAN_CLIP = 0.01  # prior means stay in [0.01, 0.99]: a Beta needs both parameters > 0
+
+
+def _clip(m: float) -> float:
+    return min(max(m, MEAN_CLIP), 1.0 - MEAN_CLIP)
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,17 @@ def quality_prior(stats: ArmStats | None, knobs: Knobs, hint: float | None = Non
     """The prior mean of an arm's quality: its global mean once it has enough rated calls,
     else the optimistic prior (or the catalogue's hint for the arm)."""
     if stats is not None and stats.rated >= max(1, knobs.min_requests_for_global):
-        return stats.score_sum / stats.rated
-    return knobs.optimistic_prior if hint is None else hint
+        return _clip(stats.score_sum / stats.rated)
+    return _clip(knobs.optimistic_prior if hint is None else hint)
 
 
 def global_posterior(stats: ArmStats | None, knobs: Knobs, hint: float | None = None) -> Posterior:
     """Beta posterior of an arm's quality from all its rated calls, on an optimistic prior."""
-    m = knobs.optimistic_prior if hint is None else hint
+    m = _clip(knobs.optimistic_prior if hint is None else hint)
     s = knobs.prior_strength
     rated = stats.rated if stats else 0
     total = stats.score_sum if stats else 0.0
-    return Posterior("beta", m * s + total, (1 - m) * s + (rated - total))
+    return Posterior("beta", m * s + total, (1 - m) * s + max(rated - total, 0.0))
 
 
 def knn_posteriors(
@@ -160,10 +165,16 @@ class LinTS:
     """
 
     def __init__(
-        self, dim: int = 384, ridge: float = 1.0, noise: float = 0.25, prior_mean: float = 0.8
+        self,
+        dim: int = 384,
+        ridge: float = 1.0,
+        noise: float = 0.25,
+        prior_mean: float = 0.8,
+        bias_ridge: float | None = None,
     ) -> None:
         self.dim = dim + 1
         self.ridge = ridge
+        self.bias_ridge = ridge if bias_ridge is None else bias_ridge
         self.noise = noise
         self.prior_mean = prior_mean
         self.a_inv: dict[str, np.ndarray] = {}
@@ -175,7 +186,9 @@ class LinTS:
 
     def _arm(self, arm: str) -> tuple[np.ndarray, np.ndarray]:
         if arm not in self.a_inv:
-            self.a_inv[arm] = np.eye(self.dim) / self.ridge
+            # The intercept (an arm's overall quality) can have a weaker prior than the weights on
+            # the embedding (how its quality varies with the request).
+            self.a_inv[arm] = np.diag(np.append(np.full(self.dim - 1, 1 / self.ridge), 1 / self.bias_ridge))
             self.b[arm] = np.zeros(self.dim)
             self.n[arm] = 0
         return self.a_inv[arm], self.b[arm]

@@ -81,12 +81,16 @@ class Router:
         self.stats_at = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
         self.lin = (
-            LinTS(ridge=1.0, noise=0.25, prior_mean=settings.optimistic_prior)
+            LinTS(ridge=settings.lin_ridge, noise=settings.lin_noise, prior_mean=settings.optimistic_prior)
             if settings.router_policy == "lin_ts"
             else None
         )
         self.turns: dict[tuple[str, ...], int] = {}
         self.store_down_until = float("-inf")
+        # What the linear model has absorbed, per call: ratings from other replicas (read from the
+        # store) and re-ratings are applied once each.
+        self.lin_seen: dict[str, float] = {}
+        self.lin_synced = utcnow() - timedelta(days=settings.recency_days)
         self.hints = {m.name: m.quality for m in settings.models}
 
     # --- lifecycle
@@ -94,12 +98,8 @@ class Router:
         if self.embedder is not None and self.settings.routes:
             self.routes = await SemanticRoutes.build(self.settings.routes, self.embedder)
         await self.refresh_stats()
-        if self.lin is not None and self.store is not None:
-            since = utcnow() - timedelta(days=self.settings.recency_days)
-            rows = await self.store.rated_embeddings(since, limit=100_000)
-            for model, score, embedding in rows:
-                self.lin.update(model, embedding, score)
-            log.info("linear Thompson sampling warmed up from %d rated calls", len(rows))
+        if self.lin is not None:
+            log.info("linear Thompson sampling warmed up from %d rated calls", len(self.lin_seen))
 
     async def aclose(self) -> None:
         if self._refreshing is not None:
@@ -108,14 +108,38 @@ class Router:
                 await self._refreshing
 
     async def refresh_stats(self) -> None:
+        """Arm statistics from the store (every replica's calls and feedback), and for the linear
+        policy the ratings given since the last look."""
         if self.store is None:
             return
         try:
             self.stats = await self.store.arm_stats()
-            self.stats_at = self.clock()
-        except Exception as exc:
+            if self.lin is not None:
+                await self._sync_lin()
+        except Exception as exc:  # routing goes on with what it knows
             log.warning("cannot refresh arm statistics: %s", exc)
-            self.stats_at = self.clock()
+        self.stats_at = self.clock()
+
+    async def _sync_lin(self) -> None:
+        assert self.lin is not None and self.store is not None
+        while True:
+            rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=1), limit=10_000)
+            fresh = 0
+            for r in rows:
+                fresh += self._absorb(r.request_id, r.model, r.score, r.embedding)
+                self.lin_synced = max(self.lin_synced, r.at)
+            if len(rows) < 10_000 or not fresh:
+                return
+
+    def _absorb(self, request_id: str, model: str, score: float, embedding: np.ndarray) -> bool:
+        """Apply one rating to the linear model, once (a re-rating moves it, a repeat does not)."""
+        assert self.lin is not None
+        previous = self.lin_seen.get(request_id)
+        if previous == score:
+            return False
+        self.lin.update(model, embedding, score, previous)
+        self.lin_seen[request_id] = score
+        return True
 
     def _maybe_refresh(self) -> None:
         if self.clock() - self.stats_at < self.settings.stats_refresh_s:
@@ -125,7 +149,7 @@ class Router:
 
     # --- learning
     def observe_feedback(
-        self, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
     ) -> None:
         """Feedback moves the global statistics at once (and the linear model, if in use)."""
         stats = self.stats.setdefault(model, ArmStats(model))
@@ -135,7 +159,7 @@ class Router:
         else:
             stats.score_sum += score - previous
         if self.lin is not None and embedding is not None:
-            self.lin.update(model, embedding, score, previous)
+            self._absorb(request_id, model, score, embedding)
 
     # --- deciding
     async def embed(self, text: str) -> np.ndarray | None:

@@ -109,6 +109,17 @@ class Neighbour:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class Rating:
+    """A call's effective score as of `at`, with what the linear policy learns from."""
+
+    request_id: str
+    model: str
+    score: float
+    embedding: np.ndarray
+    at: datetime
+
+
 @dataclass
 class ArmStats:
     model: str
@@ -207,7 +218,7 @@ class Store(Protocol):
         self, embedding: np.ndarray, k: int, since: datetime, threshold: float
     ) -> list[Neighbour]: ...
 
-    async def rated_embeddings(self, since: datetime, limit: int) -> list[tuple[str, float, np.ndarray]]: ...
+    async def rated_since(self, since: datetime, limit: int) -> list[Rating]: ...
 
     async def arm_stats(self) -> dict[str, ArmStats]: ...
 

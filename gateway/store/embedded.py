@@ -56,6 +56,14 @@ class EmbeddedPostgres:
         finally:
             await conn.close()
 
+    async def drop_database(self, name: str) -> None:
+        conn = await asyncpg.connect(host=self.socket_dir, user="postgres", database="postgres")
+        try:
+            ident = '"' + name.replace('"', '""') + '"'
+            await conn.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
+        finally:
+            await conn.close()
+
     async def stop(self) -> None:
         if self.server is not None:
             server, self.server = self.server, None

@@ -24,18 +24,20 @@ from gateway.store import (
     FeedbackOutcome,
     Neighbour,
     RatedCall,
+    Rating,
     utcnow,
 )
 
 
 class _Call:
-    __slots__ = ("feedback", "record", "score", "score_source")
+    __slots__ = ("feedback", "record", "score", "score_at", "score_source")
 
     def __init__(self, record: CallRecord) -> None:
         self.record = record
         self.feedback: list[Feedback] = []
         self.score: float | None = None
         self.score_source: str | None = None
+        self.score_at: datetime | None = None
 
 
 class MemoryStore:
@@ -101,7 +103,11 @@ class MemoryStore:
         human = feedback.source != "judge"
         applies = human or call.score_source in (None, "judge")
         if applies:
-            call.score, call.score_source = feedback.score, feedback.source
+            call.score, call.score_source, call.score_at = (
+                feedback.score,
+                feedback.source,
+                feedback.created_at,
+            )
             model = call.record.model
             if model is not None:
                 arm = self._arm(model)
@@ -159,16 +165,18 @@ class MemoryStore:
             )
         return [n for n in out if n.similarity >= threshold]
 
-    async def rated_embeddings(self, since: datetime, limit: int) -> list[tuple[str, float, np.ndarray]]:
-        out = []
-        for call in reversed(self.calls.values()):
-            rec = call.record
-            if call.score is None or rec.embedding is None or rec.model is None or rec.created_at < since:
-                continue
-            out.append((rec.model, call.score, rec.embedding))
-            if len(out) >= limit:
-                break
-        return out[::-1]
+    async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
+        out = [
+            Rating(c.record.id, c.record.model, c.score, c.record.embedding, c.score_at)
+            for c in self.calls.values()
+            if c.score is not None
+            and c.score_at is not None
+            and c.score_at > since
+            and c.record.embedding is not None
+            and c.record.model is not None
+        ]
+        out.sort(key=lambda r: r.at)
+        return out[:limit]
 
     async def arm_stats(self) -> dict[str, ArmStats]:
         return {name: replace(arm) for name, arm in self.arms.items()}

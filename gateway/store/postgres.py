@@ -31,6 +31,7 @@ from gateway.store import (
     FeedbackOutcome,
     Neighbour,
     RatedCall,
+    Rating,
 )
 from gateway.store.schema import arm_stats, calls, dpo_pairs, feedback
 
@@ -325,22 +326,22 @@ class PostgresStore:
         out.sort(key=lambda n: -n.similarity)  # relaxed_order scans may return slightly out of order
         return out
 
-    async def rated_embeddings(self, since: datetime, limit: int) -> list[tuple[str, float, np.ndarray]]:
+    async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         stmt = (
-            select(calls.c.model, calls.c.score, calls.c.embedding)
+            select(calls.c.id, calls.c.model, calls.c.score, calls.c.embedding, calls.c.score_at)
             .where(
+                calls.c.score_at > since,
                 calls.c.score.is_not(None),
                 calls.c.embedding.is_not(None),
                 calls.c.model.is_not(None),
-                calls.c.created_at >= since,
             )
-            .order_by(calls.c.created_at.desc())
+            .order_by(calls.c.score_at)
             .limit(limit)
         )
 
-        async def q(conn: AsyncConnection) -> list[tuple[str, float, np.ndarray]]:
+        async def q(conn: AsyncConnection) -> list[Rating]:
             rows = (await conn.execute(stmt)).all()
-            return [(r[0], float(r[1]), np.asarray(r[2], dtype=np.float32)) for r in reversed(rows)]
+            return [Rating(r[0], r[1], float(r[2]), np.asarray(r[3], dtype=np.float32), r[4]) for r in rows]
 
         return await self._run(q)
 

@@ -68,6 +68,7 @@ calls = Table(
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
     Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
+    Index("calls_score_at_idx", "score_at", postgresql_where=text("score_at IS NOT NULL")),
     Index(
         "calls_embedding_hnsw_idx",
         "embedding",

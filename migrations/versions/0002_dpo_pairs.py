@@ -1,4 +1,5 @@
-"""DPO preference pairs; calls.synthetic marks responses no model wrote (replay placeholders)
+"""DPO preference pairs; calls.synthetic marks responses no model wrote (replay placeholders);
+an index on calls.score_at
 
 Revision ID: 0002
 Revises: 0001
@@ -20,6 +21,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column(
         "calls", sa.Column("synthetic", sa.Boolean(), nullable=False, server_default=sa.text("false"))
+    )
+    # Replicas read the ratings given since their last look (linear Thompson sampling stays in sync).
+    op.create_index(
+        "calls_score_at_idx", "calls", ["score_at"], postgresql_where=sa.text("score_at IS NOT NULL")
     )
     op.create_table(
         "dpo_pairs",
@@ -49,4 +54,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("dpo_pairs")
+    op.drop_index("calls_score_at_idx", table_name="calls")
     op.drop_column("calls", "synthetic")

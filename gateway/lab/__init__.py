@@ -1,0 +1,1 @@
+"""The forensic lab: replay real benchmark outcomes through the gateway and measure the router."""

@@ -1,0 +1,118 @@
+"""Baselines, run on the same order as the router: random, round robin, always-cheapest,
+always-best-single, the per-prompt oracle, and the original proxy's algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from gateway.lab.data import ReplayData
+from gateway.lab.report import Trace
+
+
+def _trace(name: str, data: ReplayData, order: Sequence[int], picks: Sequence[int]) -> Trace:
+    scores = data.scores()
+    costs = data.costs()
+    rows = np.asarray(order)
+    cols = np.asarray(picks)
+    return Trace(name, [data.models[j] for j in picks], scores[rows, cols], costs[rows, cols])
+
+
+def best_single(data: ReplayData) -> str:
+    """Highest mean score over the whole file; ties: the lower mean cost."""
+    means, costs = data.scores().mean(axis=0), data.costs().mean(axis=0)
+    return data.models[min(range(len(data.models)), key=lambda j: (-means[j], costs[j]))]
+
+
+def cheapest(data: ReplayData) -> str:
+    costs = data.costs().mean(axis=0)
+    return data.models[int(np.argmin(costs))]
+
+
+def single(data: ReplayData, order: Sequence[int], model: str, name: str | None = None) -> Trace:
+    j = data.models.index(model)
+    return _trace(name or model, data, order, [j] * len(order))
+
+
+def oracle(data: ReplayData, order: Sequence[int]) -> Trace:
+    """The best score per prompt; ties broken by the lower cost, then by model order."""
+    scores, costs = data.scores(), data.costs()
+    k = len(data.models)
+    picks = [min(range(k), key=lambda j: (-scores[i, j], costs[i, j], j)) for i in order]
+    return _trace("oracle", data, order, picks)
+
+
+def random_uniform(data: ReplayData, order: Sequence[int], seed: int) -> Trace:
+    rng = np.random.default_rng(seed)
+    return _trace("random", data, order, list(rng.integers(len(data.models), size=len(order))))
+
+
+def round_robin(data: ReplayData, order: Sequence[int]) -> Trace:
+    return _trace("round_robin", data, order, [t % len(data.models) for t in range(len(order))])
+
+
+def original_proxy(
+    data: ReplayData,
+    order: Sequence[int],
+    embeddings: np.ndarray,
+    rated: Sequence[bool],
+    seed: int,
+    *,
+    threshold: float = 0.7,
+    max_similar: int = 50,
+    exploration_rate: float = 0.1,
+    exploration_bonus: float = 0.1,
+    optimistic_prior: float = 0.8,
+) -> Trace:
+    """The original proxy's algorithm as its README documents it (our reading):
+
+    for each model, the similarity-weighted average of a reward 0.6 x feedback + 0.2 x speed -
+    0.2 x cost over the similar past requests (cosine >= 0.7, at most 50) it answered, missing
+    feedback counted as 0.5; a Beta sample around that average (its strength the number of those
+    requests); models with no similar history sample from an optimistic prior (0.8) plus an
+    exploration bonus (0.1); with probability 0.1 a uniform pick. Replay data has no latency, so
+    speed is the same for every model (1); cost is the model's price normalised to [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    scores, costs = data.scores(), data.costs()
+    k = len(data.models)
+    price = costs.mean(axis=0)
+    cost_norm = (
+        (price - price.min()) / (price.max() - price.min()) if price.max() > price.min() else np.zeros(k)
+    )
+    past_e: list[np.ndarray] = []
+    past_model: list[int] = []
+    past_reward: list[float] = []
+    picks: list[int] = []
+    for t, i in enumerate(order):
+        if rng.random() < exploration_rate:
+            pick = int(rng.integers(k))
+        else:
+            samples = np.empty(k)
+            if past_e:
+                sims = np.asarray(past_e) @ embeddings[i]
+                idx = np.argsort(-sims)[:max_similar]
+                idx = idx[sims[idx] >= threshold]
+            else:
+                idx = np.array([], dtype=int)
+            models_arr = np.asarray(past_model)
+            rewards = np.asarray(past_reward)
+            for j in range(k):
+                mine = idx[models_arr[idx] == j] if len(idx) else idx
+                if len(mine) == 0:
+                    samples[j] = (
+                        rng.beta(optimistic_prior * 2, (1 - optimistic_prior) * 2) + exploration_bonus
+                    )
+                    continue
+                w = sims[mine]
+                avg = float(np.clip((w * rewards[mine]).sum() / w.sum(), 0.0, 1.0))
+                n = len(mine)
+                samples[j] = rng.beta(1 + avg * n, 1 + (1 - avg) * n)
+            pick = int(np.argmax(samples))
+        picks.append(pick)
+        feedback = scores[i, pick] if rated[t] else 0.5
+        past_e.append(embeddings[i])
+        past_model.append(pick)
+        past_reward.append(0.6 * feedback + 0.2 * 1.0 - 0.2 * cost_norm[pick])
+    return _trace("original_proxy", data, order, picks)

@@ -1,0 +1,258 @@
+"""Running replays: a real gateway (uvicorn on 127.0.0.1, real routing and embeddings, Postgres or
+the memory store, the replay provider as every model) driven with `model="auto"`, feedback posted
+with the recorded score of the chosen model for a fraction of the calls; and the baselines on the
+same order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import uvicorn
+
+from gateway.config import Settings, load_settings
+from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
+from gateway.lab import baselines
+from gateway.lab.data import ReplayData
+from gateway.lab.report import Trace
+
+log = logging.getLogger("gateway.lab")
+
+# Replay data carries no latencies: a latency weight would only reward noise.
+LAB_DEFAULTS: dict[str, Any] = {
+    "latency_weight": 0.0,
+    "log_level": "warning",
+    "duel_rate": 0.0,
+    "stats_refresh_s": 1.0,
+}
+
+
+@dataclass
+class Options:
+    policy: str | None = None  # ROUTER_POLICY
+    strategy: str | None = None  # a per-request strategy (default: the bandit)
+    feedback_rate: float = 1.0
+    order: str = "shuffle"
+    seed: int = 0
+    limit: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    store: str = "postgres"  # postgres | memory
+    config: str | None = None
+    data_dir: Path = Path("./data")
+
+
+def stream_order(n: int, order: str, seed: int, limit: int | None) -> list[int]:
+    idx = list(range(n))
+    if order == "shuffle":
+        np.random.default_rng(seed).shuffle(idx)
+    elif order != "file":
+        raise ValueError("order must be shuffle or file")
+    return idx[:limit] if limit else idx
+
+
+def feedback_mask(n: int, rate: float, seed: int) -> list[bool]:
+    """Which calls get feedback: the same calls for the router and the baselines."""
+    rng = np.random.default_rng(seed + 1)
+    return [bool(x) for x in rng.random(n) < rate]
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` (KEY case-insensitive; VALUE parsed as JSON when it can be)."""
+    out: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().lower()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().lower()] = value
+    return out
+
+
+def embeddings_for(
+    data: ReplayData, cache_dir: Path, max_chars: int, only: list[int] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """The routing text of every record, and the embeddings of those in `only` (default all; the
+    others stay zero), computed once per file and selection (cached in `cache_dir`)."""
+    texts = [routing_text(r.messages, max_chars) for r in data.records]
+    wanted = sorted(set(only)) if only is not None else list(range(len(texts)))
+    key = hashlib.sha256(("\n\x00".join(texts[i] for i in wanted) + f"|{max_chars}").encode()).hexdigest()[
+        :16
+    ]
+    path = cache_dir / f"{data.name}-{key}.npy"
+    if path.is_file():
+        return texts, np.load(path)
+    encoder = load_encoder(cache_dir.parent / "models", threads=2)
+    t0 = time.perf_counter()
+    vectors = np.zeros((len(texts), 384), dtype=np.float32)
+    for start in range(0, len(wanted), 64):
+        chunk = wanted[start : start + 64]
+        vectors[chunk] = encoder.encode([texts[i] for i in chunk])
+    log.info("embedded %d prompts in %.1f s", len(wanted), time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return texts, vectors
+
+
+def lab_settings(data: ReplayData, options: Options, database_url: str | None) -> Settings:
+    values: dict[str, Any] = {
+        **LAB_DEFAULTS,
+        "models": data.catalogue(),
+        "default_model": data.models[0],
+        "embedding_cache_size": len(data.records) + 1000,
+    }
+    if options.policy:
+        values["router_policy"] = options.policy
+    values["enable_persistence"] = options.store == "postgres"
+    if database_url:
+        values["database_url"] = database_url
+    values.update(options.overrides)
+    return load_settings(options.config, **values)
+
+
+@contextlib.asynccontextmanager
+async def lab_database(options: Options) -> AsyncIterator[str | None]:
+    """A fresh, empty database for one run (embedded PostgreSQL unless DATABASE_URL is set)."""
+    if options.store != "postgres":
+        yield None
+        return
+    from gateway.store.embedded import EmbeddedPostgres
+
+    root = options.data_dir / "lab"
+    embedded = EmbeddedPostgres(root, database="lab")
+    await embedded.start()
+    name = "replay_" + uuid.uuid4().hex[:10]
+    await embedded.create_database(name)
+    try:
+        yield embedded.dsn(name)
+    finally:
+        await embedded.drop_database(name)
+        await embedded.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> AsyncIterator[str]:
+    """The gateway on a free loopback port, in this event loop."""
+    from gateway.app import create_app
+
+    app = create_app(settings, embedder=embedder, seed=seed)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def run_router(
+    data: ReplayData,
+    order: list[int],
+    mask: list[bool],
+    options: Options,
+    texts: list[str],
+    vectors: np.ndarray,
+    encoder: Any,
+    progress: Callable[[int, str], None] | None = None,
+) -> Trace:
+    """Stream the prompts through a real gateway with `model="auto"` and learn from feedback."""
+    embedder = MiniLMEmbedder(encoder, cache_size=len(texts) + 1000)
+    embedder.prime([texts[i] for i in order], vectors[order])
+    picks: list[str] = []
+    layers: dict[str, int] = {}
+    t0 = time.perf_counter()
+    async with lab_database(options) as dsn:
+        settings = lab_settings(data, options, dsn)
+        async with serving(settings, embedder, options.seed) as url, aiohttp.ClientSession() as http:
+            for t, i in enumerate(order):
+                record = data.records[i]
+                body: dict[str, Any] = {
+                    "model": "auto",
+                    "messages": record.messages,
+                    "metadata": {"replay_id": record.id},
+                }
+                if options.strategy:
+                    body["router"] = {"strategy": options.strategy}
+                async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                    payload = await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
+                    chosen = resp.headers["x-router-model"]
+                    request_id = resp.headers["x-request-id"]
+                    layer = resp.headers.get("x-router-layer", "")
+                layers[layer] = layers.get(layer, 0) + 1
+                picks.append(chosen)
+                if mask[t]:
+                    fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
+                    async with http.post(url + "/feedback", json=fb) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(
+                                f"feedback failed: {resp.status} {(await resp.read())[:300]!r}"
+                            )
+                if progress is not None:
+                    progress(t, chosen)
+    await embedder.aclose()
+    elapsed = time.perf_counter() - t0
+    scores = np.array([data.records[i].outcomes[m].score for i, m in zip(order, picks, strict=True)])
+    costs = np.array([data.cost(data.records[i], m) for i, m in zip(order, picks, strict=True)])
+    meta = {
+        "seconds": round(elapsed, 1),
+        "ms_per_request": round(elapsed * 1000 / len(order), 2),
+        "layers": layers,
+        "settings": _knobs(settings),
+    }
+    return Trace("auto", picks, scores, costs, meta)
+
+
+def _knobs(settings: Settings) -> dict[str, Any]:
+    keys = (
+        "router_policy",
+        "feedback_weight",
+        "latency_weight",
+        "cost_weight",
+        "exploration_rate",
+        "exploration_bonus",
+        "similarity_threshold",
+        "max_similar_requests",
+        "min_similar_requests",
+        "min_confidence_score",
+        "optimistic_prior",
+        "prior_strength",
+        "min_requests_for_global",
+        "lin_ridge",
+        "lin_noise",
+    )
+    return {k: getattr(settings, k) for k in keys}
+
+
+def baseline_traces(
+    data: ReplayData, order: list[int], mask: list[bool], vectors: np.ndarray, seed: int
+) -> dict[str, Trace]:
+    best, cheap = baselines.best_single(data), baselines.cheapest(data)
+    return {
+        "best_single": baselines.single(data, order, best, "best_single"),
+        "cheapest": baselines.single(data, order, cheap, "cheapest"),
+        "oracle": baselines.oracle(data, order),
+        "random": baselines.random_uniform(data, order, seed),
+        "round_robin": baselines.round_robin(data, order),
+        "original_proxy": baselines.original_proxy(data, order, vectors, mask, seed),
+    }
