@@ -48,7 +48,9 @@ class GatewayServer:
     def __init__(self, settings: Settings, **app_kw: Any) -> None:
         self.settings = settings
         self.app = create_app(settings, **app_kw)
-        sock = socket.socket()
+        sock = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # asyncio sets TCP_NODELAY only then
         sock.bind(("127.0.0.1", 0))
         self.sock = sock
         self.port = sock.getsockname()[1]

@@ -292,7 +292,9 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}/s/{scenario}/v1"
 
     def start(self, port: int = 0) -> FakeUpstream:
-        sock = socket.socket()
+        sock = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # asyncio sets TCP_NODELAY only then
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         self.port = sock.getsockname()[1]

@@ -149,7 +149,9 @@ async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> As
     from gateway.app import create_app
 
     app = create_app(settings, embedder=embedder, seed=seed)
-    sock = socket.socket()
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )  # asyncio sets TCP_NODELAY only then
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
