@@ -235,15 +235,20 @@ class Settings(BaseSettings):
     circuit_breaker_cooldown_s: float = Field(default=30.0, gt=0)
 
     # --- routing (names as the original proxy documented them)
-    # knn_ts: Thompson sampling on similar past requests; lin_ts: linear Thompson sampling on the
-    # embedding; default: `auto` goes to DEFAULT_MODEL (rules, routes and strategies still apply).
-    router_policy: Literal["knn_ts", "lin_ts", "default"] = "knn_ts"
+    # lin_ts: linear Thompson sampling on the embedding (the default: best in the lab, see README);
+    # knn_ts: Thompson sampling on similar past requests from pgvector; default: `auto` goes to
+    # DEFAULT_MODEL (rules, routes and strategies still apply).
+    router_policy: Literal["knn_ts", "lin_ts", "default"] = "lin_ts"
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
     cost_weight: float = -0.2  # applied to normalised cost: negative favours cheaper models
-    exploration_rate: float = Field(default=0.1, ge=0, le=1)
+    exploration_rate: float = Field(default=0.02, ge=0, le=1)  # the original's 0.1 wasted calls in the lab
     similarity_threshold: float = Field(default=0.7, ge=-1, le=1)
     max_similar_requests: int = Field(default=50, ge=1, le=1000)
+    # knn_ts: when > 0, the nearest rated calls are fetched per eligible arm (this many each)
+    # rather than MAX_SIMILAR_REQUESTS overall, so that a favoured arm cannot crowd the others'
+    # evidence out of the neighbourhood (the lab measured the difference).
+    neighbours_per_arm: int = Field(default=30, ge=0, le=1000)
     recency_days: int = Field(default=30, ge=1)
     min_similar_requests: int = Field(default=5, ge=0)
     min_confidence_score: float = Field(default=0.1, ge=0, le=1)
@@ -253,7 +258,7 @@ class Settings(BaseSettings):
     prior_strength: float = Field(default=2.0, gt=0)
     # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
     lin_ridge: float = Field(default=1.0, gt=0)
-    lin_noise: float = Field(default=0.25, gt=0)
+    lin_noise: float = Field(default=0.05, gt=0)
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)

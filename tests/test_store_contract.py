@@ -293,3 +293,23 @@ async def test_comparisons_average_each_model_per_prompt(store):
     c = found[0]
     assert (c.model_a, c.score_a, c.model_b, c.score_b) == ("cheap", 0.5, "strong", 1.0)
     assert c.messages == q1
+
+
+async def test_neighbours_per_model_keep_every_arm_in_view(store):
+    # m1 has many close calls, m2 a few farther ones: a global top-3 would hold only m1
+    calls = [call(f"a{i}", model="m1", embedding=unit(1, 0.01 * i)) for i in range(5)]
+    calls += [call(f"b{i}", model="m2", embedding=unit(1, 0.3 + 0.1 * i)) for i in range(3)]
+    calls += [call("c", model="m3", embedding=unit(1, 0.2))]
+    await store.write_calls(calls)
+    for c in calls:
+        await store.add_feedback(Feedback(c.id, 0.5))
+    since = utcnow() - 30 * DAY
+    q = unit(1, 0)
+    assert {n.model for n in await store.neighbours(q, 3, since, 0.0)} == {"m1"}
+    found = await store.neighbours(q, 2, since, 0.0, per_model=["m1", "m2"])
+    assert sorted(n.request_id for n in found) == ["a0", "a1", "b0", "b1"]
+    assert [n.similarity for n in found] == sorted((n.similarity for n in found), reverse=True)
+    assert {n.request_id for n in await store.neighbours(q, 2, since, 0.96, per_model=["m1", "m2"])} == {
+        "a0",
+        "a1",
+    }

@@ -248,7 +248,7 @@ class Router:
                 view.evidence = float(self.lin.n.get(view.name, 0))
         elif embedding is not None and self.store is not None:
             t = time.perf_counter()
-            neighbours = await self._neighbours(embedding)
+            neighbours = await self._neighbours(embedding, arms)
             timings["neighbours_ms"] = (time.perf_counter() - t) * 1000
             eligible = set(arms)
             neighbours = [n for n in neighbours if n.model in eligible]
@@ -260,7 +260,7 @@ class Router:
         timings["sample_ms"] = (time.perf_counter() - t) * 1000
         return choice
 
-    async def _neighbours(self, embedding: np.ndarray) -> list[Neighbour]:
+    async def _neighbours(self, embedding: np.ndarray, arms: list[str]) -> list[Neighbour]:
         """Similar rated calls; an unreachable or slow database means routing without context
         (and no more tries for a few seconds), never a failed call."""
         assert self.store is not None
@@ -268,12 +268,15 @@ class Router:
             return []
         since = utcnow() - timedelta(days=self.settings.recency_days)
         try:
-            return await asyncio.wait_for(
-                self.store.neighbours(
+            per_arm = self.settings.neighbours_per_arm
+            query = (
+                self.store.neighbours(embedding, per_arm, since, self.settings.similarity_threshold, arms)
+                if per_arm
+                else self.store.neighbours(
                     embedding, self.settings.max_similar_requests, since, self.settings.similarity_threshold
-                ),
-                self.settings.neighbour_timeout_s,
+                )
             )
+            return await asyncio.wait_for(query, self.settings.neighbour_timeout_s)
         except Exception as exc:
             self.store_down_until = self.clock() + 5.0
             log.warning("neighbour search failed (%s); routing without context for 5 s", type(exc).__name__)

@@ -215,8 +215,16 @@ class Store(Protocol):
     async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None: ...
 
     async def neighbours(
-        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
-    ) -> list[Neighbour]: ...
+        self,
+        embedding: np.ndarray,
+        k: int,
+        since: datetime,
+        threshold: float,
+        per_model: list[str] | None = None,
+    ) -> list[Neighbour]:
+        """Rated calls nearest to `embedding` since `since`: the k nearest (or, with `per_model`,
+        the k nearest of each of those models), then those at or above `threshold`, nearest first."""
+        ...
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]: ...
 

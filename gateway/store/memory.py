@@ -141,18 +141,29 @@ class MemoryStore:
         return self._matrix
 
     async def neighbours(
-        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+        self,
+        embedding: np.ndarray,
+        k: int,
+        since: datetime,
+        threshold: float,
+        per_model: list[str] | None = None,
     ) -> list[Neighbour]:
         ids, matrix = self._rated()
         if not ids:
             return []
         sims = matrix @ embedding.astype(np.float32)
         out: list[Neighbour] = []
+        taken: dict[str, int] = {}
         for i in np.argsort(-sims):
             call = self.calls[ids[i]]
             if call.record.created_at < since:
                 continue
-            if len(out) == k:
+            if per_model:
+                model = call.record.model or ""
+                if model not in per_model or taken.get(model, 0) >= k:
+                    continue
+                taken[model] = taken.get(model, 0) + 1
+            elif len(out) == k:
                 break
             out.append(
                 Neighbour(

@@ -63,6 +63,21 @@ LIMIT $3
 """
 
 
+# The same, k nearest per model: one HNSW scan per arm (the filter on model rides pgvector's
+# iterative scan), so that the arms a policy favours do not crowd the others' evidence out.
+NEIGHBOURS_PER_MODEL_SQL = """
+SELECT n.id, n.model, n.score, n.similarity, n.created_at
+FROM unnest($4::text[]) AS arm(model)
+CROSS JOIN LATERAL (
+    SELECT id, model, score, 1 - (embedding <=> $1) AS similarity, created_at
+    FROM calls
+    WHERE score IS NOT NULL AND created_at >= $2 AND model = arm.model
+    ORDER BY embedding <=> $1
+    LIMIT $3
+) AS n
+"""
+
+
 def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> AsyncEngine:
     connect_args: dict[str, Any] = {"server_settings": SERVER_SETTINGS, "timeout": 5}
     if ssl:
@@ -304,12 +319,20 @@ class PostgresStore:
         return self._pool
 
     async def neighbours(
-        self, embedding: np.ndarray, k: int, since: datetime, threshold: float
+        self,
+        embedding: np.ndarray,
+        k: int,
+        since: datetime,
+        threshold: float,
+        per_model: list[str] | None = None,
     ) -> list[Neighbour]:
         for attempt in (0, 1):
             try:
                 pool = await self._hot()
-                rows = await pool.fetch(NEIGHBOURS_SQL, embedding, since, k)
+                if per_model:
+                    rows = await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model)
+                else:
+                    rows = await pool.fetch(NEIGHBOURS_SQL, embedding, since, k)
                 break
             except Exception as exc:
                 if not _is_unavailable(exc):
