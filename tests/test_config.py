@@ -170,3 +170,27 @@ def test_model_prices():
     )
     assert s.models[0].cost_usd(1000, 500) == pytest.approx(0.006)
     assert s.default_model == "a"
+
+
+def test_env_example_lists_every_scalar_setting():
+    import re
+
+    text = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
+    structured = {"models", "rules", "routes", "policies", "virtual_models"}
+    fields = {name.upper() for name in Settings.model_fields if name not in structured}
+    assert fields - listed == set()
+
+
+def test_env_example_values_parse(tmp_path, monkeypatch):
+    # every commented default, uncommented, is accepted as it is written
+    lines = []
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        stripped = line.lstrip("# ").strip()
+        if "=" in stripped and stripped.split("=", 1)[0].isupper() and not stripped.startswith("CONFIG_FILE"):
+            lines.append(stripped)
+    (tmp_path / ".env").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    s = Settings(models=[{"name": "a", "base_url": "http://127.0.0.1:1/v1"}])  # type: ignore[call-arg]
+    assert s.router_policy == "lin_ts" and s.exploration_rate == 0.02 and s.neighbours_per_arm == 30
