@@ -642,6 +642,25 @@ def main() -> None:
                 )
                 table.append(line)
                 print(line, flush=True)
+            # The linear policy: no neighbour query; its model is warmed up from the same table.
+            t0 = time.perf_counter()
+            with gateway("routing-lin", {**config, "router_policy": "lin_ts"}, work) as gw:
+                report["lin_ts_startup_s"] = round(time.perf_counter() - t0, 1)
+                url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
+                salt = random.Random(2)
+                fresh = chat_body("auto", text=lambda i: f"{sentence(20_000 + i, salt)} (case {i})")
+                pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
+                res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
+                report["lin_ts_c1"] = report_pair("routing: lin_ts, cache miss c=1", res, table)
+                report["lin_ts_c1"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
+                line = "  lin_ts c=1 stages: " + ", ".join(
+                    f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
+                )
+                line += (
+                    f" (started in {report['lin_ts_startup_s']} s, learning from {args.calls} rated calls)"
+                )
+                table.append(line)
+                print(line, flush=True)
     finally:
         upstream.stop()
         if pg is not None:

@@ -35,7 +35,7 @@ LAB_DEFAULTS: dict[str, Any] = {
     "latency_weight": 0.0,
     "log_level": "warning",
     "duel_rate": 0.0,
-    "stats_refresh_s": 1.0,
+    "stats_refresh_s": 3600.0,  # the runner refreshes after every call instead (reproducibility)
 }
 
 
@@ -144,8 +144,8 @@ async def lab_database(options: Options) -> AsyncIterator[str | None]:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> AsyncIterator[str]:
-    """The gateway on a free loopback port, in this event loop."""
+async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> AsyncIterator[tuple[str, Any]]:
+    """The gateway on a free loopback port, in this event loop: its URL and its app."""
     from gateway.app import create_app
 
     app = create_app(settings, embedder=embedder, seed=seed)
@@ -160,7 +160,7 @@ async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> As
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
     finally:
         server.should_exit = True
         await task
@@ -184,7 +184,8 @@ async def run_router(
     t0 = time.perf_counter()
     async with lab_database(options) as dsn:
         settings = lab_settings(data, options, dsn)
-        async with serving(settings, embedder, options.seed) as url, aiohttp.ClientSession() as http:
+        async with serving(settings, embedder, options.seed) as (url, app), aiohttp.ClientSession() as http:
+            gw = app.state.gw
             for t, i in enumerate(order):
                 record = data.records[i]
                 body: dict[str, Any] = {
@@ -210,6 +211,10 @@ async def run_router(
                             raise RuntimeError(
                                 f"feedback failed: {resp.status} {(await resp.read())[:300]!r}"
                             )
+                # Reproducible runs: each decision sees every earlier call and rating, whatever the
+                # timing of the write-behind recorder and of the statistics refresh.
+                await gw.recorder.flush()
+                await gw.router.refresh_stats()
                 if progress is not None:
                     progress(t, chosen)
     await embedder.aclose()

@@ -33,7 +33,7 @@ from gateway.routing import Decision, RouteContext
 from gateway.routing.bandit import ArmView, Choice, Knobs, LinTS, choose, global_posterior, knn_posteriors
 from gateway.routing.rules import KeywordRules, SemanticRoutes
 from gateway.routing.strategies import rank
-from gateway.store import ArmStats, Neighbour, Store, utcnow
+from gateway.store import ArmStats, Neighbour, Rating, Store, utcnow
 
 log = logging.getLogger("gateway.router")
 
@@ -125,9 +125,19 @@ class Router:
         while True:
             rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=1), limit=10_000)
             fresh = 0
+            new: dict[str, list[Rating]] = {}
             for r in rows:
-                fresh += self._absorb(r.request_id, r.model, r.score, r.embedding)
                 self.lin_synced = max(self.lin_synced, r.at)
+                if r.request_id in self.lin_seen:
+                    fresh += self._absorb(r.request_id, r.model, r.score, r.embedding)  # a re-rating
+                else:
+                    new.setdefault(r.model, []).append(r)
+            for model, ratings in new.items():
+                self.lin.update_many(model, np.stack([r.embedding for r in ratings]),
+                                     np.array([r.score for r in ratings]))
+                for r in ratings:
+                    self.lin_seen[r.request_id] = r.score
+                fresh += len(ratings)
             if len(rows) < 10_000 or not fresh:
                 return
 
