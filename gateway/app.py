@@ -192,7 +192,8 @@ class Gateway:
             rec.prompt_tokens = usage.get("prompt_tokens") or chat.estimate_tokens(rec.messages)
             rec.completion_tokens = usage.get("completion_tokens") or len(rec.response or "") // 4
             rec.cost_usd = result.spec.cost_usd(rec.prompt_tokens or 0, rec.completion_tokens or 0)
-            rec.status, rec.http_status, rec.upstream_ms = "ok", 200, result.upstream_ms
+            rec.status, rec.http_status, rec.upstream_ms = "ok", 200, result.attempts[-1].ms
+            rec.synthetic = bool((result.data.get("x_replay") or {}).get("placeholder"))
             rec.upstream_model = (
                 result.data.get("model") if isinstance(result.data.get("model"), str) else None
             )
@@ -484,7 +485,20 @@ def create_app(
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
     ]
-    middleware = [
+    # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
+    # every response, errors included.
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "x-router-model", "x-router-layer", "x-router-overhead-ms"],
+            )
+        )
+    middleware.append(
         Middleware(
             RequestContext,
             max_body_bytes=settings.max_body_bytes,
@@ -498,17 +512,7 @@ def create_app(
             redact=redactor,
             in_flight=metrics.in_flight,
         )
-    ]
-    if settings.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["*"],
-                expose_headers=["x-request-id", "x-router-model", "x-router-layer", "x-router-overhead-ms"],
-            )
-        )
+    )
     return Starlette(
         routes=routes,
         middleware=middleware,

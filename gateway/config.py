@@ -86,10 +86,6 @@ class ModelSpec(_Strict):
     def upstream_id(self) -> str:
         return self.upstream_model or self.name
 
-    @property
-    def is_free(self) -> bool:
-        return self.input_usd_per_mtok == 0 and self.output_usd_per_mtok == 0
-
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
 
@@ -111,7 +107,7 @@ class Rule(_Strict):
             raise ValueError(f"rule {self.name!r}: give exactly one of model or policy")
         if self.pattern:
             try:
-                re.compile(self.pattern)
+                re.compile(self.pattern, re.IGNORECASE)
             except re.error as exc:
                 raise ValueError(f"rule {self.name!r}: invalid pattern: {exc}") from exc
         return self
@@ -178,9 +174,19 @@ CommaList = Annotated[list[str], NoDecode]
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def environ() -> dict[str, str]:
+    """The process environment over `.env` (in the working directory), as Settings reads them:
+    for what Settings does not hold itself (API-key variables named in the catalogue, ${VAR})."""
+    from dotenv import dotenv_values
+
+    values = {k: v for k, v in dotenv_values(".env").items() if v} if os.path.isfile(".env") else {}
+    return {**values, **os.environ}
+
+
 def expand_env(text: str) -> str:
-    """`${VAR}` and `${VAR:-default}` in the YAML file take values from the environment."""
-    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
+    """`${VAR}` and `${VAR:-default}` in the YAML file take values from the environment (or .env)."""
+    env = environ()
+    return _ENV_REF.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -387,7 +393,7 @@ class Settings(BaseSettings):
             return None
         if spec.api_key_env == "OPENROUTER_API_KEY" and self.openrouter_api_key is not None:
             return self.openrouter_api_key.get_secret_value() or None
-        return os.environ.get(spec.api_key_env) or None
+        return environ().get(spec.api_key_env) or None
 
     def database_dsn(self) -> str | None:
         """The SQLAlchemy URL of an external database, or None for the embedded one."""

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.config import ModelSpec
-from gateway.store import Comparison, DPOPair, RatedCall, Store
+from gateway.store import Comparison, DPOPair, RatedCall, Store, text_of
 
 # --- mining
 
@@ -27,7 +27,7 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 def numbers(messages: list[dict[str, Any]]) -> list[str]:
-    return _NUMBER.findall(" ".join(_text(m.get("content")) for m in messages if m.get("role") == "user"))
+    return _NUMBER.findall(" ".join(text_of(m.get("content")) for m in messages if m.get("role") == "user"))
 
 
 def pairable(a: RatedCall, b: RatedCall) -> bool:
@@ -113,19 +113,13 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 def judge_prompt(messages: list[dict[str, Any]], first: str, second: str) -> list[dict[str, Any]]:
-    conversation = "\n".join(f"[{m.get('role')}] {_text(m.get('content'))}" for m in messages)
+    conversation = "\n".join(f"[{m.get('role')}] {text_of(m.get('content'))}" for m in messages)
     return [
         {
             "role": "user",
             "content": JUDGE_RUBRIC.format(conversation=conversation, answer_a=first, answer_b=second),
         }
     ]
-
-
-def _text(content: Any) -> str:
-    from gateway.store import text_of
-
-    return text_of(content)
 
 
 @dataclass(frozen=True)
@@ -208,7 +202,7 @@ def route_record(
 def trl_record(pair: DPOPair) -> dict[str, Any]:
     """TRL's conversational preference format, as DPOTrainer reads it."""
     return {
-        "prompt": [{"role": m.get("role"), "content": _text(m.get("content"))} for m in pair.messages],
+        "prompt": [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in pair.messages],
         "chosen": [{"role": "assistant", "content": pair.chosen}],
         "rejected": [{"role": "assistant", "content": pair.rejected}],
     }

@@ -200,7 +200,8 @@ class MiniLMEmbedder:
             out.append(future)
         if self.queue:
             self._kick()
-        vectors = [v if isinstance(v, np.ndarray) else await v for v in out]
+        # shield: one waiter giving up must not cancel the computation the others wait for
+        vectors = [v if isinstance(v, np.ndarray) else await asyncio.shield(v) for v in out]
         return np.stack(vectors) if vectors else np.zeros((0, DIM), dtype=np.float32)
 
     def _kick(self) -> None:

@@ -29,7 +29,7 @@ log = logging.getLogger("gateway.access")
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 # Paths that need a client key when GATEWAY_API_KEYS is set (health and metrics stay open for probes).
-_PROTECTED = ("/v1/", "/chat/", "/feedback", "/requests/", "/metrics/")
+_PROTECTED = ("/v1/", "/chat/", "/models", "/feedback", "/requests/", "/metrics/")
 
 
 def key_id(key: str) -> str:

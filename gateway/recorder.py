@@ -13,8 +13,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 
+from gateway.errors import StoreUnavailable
 from gateway.store import CallRecord, Store
 
 log = logging.getLogger("gateway.recorder")
@@ -27,12 +27,10 @@ class Recorder:
         *,
         max_queue: int = 100_000,
         batch_size: int = 500,
-        on_written: Callable[[list[CallRecord]], None] | None = None,
     ) -> None:
         self.store = store
         self.max_queue = max_queue
         self.batch_size = batch_size
-        self.on_written = on_written
         self.queue: deque[CallRecord] = deque()
         self.pending: dict[str, CallRecord] = {}
         self.dropped = 0
@@ -63,7 +61,7 @@ class Recorder:
                 )
             return
         self.queue.append(rec)
-        self.pending[rec.id] = rec
+        self.pending.setdefault(rec.id, rec)  # a reused request id keeps its first record
         if len(self.queue) >= self.batch_size or len(self.queue) == 1:
             self._wake.set()
 
@@ -98,19 +96,40 @@ class Recorder:
             batch = [self.queue[i] for i in range(min(self.batch_size, len(self.queue)))]
             if not batch:
                 return
-            await self.store.write_calls(batch)
+            written = len(batch)
+            try:
+                await self.store.write_calls(batch)
+            except StoreUnavailable:
+                raise  # the records wait for the database
+            except Exception:
+                # The database refuses something in this batch (not a connection problem): write
+                # the records one by one, and drop (and count) only those it refuses, so that one
+                # bad record cannot hold back every other. Writing a record twice is harmless.
+                written = 0
+                for rec in batch:
+                    try:
+                        await self.store.write_calls([rec])
+                        written += 1
+                    except StoreUnavailable:
+                        raise
+                    except Exception as exc:
+                        self.dropped += 1
+                        log.error(
+                            "recorder: the store refuses call record %s (%s); dropped",
+                            rec.id,
+                            type(exc).__name__,
+                        )
             for _ in batch:
                 rec = self.queue.popleft()
-                self.pending.pop(rec.id, None)
-            self.written += len(batch)
+                if self.pending.get(rec.id) is rec:
+                    del self.pending[rec.id]
+            self.written += written
         if self.failing_since is not None:
             log.warning(
                 "recorder: the store is back after %.1f s; writing the backlog",
                 time.monotonic() - self.failing_since,
             )
             self.failing_since = None
-        if self.on_written is not None:
-            self.on_written(batch)
 
     async def _run(self) -> None:
         backoff = 0.05

@@ -48,7 +48,7 @@ class ChatRequest(_Open):
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: str = Field(min_length=1, max_length=140)  # 128 + ":judge" / ":duel"
     score: float = Field(ge=0, le=1, allow_inf_nan=False)
     feedback_text: str | None = Field(default=None, max_length=10_000)
     source: Literal["user", "app"] = "user"

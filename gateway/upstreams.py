@@ -107,7 +107,7 @@ class Attempt:
 class ChatResult:
     spec: ModelSpec
     data: dict[str, Any]
-    upstream_ms: float
+    upstream_ms: float  # time spent on upstreams (failed attempts and backoff included)
     attempts: list[Attempt]
 
 
@@ -116,7 +116,7 @@ class OpenStream:
     spec: ModelSpec
     first: dict[str, Any]
     rest: AsyncIterator[dict[str, Any]]
-    ttft_ms: float
+    ttft_ms: float  # the answering model's time to its first chunk
     upstream_ms: float  # time spent on upstreams until the first chunk (failed attempts included)
     attempts: list[Attempt]
     release: Callable[[], None] = lambda: None
@@ -230,11 +230,16 @@ class Upstreams:
             attempts.append(Attempt(name, "circuit_open", error="circuit open", kind="circuit_open"))
             return None
         limit = self.limits.get(name)
-        if limit is not None:
-            await limit.acquire()
+        try:
+            if limit is not None:
+                await limit.acquire()
+        except BaseException:
+            breaker.release()  # cancelled while waiting: the probe slot (if it was ours) is free again
+            raise
         health.in_flight += 1
         released = False
         handed_over = False
+        settled = False  # the breaker has been told how this went
 
         def release() -> None:
             nonlocal released
@@ -255,32 +260,34 @@ class Upstreams:
                     attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
                     health.requests += 1
                     if exc.is_client_error:
-                        breaker.release()
                         raise
                     health.failures += 1
                     health.last_error, health.last_error_at = exc.message, time.time()
                     if not exc.retryable or i == self.settings.upstream_retries:
                         breaker.failure()
+                        settled = True
                         return None
                     delay = self.settings.retry_backoff_ms / 1000 * (2**i) * (0.5 + self.rng.random())
                     if exc.retry_after_s is not None:
                         delay = max(delay, exc.retry_after_s)
                     await self.sleep(min(delay, 5.0))
                     continue
-                except BaseException:
-                    breaker.release()
-                    raise
                 ms = (time.perf_counter() - t0) * 1000
                 attempts.append(Attempt(name, "ok", ms))
                 health.requests += 1
                 health.observe_latency(ms)
                 breaker.success()
+                settled = True
                 if hold:
                     handed_over = True
                     return result, release
                 return result
             return None  # pragma: no cover - the loop always returns
         finally:
+            if not settled:
+                # Cancelled (during a call or a backoff), or refused as the caller's fault: this
+                # tells nothing about the model, but a half-open probe slot must not stay taken.
+                breaker.release()
             if not handed_over:
                 release()
 

@@ -12,6 +12,7 @@ Knobs (all optional):
   cut_after=N       stream: end the body after N content chunks, without [DONE]
   error_after=N     stream: after N content chunks send an error event (as OpenRouter does)
   abort_after=N     stream: after N content chunks reset the connection
+  garbage_after=N   stream: after N content chunks send an event that is not a JSON object
   hang=1            never answer (until the client goes away)
   answer=TEXT       the content (default: "Hello from <model>."); `_` stands for a space
   usage=0           leave `usage` out of responses
@@ -247,6 +248,9 @@ class FakeUpstream:
                         {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
                     )
                     return
+                if "garbage_after" in knobs and i == int(knobs["garbage_after"]):
+                    await send({"type": "http.response.body", "body": b"data: null\n\n", "more_body": True})
+                    continue
                 if "abort_after" in knobs and i == int(knobs["abort_after"]):
                     raise ConnectionAbortedError("fake upstream aborts the stream")
                 await send(

@@ -37,6 +37,14 @@ def nb(model: str, score: float, sim: float) -> Neighbour:
     return Neighbour("id", model, score, sim, T0)
 
 
+def test_knobs_defaults_are_the_settings_defaults():
+    from gateway.config import Settings
+
+    for name, field in Knobs.__dataclass_fields__.items():
+        if name in Settings.model_fields:
+            assert field.default == Settings.model_fields[name].default, name
+
+
 def test_global_posterior_is_optimistic_prior_plus_all_feedback():
     k = Knobs(optimistic_prior=0.8, prior_strength=2.0)
     p = global_posterior(stats("a", 10, 0.3), k)
@@ -201,6 +209,21 @@ def test_lints_update_matches_the_direct_inverse_and_learns():
     post = lin.posterior("a", probe)
     assert post.mean == pytest.approx(float(np.clip(0.5 + probe @ w, 0, 1)), abs=0.1)
     assert post.b < lin.posterior("never-seen", probe).b  # data shrinks the uncertainty
+
+
+def test_lints_batch_update_equals_one_by_one():
+    rng = np.random.default_rng(1)
+    xs = rng.normal(size=(100, 8))
+    scores = rng.random(100)
+    one, many = LinTS(dim=8, ridge=2.0), LinTS(dim=8, ridge=2.0)
+    one.update("a", xs[0], 0.3)
+    many.update("a", xs[0], 0.3)
+    for x, s in zip(xs[1:], scores[1:], strict=True):
+        one.update("a", x, float(s))
+    many.update_many("a", xs[1:], scores[1:])
+    assert many.a_inv["a"] == pytest.approx(one.a_inv["a"], abs=1e-9)
+    assert many.b["a"] == pytest.approx(one.b["a"])
+    assert many.n["a"] == one.n["a"] == 100
 
 
 def test_lints_rerating_moves_only_the_target():

@@ -33,12 +33,14 @@ def test_profiles_load_with_their_intent(profile, monkeypatch):
     assert {"openrouter", "ollama"} <= providers
     if profile == "config.dev.yaml":
         assert s.exploration_rate == 0.3 and s.log_level == "debug" and s.similarity_threshold < 0.7
-        assert all(m.is_free for m in s.models)
+        assert all(m.input_usd_per_mtok == m.output_usd_per_mtok == 0 for m in s.models)
     if profile == "config.prod.yaml":
         assert s.exploration_rate == 0.05 and s.log_format == "json" and s.enable_persistence
         assert s.database_ssl_mode == "require" and s.latency_weight > 0.2
     if profile == "config.cost-optimized.yaml":
-        assert s.cost_weight == -0.8 and all(m.is_free for m in s.models)
+        assert s.cost_weight == -0.8 and all(
+            m.input_usd_per_mtok == m.output_usd_per_mtok == 0 for m in s.models
+        )
 
 
 def test_precedence_cli_env_yaml_default(tmp_path, monkeypatch):

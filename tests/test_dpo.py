@@ -116,6 +116,7 @@ def rate(gw, rid: str, score: float, **kw) -> dict:
 
 
 def pairs(gw, **params) -> list[dict]:
+    params.setdefault("format", "jsonl")
     resp = httpx.get(gw.url + "/v1/dpo/pairs", params=params, headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("application/x-ndjson")
@@ -187,12 +188,14 @@ def test_admin_endpoint_auth_and_paging(flywheel, fake, gateway, dsn):
         prompt = [{"role": "user", "content": f"Tell me something surprising about {topic}."}]
         rate(gw, call(gw, "chef", prompt), 1.0)
         rate(gw, call(gw, "coder", prompt), 0.0)
-    first = httpx.get(gw.url + "/v1/dpo/pairs?limit=2", headers={"Authorization": f"Bearer {ADMIN}"})
+    first = httpx.get(
+        gw.url + "/v1/dpo/pairs?limit=2&format=jsonl", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
     assert len(first.text.splitlines()) == 2
     cursor = first.headers["x-next-cursor"]
     rest = httpx.get(
         gw.url + "/v1/dpo/pairs",
-        params={"limit": 2, "cursor": cursor},
+        params={"limit": 2, "cursor": cursor, "format": "jsonl"},
         headers={"Authorization": f"Bearer {ADMIN}"},
     )
     assert len(rest.text.splitlines()) == 1 and "x-next-cursor" not in rest.headers

@@ -167,3 +167,45 @@ def test_gateway_keys_are_enforced(fake, gateway):
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="ok", messages=USER)
+    # one client key cannot read or rate another's calls
+    rid = ok.headers["x-request-id"]
+    other = {"Authorization": "Bearer sk-good-1"}
+    assert httpx.get(f"{gw.url}/requests/{rid}", headers=other).status_code == 404
+    assert (
+        httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}, headers=other).status_code
+        == 404
+    )
+    mine = {"Authorization": "Bearer sk-good-2"}
+    assert httpx.get(f"{gw.url}/requests/{rid}", headers=mine).status_code == 200
+    assert (
+        httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}, headers=mine).status_code
+        == 200
+    )
+    assert httpx.get(gw.url + "/models").status_code == 401
+
+
+def test_cors_preflight_and_errors_with_client_keys(fake, gateway):
+    settings = make_settings(
+        [model("ok", fake.url())], gateway_api_keys=["sk-k"], cors_origins=["https://app.example"]
+    )
+    gw = gateway(settings)
+    origin = {"Origin": "https://app.example"}
+    preflight = httpx.options(
+        gw.url + "/v1/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    denied = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}, headers=origin)
+    assert denied.status_code == 401  # and the browser can read why
+    assert denied.headers["access-control-allow-origin"] == "https://app.example"
+    ok = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"messages": USER},
+        headers={**origin, "Authorization": "Bearer sk-k"},
+    )
+    assert ok.status_code == 200 and "x-request-id" in ok.headers["access-control-expose-headers"]

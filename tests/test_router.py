@@ -177,7 +177,7 @@ def test_keyword_rules_pick_a_model_or_a_policy(fake, gateway, catalogue):
         catalogue,
         rules=[
             {"name": "vip", "keywords": ["urgent", "escalate"], "model": "premium"},
-            {"name": "chitchat", "pattern": r"^\s*(hi|hello)\b", "policy": "budget"},
+            {"name": "chitchat", "pattern": r"(?m)^\s*(hi|hello)\b", "policy": "budget"},
         ],
         policies={"budget": {"models": ["cheap", "mid"], "strategy": "cost_optimized"}},
     )

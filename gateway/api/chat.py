@@ -17,7 +17,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import RouterConstraints
-from gateway.errors import ClientDisconnected, InvalidRequest, NotFound
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, NotFound
 from gateway.providers import ProviderError
 from gateway.routing import Decision, RouteContext
 from gateway.schemas import ChatRequest, parse_json_object, validate
@@ -169,20 +169,24 @@ class ChatCompletions:
         gw: Gateway = scope["app"].state.gw
         state = scope["state"]
         t0: float = state["t0"]
-        data = parse_json_object(await read_body(receive))
-        req: ChatRequest = validate(ChatRequest, data)
-        messages: list[dict[str, Any]] = data["messages"]
-        constraints = self._constraints(gw, scope, req)
-        ctx = RouteContext(
-            request_id=state["request_id"],
-            requested_model=req.model,
-            messages=messages,
-            constraints=constraints,
-            needs=needs_of(data, messages),
-            prompt_tokens=estimate_tokens(messages),
-            max_tokens=req.max_completion_tokens or req.max_tokens,
-        )
-        decision = await gw.router.decide(ctx)
+        try:
+            data = parse_json_object(await read_body(receive))
+            req: ChatRequest = validate(ChatRequest, data)
+            messages: list[dict[str, Any]] = data["messages"]
+            constraints = self._constraints(gw, scope, req)
+            ctx = RouteContext(
+                request_id=state["request_id"],
+                requested_model=req.model,
+                messages=messages,
+                constraints=constraints,
+                needs=needs_of(data, messages),
+                prompt_tokens=estimate_tokens(messages),
+                max_tokens=req.max_completion_tokens or req.max_tokens,
+            )
+            decision = await gw.router.decide(ctx)
+        except GatewayError as exc:  # refused before any model was chosen: count it all the same
+            gw.metrics.requests.labels("none", "none", "none", str(exc.status)).inc()
+            raise
         state["log"] = log_fields = {"model": decision.model, "layer": decision.layer, "stream": req.stream}
         if decision.strategy:
             log_fields["strategy"] = decision.strategy
@@ -258,7 +262,7 @@ class ChatCompletions:
         record.model, record.upstream_model = spec.name, upstream_model
         record.synthetic = bool((data.get("x_replay") or {}).get("placeholder"))
         record.status, record.http_status = "ok", 200
-        record.upstream_ms = result.upstream_ms
+        record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
         record.attempts = [a.as_dict() for a in result.attempts]
         payload = orjson.dumps(data)
         state["overhead_ms"] = (time.perf_counter() - t0) * 1000 - result.upstream_ms
@@ -296,22 +300,28 @@ class ChatCompletions:
             self._failed(gw, record, exc, t0, state)
             raise
         spec = opened.spec
-        acc = StreamAccumulator()
-        acc.add(opened.first)
-        record.synthetic = bool((opened.first.get("x_replay") or {}).get("placeholder"))
-        upstream_model = acc.upstream_model or spec.upstream_id
-        record.model, record.upstream_model = spec.name, upstream_model
-        record.attempts = [a.as_dict() for a in opened.attempts]
-        record.ttft_ms = opened.upstream_ms
-        state["overhead_ms"] = (time.perf_counter() - t0) * 1000 - opened.upstream_ms
-        headers = self._headers(spec.name, upstream_model, decision, opened.attempts, record)
-        headers += [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
         name = spec.name
+        acc = StreamAccumulator()
         t_stream = time.perf_counter()
+        finished = False
+
+        async def finish(status: str) -> None:
+            """Close the upstream and record the call, exactly once, however the stream ends."""
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            await opened.aclose()
+            record.status = status
+            record.http_status = {"cancelled": 499, "error": 502}.get(status, 200)
+            if status == "cancelled":
+                record.error = "client disconnected"
+            record.upstream_ms = opened.ttft_ms + (time.perf_counter() - t_stream) * 1000
+            record.response = acc.text()
+            self._account(record, spec, acc.usage or {}, ctx)
+            gw.finish(record, t0, state)
+            if status == "ok":
+                gw.maybe_duel(record, decision, body)
 
         def encode(event: dict[str, Any]) -> bytes | None:
             if not include_usage:
@@ -333,32 +343,47 @@ class ChatCompletions:
                     if chunk is not None:
                         yield chunk
                 status = "ok"
-            except ProviderError as exc:
+            except Exception as exc:  # the upstream broke off (or sent what we cannot read)
+                broken = (
+                    exc
+                    if isinstance(exc, ProviderError)
+                    else ProviderError("stream", f"{type(exc).__name__}")
+                )
                 status = "interrupted"
-                gw.upstreams.stream_failed(name, exc)
-                record.error = exc.message
+                gw.upstreams.stream_failed(name, broken)
+                record.error = broken.message
                 error = {
-                    "message": f"the upstream stream broke off: {exc.message}",
+                    "message": f"the upstream stream broke off: {broken.message}",
                     "type": "upstream_error",
                     "param": None,
                     "code": "stream_interrupted",
                 }
                 yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
             finally:
-                await opened.aclose()
-                record.status = status
-                record.http_status = 200 if status != "cancelled" else 499
-                if status == "cancelled":
-                    record.error = "client disconnected"
-                record.upstream_ms = opened.upstream_ms + (time.perf_counter() - t_stream) * 1000
-                record.response = acc.text()
-                self._account(record, spec, acc.usage or {}, ctx)
-                gw.finish(record, t0, state)
-                if status == "ok":
-                    gw.maybe_duel(record, decision, body)
+                await finish(status)
             yield b"data: [DONE]\n\n"
 
-        await send_stream(receive, send, headers, events())
+        outcome = "cancelled"
+        try:
+            acc.add(opened.first)
+            record.synthetic = bool((opened.first.get("x_replay") or {}).get("placeholder"))
+            upstream_model = acc.upstream_model or spec.upstream_id
+            record.model, record.upstream_model = spec.name, upstream_model
+            record.attempts = [a.as_dict() for a in opened.attempts]
+            record.ttft_ms = opened.ttft_ms
+            state["overhead_ms"] = (time.perf_counter() - t0) * 1000 - opened.upstream_ms
+            headers = self._headers(spec.name, upstream_model, decision, opened.attempts, record)
+            headers += [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ]
+            await send_stream(receive, send, headers, events())
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            await finish(outcome)  # when the stream never started; otherwise already done
 
     def _headers(
         self, name: str, upstream_model: str, decision: Decision, attempts: list[Attempt], record: CallRecord

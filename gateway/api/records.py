@@ -14,6 +14,7 @@ from starlette.responses import Response
 from gateway import dpo
 from gateway.api import json_response
 from gateway.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
+from gateway.middleware import key_id
 from gateway.schemas import FeedbackRequest, parse_json_object, validate
 from gateway.store import Feedback
 
@@ -38,10 +39,18 @@ _TIMINGS = (
 )
 
 
-async def _call(gw: Gateway, request_id: str) -> dict[str, Any]:
+async def _call(gw: Gateway, request: Request, request_id: str) -> dict[str, Any]:
+    """A call record, for its own caller: with GATEWAY_API_KEYS set, one client key cannot read or
+    rate another's calls (the admin key can); to others it does not exist."""
     if gw.recorder.has(request_id):
         await gw.recorder.flush()
     record = await gw.store.get_call(request_id)
+    if record is not None and gw.settings.gateway_api_keys:
+        caller = request.scope["state"].get("caller")
+        admin = gw.settings.admin_api_key
+        is_admin = admin is not None and caller == key_id(admin.get_secret_value())
+        if not is_admin and record.get("caller") != caller:
+            record = None
     if record is None:
         raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
     return record
@@ -51,20 +60,22 @@ async def feedback(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
     data = parse_json_object(await request.body())
     fb: FeedbackRequest = validate(FeedbackRequest, data)
+    if gw.settings.gateway_api_keys:
+        await _call(gw, request, fb.request_id)
     outcome = await gw.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
     return json_response(outcome)
 
 
 async def get_request(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
-    record = await _call(gw, request.path_params["request_id"])
+    record = await _call(gw, request, request.path_params["request_id"])
     record["request_id"] = record.pop("id")
     return json_response(record)
 
 
 async def get_metrics(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
-    record = await _call(gw, request.path_params["request_id"])
+    record = await _call(gw, request, request.path_params["request_id"])
     out = {k: record.get(k) for k in _TIMINGS}
     out["request_id"] = out.pop("id")
     return json_response(out)
@@ -95,7 +106,7 @@ async def dpo_pairs(request: Request) -> Response:
     _admin(request, gw)
     q = request.query_params
     kind = q.get("kind", "responses")
-    fmt = q.get("format", "jsonl")
+    fmt = q.get("format", "trl")
     if kind not in ("responses", "routes"):
         raise InvalidRequest("kind must be responses or routes", param="kind", code="invalid_value")
     if fmt not in ("trl", "jsonl"):

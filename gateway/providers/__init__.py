@@ -16,9 +16,9 @@ ErrorKind = Literal["connect", "timeout", "status", "protocol", "unconfigured", 
 class ProviderError(Exception):
     """One failed upstream attempt.
 
-    `retryable` says whether the same model may be tried again (connect errors, 429, 5xx,
-    a dropped connection). A `status` in 400..499 other than 408/409/429 means the upstream refused
-    the request itself: the dispatcher returns that to the caller instead of falling back.
+    `retryable` says whether the same model may be tried again (connect errors, 408, 409, 429,
+    5xx, a dropped connection). A client error (`is_client_error`) means the upstream refused the
+    request itself: the dispatcher returns that to the caller instead of falling back.
     """
 
     def __init__(
@@ -41,7 +41,10 @@ class ProviderError(Exception):
 
     @property
     def is_client_error(self) -> bool:
-        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 409, 429)
+        """The request itself was refused (malformed, too large, unprocessable). Other 4xx are the
+        model's problem, not the caller's: a bad or exhausted key (401, 402, 403), a wrong model
+        id (404), rate limits (429): those fall back to the next model and count against it."""
+        return self.status in (400, 413, 415, 422)
 
     def __str__(self) -> str:
         return self.message

@@ -153,8 +153,14 @@ class HTTPProvider:
                 try:
                     event = orjson.loads(data)
                 except orjson.JSONDecodeError as exc:
-                    raise ProviderError("protocol", "malformed stream event") from exc
-                if isinstance(event, dict) and "error" in event and "choices" not in event:
+                    raise ProviderError(
+                        "stream" if started else "protocol", "malformed stream event"
+                    ) from exc
+                if not isinstance(event, dict):
+                    raise ProviderError(
+                        "stream" if started else "protocol", "a stream event is not a JSON object"
+                    )
+                if "error" in event and "choices" not in event:
                     message, err = error_message(event, "stream error")
                     raise ProviderError(
                         "stream" if started else "status",
@@ -177,6 +183,10 @@ class HTTPProvider:
             if started:
                 mapped = ProviderError("stream", f"stream interrupted: {mapped.message}")
             raise mapped from exc
+        except Exception as exc:  # e.g. a line over the reader's limit: still the upstream's fault
+            raise ProviderError(
+                "stream" if started else "protocol", f"{type(exc).__name__}: {exc}", retryable=not started
+            ) from exc
         finally:
             # Not reading to the end closes the connection instead of returning it to the pool.
             if resp.content.at_eof():

@@ -38,10 +38,12 @@ def _clip(m: float) -> float:
 
 @dataclass(frozen=True)
 class Knobs:
+    """The bandit's settings (defaults as Settings', which a test keeps in step)."""
+
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
     cost_weight: float = -0.2
-    exploration_rate: float = 0.1
+    exploration_rate: float = 0.02
     exploration_bonus: float = 0.1
     optimistic_prior: float = 0.8
     prior_strength: float = 2.0

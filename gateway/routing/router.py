@@ -123,7 +123,9 @@ class Router:
     async def _sync_lin(self) -> None:
         assert self.lin is not None and self.store is not None
         while True:
-            rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=1), limit=10_000)
+            # Look 60 s back: a rating becomes visible when its transaction commits, a little after
+            # its time; what was already absorbed is skipped.
+            rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=60), limit=10_000)
             fresh = 0
             new: dict[str, list[Rating]] = {}
             for r in rows:
@@ -133,8 +135,9 @@ class Router:
                 else:
                     new.setdefault(r.model, []).append(r)
             for model, ratings in new.items():
-                self.lin.update_many(model, np.stack([r.embedding for r in ratings]),
-                                     np.array([r.score for r in ratings]))
+                self.lin.update_many(
+                    model, np.stack([r.embedding for r in ratings]), np.array([r.score for r in ratings])
+                )
                 for r in ratings:
                     self.lin_seen[r.request_id] = r.score
                 fresh += len(ratings)

@@ -15,18 +15,21 @@ class KeywordRules:
     """Ordered rules; the first whose pattern (or one of whose whole-word keywords) matches wins."""
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.rules: list[tuple[Rule, re.Pattern[str]]] = []
+        # The pattern is compiled on its own (it may carry inline flags such as (?s)), the keywords
+        # as one alternation of whole words.
+        self.rules: list[tuple[Rule, list[re.Pattern[str]]]] = []
         for rule in rules:
-            parts = []
+            patterns = []
             if rule.pattern:
-                parts.append(f"(?:{rule.pattern})")
+                patterns.append(re.compile(rule.pattern, re.IGNORECASE))
             if rule.keywords:
-                parts.append(r"\b(?:" + "|".join(re.escape(k) for k in rule.keywords) + r")\b")
-            self.rules.append((rule, re.compile("|".join(parts), re.IGNORECASE)))
+                words = "|".join(re.escape(k) for k in rule.keywords)
+                patterns.append(re.compile(r"\b(?:" + words + r")\b", re.IGNORECASE))
+            self.rules.append((rule, patterns))
 
     def match(self, text: str) -> Rule | None:
-        for rule, pattern in self.rules:
-            if pattern.search(text):
+        for rule, patterns in self.rules:
+            if any(p.search(text) for p in patterns):
                 return rule
         return None
 

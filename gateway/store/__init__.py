@@ -140,10 +140,6 @@ class ArmStats:
         return self.latency_ms_sum / self.ok_calls if self.ok_calls else None
 
     @property
-    def cost_usd_avg(self) -> float | None:
-        return self.cost_usd_sum / self.ok_calls if self.ok_calls else None
-
-    @property
     def completion_tokens_avg(self) -> float | None:
         return self.completion_tokens_sum / self.ok_calls if self.ok_calls else None
 

@@ -29,6 +29,43 @@ from gateway.store import (
 )
 
 
+class _Index:
+    """Rated calls' embeddings in one growable matrix, with their models and times: a neighbour
+    search is a few numpy operations, and a new rating appends a row (amortised O(1))."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.matrix = np.zeros((0, 384), dtype=np.float32)
+        self.models = np.zeros(0, dtype=object)
+        self.times = np.zeros(0, dtype=np.float64)
+        self.gone: set[int] = set()
+
+    def add(self, rec: CallRecord) -> None:
+        if rec.id in self.rows or rec.embedding is None or rec.model is None:
+            return
+        n = len(self.ids)
+        if n == len(self.matrix):
+            size = max(64, 2 * n)
+            matrix = np.zeros((size, len(rec.embedding)), dtype=np.float32)
+            matrix[:n] = self.matrix[:n]
+            models = np.zeros(size, dtype=object)
+            models[:n] = self.models[:n]
+            times = np.zeros(size, dtype=np.float64)
+            times[:n] = self.times[:n]
+            self.matrix, self.models, self.times = matrix, models, times
+        self.matrix[n] = rec.embedding
+        self.models[n] = rec.model
+        self.times[n] = rec.created_at.timestamp()
+        self.rows[rec.id] = n
+        self.ids.append(rec.id)
+
+    def remove(self, request_id: str) -> None:
+        row = self.rows.pop(request_id, None)
+        if row is not None:
+            self.gone.add(row)
+
+
 class _Call:
     __slots__ = ("feedback", "record", "score", "score_at", "score_source")
 
@@ -47,7 +84,7 @@ class MemoryStore:
         self.arms: dict[str, ArmStats] = {}
         self.pairs: dict[tuple[str, str], DPOPair] = {}
         self._pair_ids = 0
-        self._matrix: tuple[list[str], np.ndarray] | None = None  # rated calls' embeddings
+        self.index = _Index()
 
     async def aclose(self) -> None:
         pass
@@ -66,7 +103,9 @@ class MemoryStore:
             if rec.id in self.calls:
                 continue  # a reused request id keeps its first record (as in Postgres)
             self.calls[rec.id] = _Call(rec)
-            if rec.model is not None:
+            if (
+                rec.model is not None and rec.kind != "judge"
+            ):  # a judge's short verdicts say nothing of the model
                 arm = self._arm(rec.model)
                 arm.calls += 1
                 if rec.status == "ok":
@@ -75,9 +114,14 @@ class MemoryStore:
                     arm.cost_usd_sum += rec.cost_usd or 0.0
                     arm.completion_tokens_sum += rec.completion_tokens or 0
         while len(self.calls) > self.max_calls:
-            _, evicted = self.calls.popitem(last=False)
-            if evicted.score is not None:
-                self._matrix = None
+            cid, _ = self.calls.popitem(last=False)
+            self.index.remove(cid)
+        if len(self.index.gone) > max(1000, len(self.index.ids) // 4):  # compact now and then
+            index = _Index()
+            for c in self.calls.values():
+                if c.score is not None:
+                    index.add(c.record)
+            self.index = index
 
     async def get_call(self, request_id: str) -> dict[str, Any] | None:
         call = self.calls.get(request_id)
@@ -116,29 +160,15 @@ class MemoryStore:
                     arm.score_sum += feedback.score
                 else:
                     arm.score_sum += feedback.score - previous
-            self._matrix = None
+            self.index.add(call.record)
         return FeedbackOutcome(feedback.request_id, call.record.model, previous, call.score, applies)
 
     async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None:
         call = self.calls.get(request_id)
         if call is not None and call.record.embedding is None:
             call.record.embedding = embedding
-            self._matrix = None
-
-    def _rated(self) -> tuple[list[str], np.ndarray]:
-        if self._matrix is None:
-            ids = [
-                cid
-                for cid, c in self.calls.items()
-                if c.score is not None and c.record.embedding is not None and c.record.model is not None
-            ]
-            matrix = (
-                np.stack([self.calls[i].record.embedding for i in ids]).astype(np.float32)  # type: ignore[misc]
-                if ids
-                else np.zeros((0, 1), dtype=np.float32)
-            )
-            self._matrix = (ids, matrix)
-        return self._matrix
+            if call.score is not None:
+                self.index.add(call.record)
 
     async def neighbours(
         self,
@@ -148,23 +178,24 @@ class MemoryStore:
         threshold: float,
         per_model: list[str] | None = None,
     ) -> list[Neighbour]:
-        ids, matrix = self._rated()
-        if not ids:
+        index = self.index
+        n = len(index.ids)
+        if not n:
             return []
-        sims = matrix @ embedding.astype(np.float32)
-        out: list[Neighbour] = []
-        taken: dict[str, int] = {}
-        for i in np.argsort(-sims):
-            call = self.calls[ids[i]]
-            if call.record.created_at < since:
+        sims = index.matrix[:n] @ embedding.astype(np.float32)
+        live = np.ones(n, dtype=bool)
+        live[list(index.gone)] = False
+        recent = live & (index.times[:n] >= since.timestamp())
+        groups = [recent & (index.models[:n] == m) for m in per_model] if per_model else [recent]
+        chosen: list[int] = []
+        for mask in groups:
+            idx = np.flatnonzero(mask)
+            chosen.extend(idx[np.argsort(-sims[idx], kind="stable")[:k]].tolist())
+        out = []
+        for i in sorted(chosen, key=lambda i: -sims[i]):
+            if sims[i] < threshold:
                 continue
-            if per_model:
-                model = call.record.model or ""
-                if model not in per_model or taken.get(model, 0) >= k:
-                    continue
-                taken[model] = taken.get(model, 0) + 1
-            elif len(out) == k:
-                break
+            call = self.calls[index.ids[i]]
             out.append(
                 Neighbour(
                     call.record.id,
@@ -174,7 +205,7 @@ class MemoryStore:
                     call.record.created_at,
                 )
             )
-        return [n for n in out if n.similarity >= threshold]
+        return out
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         out = [
@@ -254,7 +285,18 @@ class MemoryStore:
             if rated is not None:
                 found.append(rated)
         found.sort(key=lambda r: -r.similarity)
-        return me, found[:limit]
+        found = found[:limit]
+        # and every call this one is paired with now, however old: a re-rating must revisit them
+        have = {r.id for r in found}
+        for (a, b), pair in self.pairs.items():
+            if request_id in (a, b):
+                partner_call = self.calls.get(b if a == request_id else a)
+                partner = (
+                    self._rated_call(partner_call, pair.similarity) if partner_call is not None else None
+                )
+                if partner is not None and partner.id not in have:
+                    found.append(partner)
+        return me, found
 
     async def save_pair(self, pair: DPOPair) -> bool:
         existing = self.pairs.get(pair.key)

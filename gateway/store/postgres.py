@@ -6,6 +6,7 @@ with a database restart is retried once on a fresh one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -90,6 +91,7 @@ def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> Asy
         json_serializer=_json,
         json_deserializer=orjson.loads,
         connect_args=connect_args,
+        hide_parameters=True,  # error texts would otherwise quote prompts and responses into logs
     )
 
 
@@ -108,11 +110,30 @@ def _is_unavailable(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and _is_unavailable(cause)
 
 
+def _unreachable(exc: BaseException) -> str:
+    """The message of StoreUnavailable: the error's kind only, never its text (which can hold SQL
+    parameters: other callers' prompts)."""
+    cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+    return f"the database is unreachable ({type(cause).__name__})"
+
+
+def _clean(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL characters, which JSON (and OpenAI) allow."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
 class PostgresStore:
     def __init__(self, engine: AsyncEngine, *, ssl: str | None = None) -> None:
         self.engine = engine
         self.ssl = ssl
         self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -133,9 +154,7 @@ class PostgresStore:
                 if not _is_unavailable(exc):
                     raise
                 if attempt == 1:
-                    raise StoreUnavailable(
-                        f"the database is unreachable: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise StoreUnavailable(_unreachable(exc)) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ping(self) -> bool:
@@ -147,42 +166,46 @@ class PostgresStore:
     # --- calls
     @staticmethod
     def _row(rec: CallRecord) -> dict[str, Any]:
-        return {
-            "id": rec.id,
-            "created_at": rec.created_at,
-            "kind": rec.kind,
-            "duel_of": rec.duel_of,
-            "caller": rec.caller,
-            "requested_model": rec.requested_model,
-            "model": rec.model,
-            "upstream_model": rec.upstream_model,
-            "messages": rec.messages,
-            "prompt_hash": rec.prompt_hash,
-            "embedding": rec.embedding,
-            "layer": rec.layer,
-            "strategy": rec.strategy,
-            "policy": rec.policy,
-            "propensity": rec.propensity,
-            "decision": rec.decision,
-            "attempts": rec.attempts,
-            "status": rec.status,
-            "http_status": rec.http_status,
-            "error": rec.error,
-            "stream": rec.stream,
-            "overhead_ms": rec.overhead_ms,
-            "upstream_ms": rec.upstream_ms,
-            "ttft_ms": rec.ttft_ms,
-            "prompt_tokens": rec.prompt_tokens,
-            "completion_tokens": rec.completion_tokens,
-            "cost_usd": rec.cost_usd,
-            "response": rec.response,
-            "synthetic": rec.synthetic,
-        }
+        return _clean(
+            {
+                "id": rec.id,
+                "created_at": rec.created_at,
+                "kind": rec.kind,
+                "duel_of": rec.duel_of,
+                "caller": rec.caller,
+                "requested_model": rec.requested_model,
+                "model": rec.model,
+                "upstream_model": rec.upstream_model,
+                "messages": rec.messages,
+                "prompt_hash": rec.prompt_hash,
+                "embedding": rec.embedding,
+                "layer": rec.layer,
+                "strategy": rec.strategy,
+                "policy": rec.policy,
+                "propensity": rec.propensity,
+                "decision": rec.decision,
+                "attempts": rec.attempts,
+                "status": rec.status,
+                "http_status": rec.http_status,
+                "error": rec.error,
+                "stream": rec.stream,
+                "overhead_ms": rec.overhead_ms,
+                "upstream_ms": rec.upstream_ms,
+                "ttft_ms": rec.ttft_ms,
+                "prompt_tokens": rec.prompt_tokens,
+                "completion_tokens": rec.completion_tokens,
+                "cost_usd": rec.cost_usd,
+                "response": rec.response,
+                "synthetic": rec.synthetic,
+            }
+        )
 
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
         if not records:
             return
-        by_id = {r.id: r for r in records}
+        by_id: dict[str, CallRecord] = {}
+        for r in records:
+            by_id.setdefault(r.id, r)  # a reused request id keeps its first record
         rows = [self._row(r) for r in by_id.values()]
 
         async def tx(conn: AsyncConnection) -> None:
@@ -199,7 +222,9 @@ class PostgresStore:
             )
             for rid in inserted:
                 rec = by_id[rid]
-                if rec.model is None:
+                if (
+                    rec.model is None or rec.kind == "judge"
+                ):  # a judge's short verdicts say nothing of the model
                     continue
                 s = sums[rec.model]
                 s["calls"] += 1
@@ -263,7 +288,7 @@ class PostgresStore:
                 insert(feedback).values(
                     request_id=fb.request_id,
                     score=fb.score,
-                    feedback_text=fb.text,
+                    feedback_text=_clean(fb.text),
                     source=fb.source,
                     created_at=fb.created_at,
                 )
@@ -304,19 +329,21 @@ class PostgresStore:
     # --- routing
     async def _hot(self) -> asyncpg.Pool:
         """A plain asyncpg pool for the hot-path neighbour search: a prepared statement and a binary
-        vector codec, without the ORM layers (measured: 3.5 ms through SQLAlchemy, 0.3 ms here)."""
-        if self._pool is None:
-            url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self._pool = await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=8,
-                init=register_vector,
-                ssl=self.ssl,
-                server_settings=SERVER_SETTINGS,
-                timeout=5,
-            )
-        return self._pool
+        vector codec, without the ORM layers (measured: 3.5 ms through SQLAlchemy, 0.3 ms here).
+        Opened with the store (`postgres_store`); reopened here after a failure."""
+        async with self._pool_lock:
+            if self._pool is None:
+                url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                self._pool = await asyncpg.create_pool(
+                    url,
+                    min_size=1,
+                    max_size=8,
+                    init=register_vector,
+                    ssl=self.ssl,
+                    server_settings=SERVER_SETTINGS,
+                    timeout=5,
+                )
+            return self._pool
 
     async def neighbours(
         self,
@@ -338,9 +365,7 @@ class PostgresStore:
                 if not _is_unavailable(exc):
                     raise
                 if attempt == 1:
-                    raise StoreUnavailable(
-                        f"the database is unreachable: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise StoreUnavailable(_unreachable(exc)) from exc
         out = [
             Neighbour(r[0], r[1], float(r[2]), float(r[3]), r[4])
             for r in rows
@@ -472,7 +497,23 @@ class PostgresStore:
                     await conn.execute(select(calls.c.id).where(calls.c.id.in_(list(found)), *self._RATED))
                 )
             }
-            return me, [c for c in found.values() if c.id in ok][:limit]
+            candidates = [c for c in found.values() if c.id in ok][:limit]
+            # and every call this one is paired with now, however old: a re-rating must revisit them
+            paired = await conn.execute(
+                select(dpo_pairs.c.call_a, dpo_pairs.c.call_b, dpo_pairs.c.similarity).where(
+                    (dpo_pairs.c.call_a == me.id) | (dpo_pairs.c.call_b == me.id)
+                )
+            )
+            partners = {(a if b == me.id else b): float(sim) for a, b, sim in paired}
+            missing = [p for p in partners if p not in {c.id for c in candidates}]
+            if missing:
+                rows = await conn.execute(
+                    select(*self._RATED_COLS).where(calls.c.id.in_(missing), *self._RATED)
+                )
+                candidates += [
+                    RatedCall(r[0], r[1], r[2], r[3], r[4], float(r[5]), partners[r[0]]) for r in rows
+                ]
+            return me, candidates
 
         return await self._run(q)
 
@@ -585,7 +626,7 @@ class PostgresStore:
                     )
         except Exception as exc:
             if _is_unavailable(exc):
-                raise StoreUnavailable(f"the database is unreachable: {type(exc).__name__}: {exc}") from exc
+                raise StoreUnavailable(_unreachable(exc)) from exc
             raise
 
     async def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]:
@@ -614,6 +655,7 @@ class PostgresStore:
 async def postgres_store(dsn: str, *, ssl: str | None = None) -> AsyncIterator[PostgresStore]:
     store = PostgresStore(make_engine(dsn, ssl=ssl), ssl=ssl)
     try:
+        await store._hot()  # open the hot-path pool now, not under a request's 250 ms budget
         yield store
     finally:
         await store.aclose()
