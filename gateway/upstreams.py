@@ -393,7 +393,11 @@ def final_error(attempts: list[Attempt], upstream_ms: float = 0.0) -> GatewayErr
 def _final_error(attempts: list[Attempt]) -> GatewayError:
     if not attempts:
         return ServiceUnavailable("no model is configured for this request")
-    detail = "; ".join(f"{a.model}: {a.error}" for a in attempts)
+    # One line per model and error, with a count for retries: "m: HTTP 500: boom (3 attempts)".
+    seen: dict[tuple[str, str | None], int] = {}
+    for a in attempts:
+        seen[(a.model, a.error)] = seen.get((a.model, a.error), 0) + 1
+    detail = "; ".join(f"{m}: {e}" + (f" ({n} attempts)" if n > 1 else "") for (m, e), n in seen.items())
     kinds = {a.kind for a in attempts}
     if kinds <= {"unconfigured", "circuit_open", "connect"}:
         return ServiceUnavailable(f"no model could take the request: {detail}", headers={"retry-after": "5"})

