@@ -26,6 +26,7 @@ from starlette.types import Scope
 from gateway import dpo
 from gateway.api import chat, ops, records
 from gateway.config import ModelSpec, Settings
+from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder, routing_text
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import Redactor
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
-MAX_BACKGROUND = 64  # duels (and their judging) in flight at once; more are skipped
 access_log = logging.getLogger("gateway.access")
 
 ProviderFactory = Callable[[ModelSpec, "BuildContext"], Provider]
@@ -107,8 +107,7 @@ class Gateway:
     redact: Redactor
     metrics: Metrics
     embedder: Embedder | None = None
-    rng: random.Random = field(default_factory=random.Random)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    duels: Duels | None = None
 
     def finish(self, record: CallRecord, t0: float, state: dict[str, Any]) -> None:
         """A call ended (any way): log fields, metrics, and the write-behind record."""
@@ -131,6 +130,10 @@ class Gateway:
             fields["messages"] = record.messages
         self.metrics.observe_call(record)
         self.recorder.record(record)
+
+    def start_duel(self, record: CallRecord, decision: Decision, body: dict[str, Any]) -> None:
+        if self.duels is not None:
+            self.duels.maybe_start(record, decision, body)
 
     async def learn(self, feedback: Feedback) -> dict[str, Any]:
         """Feedback, durable first; then what it teaches: the arm's global statistics (at once),
@@ -163,96 +166,6 @@ class Gateway:
             "pairs": pairs,
         }
 
-    # --- duels and the judge
-    def maybe_duel(self, record: CallRecord, decision: Decision, body: dict[str, Any]) -> None:
-        """With probability DUEL_RATE, send a bandit-routed call to the runner-up too, in the
-        background, after the caller has its answer: its answer is stored, costed, and judged."""
-        if self.settings.duel_rate <= 0 or record.status != "ok" or decision.layer != "bandit":
-            return
-        if self.rng.random() >= self.settings.duel_rate:
-            return
-        runner_up = next((m for m in decision.fallbacks if m != record.model), None)
-        if runner_up is None or len(self.background) >= MAX_BACKGROUND:
-            return
-        task = asyncio.get_running_loop().create_task(self._duel(record, runner_up, body))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def _side_call(self, model: str, body: dict[str, Any], rec: CallRecord) -> CallRecord:
-        t0 = time.perf_counter()
-        try:
-            result = await self.upstreams.chat([model], body)
-        except GatewayError as exc:
-            rec.status, rec.http_status, rec.error = "error", exc.status, self.redact(exc.message)
-            rec.upstream_ms = (time.perf_counter() - t0) * 1000
-        else:
-            choices = result.data.get("choices") or [{}]
-            rec.response = chat.response_text(choices[0].get("message") or {})
-            usage = result.data.get("usage") or {}
-            rec.prompt_tokens = usage.get("prompt_tokens") or chat.estimate_tokens(rec.messages)
-            rec.completion_tokens = usage.get("completion_tokens") or len(rec.response or "") // 4
-            rec.cost_usd = result.spec.cost_usd(rec.prompt_tokens or 0, rec.completion_tokens or 0)
-            rec.status, rec.http_status, rec.upstream_ms = "ok", 200, result.attempts[-1].ms
-            rec.synthetic = bool((result.data.get("x_replay") or {}).get("placeholder"))
-            rec.upstream_model = (
-                result.data.get("model") if isinstance(result.data.get("model"), str) else None
-            )
-        self.metrics.observe_call(rec)
-        self.recorder.record(rec)
-        return rec
-
-    async def _duel(self, parent: CallRecord, model: str, body: dict[str, Any]) -> None:
-        try:
-            body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-            duel = CallRecord(
-                id=f"{parent.id}:duel",
-                messages=parent.messages,
-                requested_model=parent.requested_model,
-                model=model,
-                status="error",
-                http_status=500,
-                prompt_hash=parent.prompt_hash,
-                embedding=parent.embedding,
-                layer="duel",
-                kind="duel",
-                duel_of=parent.id,
-                caller=parent.caller,
-            )
-            await self._side_call(model, body, duel)
-            if self.settings.judge_model and duel.status == "ok" and parent.response and duel.response:
-                await self.judge(parent, duel)
-        except Exception:
-            log.exception("duel for %s failed", parent.id)
-
-    async def judge(self, first: CallRecord, second: CallRecord) -> str | None:
-        """The blind judge: both answers in random order, a strict verdict, feedback with source
-        `judge` (which never overrides a human's). Returns the verdict, or None if malformed."""
-        judge_model = self.settings.judge_model
-        assert judge_model is not None and first.response and second.response
-        order = dpo.blind_order(first.id, second.id, self.rng)
-        answers = {first.id: first.response, second.id: second.response}
-        messages = dpo.judge_prompt(first.messages, answers[order.a], answers[order.b])
-        rec = CallRecord(
-            id=f"{first.id}:judge",
-            messages=messages,
-            requested_model=judge_model,
-            model=judge_model,
-            status="error",
-            http_status=500,
-            layer="judge",
-            kind="judge",
-            duel_of=first.id,
-        )
-        await self._side_call(judge_model, {"messages": messages, "temperature": 0, "max_tokens": 16}, rec)
-        verdict = dpo.parse_verdict(rec.response) if rec.status == "ok" else None
-        rec.decision = {"order": [order.a, order.b], "verdict": verdict}
-        if verdict is None:
-            log.warning("judge %s gave no strict verdict for %s; nothing recorded", judge_model, first.id)
-            return None
-        for request_id, score in order.scores(verdict).items():
-            await self.learn(Feedback(request_id, score, f"judge {judge_model}: {verdict}", source="judge"))
-        return verdict
-
     async def _embedding_of(self, request_id: str) -> np.ndarray | None:
         record = await self.store.get_call(request_id)
         if record is None:
@@ -279,13 +192,6 @@ class Gateway:
         if self.settings.router_policy != "default":
             checks["embedder"] = "ok" if self.embedder is not None else "unavailable: routing without context"
         return checks
-
-    async def drain(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a shutdown bound
-        """Let background duels finish (they are still recorded), then cancel what is left."""
-        if self.background:
-            _, pending = await asyncio.wait(set(self.background), timeout=timeout)
-            for task in pending:
-                task.cancel()
 
     def state(self) -> dict[str, Any]:
         """What /metrics reads at scrape time."""
@@ -431,18 +337,11 @@ def create_app(
             )
             await router.start()
             stack.push_async_callback(router.aclose)
-            gw = Gateway(
-                settings,
-                upstreams,
-                router,
-                the_store,
-                recorder,
-                redactor,
-                metrics,
-                the_embedder,
-                random.Random(seed),
+            gw = Gateway(settings, upstreams, router, the_store, recorder, redactor, metrics, the_embedder)
+            gw.duels = Duels(
+                settings, upstreams, recorder, metrics, gw.learn, rng=random.Random(seed), redact=redactor
             )
-            stack.push_async_callback(gw.drain)
+            stack.push_async_callback(gw.duels.drain)
             metrics.add_state(gw.state)
             app.state.gw = gw
             probe = asyncio.create_task(_probe_local(settings, session))

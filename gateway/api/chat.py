@@ -272,7 +272,7 @@ class ChatCompletions:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
         gw.finish(record, t0, state)
-        gw.maybe_duel(record, decision, body)
+        gw.start_duel(record, decision, body)
 
     async def _stream(
         self,
@@ -321,7 +321,7 @@ class ChatCompletions:
             self._account(record, spec, acc.usage or {}, ctx)
             gw.finish(record, t0, state)
             if status == "ok":
-                gw.maybe_duel(record, decision, body)
+                gw.start_duel(record, decision, body)
 
         def encode(event: dict[str, Any]) -> bytes | None:
             if not include_usage:
