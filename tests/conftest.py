@@ -105,11 +105,17 @@ class GatewayServer:
 
 
 @pytest.fixture(scope="session")
-def st_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DATA_DIR for the session: the ONNX export of the model (made once) and the lab's caches."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def st_model(data_dir: Path) -> Any:
     """The real all-MiniLM-L6-v2 (ONNX), loaded once per test session."""
     from gateway.embedder import load_encoder
 
-    return load_encoder(tmp_path_factory.mktemp("models"))
+    return load_encoder(data_dir / "models")
 
 
 @pytest.fixture

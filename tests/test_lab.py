@@ -289,12 +289,12 @@ def topics_file(tmp_path) -> Path:
     return write_replay(tmp_path / "topics.jsonl", records, {"cheap": (0.1, 0.1), "dear": (10.0, 30.0)})
 
 
-def test_replay_end_to_end_learns_and_reports(topics_file, tmp_path, st_model, pg):
+def test_replay_end_to_end_learns_and_reports(topics_file, tmp_path, data_dir, st_model, pg):
     options = Options(
         feedback_rate=1.0,
         seed=0,
         store="postgres",
-        data_dir=tmp_path / "data",
+        data_dir=data_dir,
         overrides={"exploration_rate": 0.05, "similarity_threshold": 0.5, "min_similar_requests": 3},
     )
     report = replay(str(topics_file), options, str(tmp_path / "out"))
@@ -316,12 +316,12 @@ def test_replay_end_to_end_learns_and_reports(topics_file, tmp_path, st_model, p
     assert shares["cheap"] + shares["dear"] == pytest.approx(1.0)
 
 
-def test_sweep_over_a_grid(topics_file, tmp_path, st_model):
+def test_sweep_over_a_grid(topics_file, tmp_path, data_dir, st_model):
     options = Options(
         feedback_rate=1.0,
         seed=0,
         store="memory",
-        data_dir=tmp_path / "data",
+        data_dir=data_dir,
         limit=120,
         overrides={"similarity_threshold": 0.5},
     )
@@ -343,8 +343,8 @@ def test_sweep_over_a_grid(topics_file, tmp_path, st_model):
 @pytest.mark.skipif(
     not (SHARED / "routerbench_dev.jsonl").is_file(), reason="../shared/data/replay is not here"
 )
-def test_a_slice_of_routerbench(tmp_path, st_model):
-    options = Options(feedback_rate=1.0, seed=0, store="memory", data_dir=tmp_path / "data", limit=300)
+def test_a_slice_of_routerbench(tmp_path, data_dir, st_model):
+    options = Options(feedback_rate=1.0, seed=0, store="memory", data_dir=data_dir, limit=300)
     report = replay(str(SHARED / "routerbench_dev.jsonl"), options, str(tmp_path / "rb"))
     assert report["records"] == 300 and len(report["models"]) == 11
     assert report["best_single_model"] == "gpt-4-1106-preview"
