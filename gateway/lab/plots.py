@@ -66,6 +66,16 @@ def replay_plots(out: Path, router: Trace, base: dict[str, Trace], models: Seque
     return files
 
 
+def _curve(h: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """A hull is linear in cost between its points: sample it densely so a log axis shows it true."""
+    xs = np.array([p[0] for p in h])
+    ys = np.array([p[1] for p in h])
+    if len(xs) < 2:
+        return xs, ys
+    grid = np.geomspace(max(xs[0], 1e-12), xs[-1], 200)
+    return grid, np.interp(grid, xs, ys)
+
+
 def cost_quality_plot(
     path: Path, points: dict[str, tuple[float, float]], singles: dict[str, tuple[float, float]], title: str
 ) -> Path:
@@ -75,21 +85,18 @@ def cost_quality_plot(
     ax.scatter(sx, sy, marker="s", color="grey", label="single models")
     for name, (c, q) in singles.items():
         ax.annotate(name.split("/")[-1], (c, q), fontsize=6, color="grey")
-    h = hull(list(singles.values()))
     ax.plot(
-        [p[0] for p in h],
-        [p[1] for p in h],
+        *_curve(hull(list(singles.values()))),
         color="grey",
         linestyle="--",
         linewidth=1,
-        label="zero router hull",
+        label="zero router hull (mixing single models)",
     )
     px, py = zip(*points.values(), strict=True)
     ax.scatter(px, py, color="tab:blue", label="router settings")
     for name, (c, q) in points.items():
         ax.annotate(name, (c, q), fontsize=6, color="tab:blue")
-    rh = hull(list(points.values()))
-    ax.plot([p[0] for p in rh], [p[1] for p in rh], color="tab:blue", linewidth=1.5, label="router hull")
+    ax.plot(*_curve(hull(list(points.values()))), color="tab:blue", linewidth=1.5, label="router hull")
     ax.set(xscale="log", xlabel="mean cost per call (USD)", ylabel="mean score", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
