@@ -123,25 +123,28 @@ class Router:
     async def _sync_lin(self) -> None:
         assert self.lin is not None and self.store is not None
         while True:
-            # Look 60 s back: a rating becomes visible when its transaction commits, a little after
-            # its time; what was already absorbed is skipped.
-            rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=60), limit=10_000)
-            fresh = 0
-            new: dict[str, list[Rating]] = {}
+            # Look 10 s back: a rating becomes visible when its transaction commits, a little after
+            # its time. What was already absorbed (same call, same score) is skipped, and only the
+            # rest's embeddings are fetched.
+            rows = await self.store.rated_since(self.lin_synced - timedelta(seconds=10), limit=10_000)
             for r in rows:
                 self.lin_synced = max(self.lin_synced, r.at)
+            todo = [r for r in rows if self.lin_seen.get(r.request_id) != r.score]
+            embeddings = await self.store.embeddings_of([r.request_id for r in todo]) if todo else {}
+            new: dict[str, list[Rating]] = {}
+            for r in todo:
+                if r.request_id not in embeddings:
+                    continue  # no embedding (yet): nothing to learn from
                 if r.request_id in self.lin_seen:
-                    fresh += self._absorb(r.request_id, r.model, r.score, r.embedding)  # a re-rating
+                    self._absorb(r.request_id, r.model, r.score, embeddings[r.request_id])  # a re-rating
                 else:
                     new.setdefault(r.model, []).append(r)
             for model, ratings in new.items():
-                self.lin.update_many(
-                    model, np.stack([r.embedding for r in ratings]), np.array([r.score for r in ratings])
-                )
+                xs = np.stack([embeddings[r.request_id] for r in ratings])
+                self.lin.update_many(model, xs, np.array([r.score for r in ratings]))
                 for r in ratings:
                     self.lin_seen[r.request_id] = r.score
-                fresh += len(ratings)
-            if len(rows) < 10_000 or not fresh:
+            if len(rows) < 10_000 or not todo:
                 return
 
     def _absorb(self, request_id: str, model: str, score: float, embedding: np.ndarray) -> bool:

@@ -111,12 +111,11 @@ class Neighbour:
 
 @dataclass(frozen=True)
 class Rating:
-    """A call's effective score as of `at`, with what the linear policy learns from."""
+    """A call's effective score as of `at` (the linear policy fetches the embeddings it lacks)."""
 
     request_id: str
     model: str
     score: float
-    embedding: np.ndarray
     at: datetime
 
 
@@ -223,6 +222,8 @@ class Store(Protocol):
         ...
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]: ...
+
+    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
     async def arm_stats(self) -> dict[str, ArmStats]: ...
 

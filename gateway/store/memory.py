@@ -209,16 +209,23 @@ class MemoryStore:
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         out = [
-            Rating(c.record.id, c.record.model, c.score, c.record.embedding, c.score_at)
+            Rating(c.record.id, c.record.model, c.score, c.score_at)
             for c in self.calls.values()
             if c.score is not None
             and c.score_at is not None
             and c.score_at > since
-            and c.record.embedding is not None
             and c.record.model is not None
         ]
         out.sort(key=lambda r: r.at)
         return out[:limit]
+
+    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for rid in request_ids:
+            call = self.calls.get(rid)
+            if call is not None and call.record.embedding is not None:
+                out[rid] = call.record.embedding
+        return out
 
     async def arm_stats(self) -> dict[str, ArmStats]:
         return {name: replace(arm) for name, arm in self.arms.items()}

@@ -376,20 +376,26 @@ class PostgresStore:
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         stmt = (
-            select(calls.c.id, calls.c.model, calls.c.score, calls.c.embedding, calls.c.score_at)
-            .where(
-                calls.c.score_at > since,
-                calls.c.score.is_not(None),
-                calls.c.embedding.is_not(None),
-                calls.c.model.is_not(None),
-            )
+            select(calls.c.id, calls.c.model, calls.c.score, calls.c.score_at)
+            .where(calls.c.score_at > since, calls.c.score.is_not(None), calls.c.model.is_not(None))
             .order_by(calls.c.score_at)
             .limit(limit)
         )
 
         async def q(conn: AsyncConnection) -> list[Rating]:
-            rows = (await conn.execute(stmt)).all()
-            return [Rating(r[0], r[1], float(r[2]), np.asarray(r[3], dtype=np.float32), r[4]) for r in rows]
+            return [Rating(r[0], r[1], float(r[2]), r[3]) for r in (await conn.execute(stmt)).all()]
+
+        return await self._run(q)
+
+    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not request_ids:
+            return {}
+        stmt = select(calls.c.id, calls.c.embedding).where(
+            calls.c.id.in_(list(request_ids)), calls.c.embedding.is_not(None)
+        )
+
+        async def q(conn: AsyncConnection) -> dict[str, np.ndarray]:
+            return {r[0]: np.asarray(r[1], dtype=np.float32) for r in (await conn.execute(stmt)).all()}
 
         return await self._run(q)
 
