@@ -39,10 +39,10 @@ from gateway.routing import Decision
 from gateway.routing.bandit import global_posterior
 from gateway.routing.router import Router
 from gateway.store import CallRecord, Feedback, Store
+from gateway.upstreams import Upstreams
 
 if TYPE_CHECKING:
     from gateway.lab.data import ReplayData
-from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -109,7 +109,7 @@ class Gateway:
     embedder: Embedder | None = None
     duels: Duels | None = None
 
-    def finish(self, record: CallRecord, t0: float, state: dict[str, Any]) -> None:
+    def finish(self, record: CallRecord, state: dict[str, Any]) -> None:
         """A call ended (any way): log fields, metrics, and the write-behind record."""
         record.overhead_ms = state.get("overhead_ms")
         if record.error:

@@ -246,7 +246,7 @@ class ChatCompletions:
             result = await until_disconnect(receive, gw.upstreams.chat(decision.chain, body))
         except ClientDisconnected:
             record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
-            gw.finish(record, t0, state)
+            gw.finish(record, state)
             raise
         except Exception as exc:
             self._failed(gw, record, exc, t0, state)
@@ -271,7 +271,7 @@ class ChatCompletions:
         headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-        gw.finish(record, t0, state)
+        gw.finish(record, state)
         gw.start_duel(record, decision, body)
 
     async def _stream(
@@ -294,7 +294,7 @@ class ChatCompletions:
             )
         except ClientDisconnected:
             record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
-            gw.finish(record, t0, state)
+            gw.finish(record, state)
             raise
         except Exception as exc:
             self._failed(gw, record, exc, t0, state)
@@ -319,7 +319,7 @@ class ChatCompletions:
             record.upstream_ms = opened.ttft_ms + (time.perf_counter() - t_stream) * 1000
             record.response = acc.text()
             self._account(record, spec, acc.usage or {}, ctx)
-            gw.finish(record, t0, state)
+            gw.finish(record, state)
             if status == "ok":
                 gw.start_duel(record, decision, body)
 
@@ -419,7 +419,7 @@ class ChatCompletions:
         record.error = str(exc)
         record.upstream_ms = getattr(exc, "upstream_ms", None)
         state["overhead_ms"] = (time.perf_counter() - t0) * 1000 - (record.upstream_ms or 0.0)
-        gw.finish(record, t0, state)
+        gw.finish(record, state)
 
 
 def decision_dict(decision: Decision) -> dict[str, Any]:
