@@ -10,7 +10,9 @@ and one JSON line. Scenarios:
                the recorder's queue depth sampled during a c=32 run)
   routing      `model="auto"`: the keyword path, and the bandit path (embedding cache miss on
                every request, neighbour query on a table of 100,000 rated calls, sampling) at
-               c=1 and c=32, with the per-stage breakdown read back from the call records
+               c=1 and c=32 (knn_ts, a neighbour query per arm), with the per-stage breakdown
+               read back from the call records; then at c=1 knn_ts with one global neighbour
+               query (NEIGHBOURS_PER_ARM=0) and lin_ts (the default policy: no query per request)
 
   python bench/overhead.py                  # everything (about 4 minutes; the first run also
                                             # builds the 100k-call table, about 2 more)
@@ -642,25 +644,30 @@ def main() -> None:
                 )
                 table.append(line)
                 print(line, flush=True)
-            # The linear policy: no neighbour query; its model is warmed up from the same table.
-            t0 = time.perf_counter()
-            with gateway("routing-lin", {**config, "router_policy": "lin_ts"}, work) as gw:
-                report["lin_ts_startup_s"] = round(time.perf_counter() - t0, 1)
-                url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
-                salt = random.Random(2)
-                fresh = chat_body("auto", text=lambda i: f"{sentence(20_000 + i, salt)} (case {i})")
-                pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
-                res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
-                report["lin_ts_c1"] = report_pair("routing: lin_ts, cache miss c=1", res, table)
-                report["lin_ts_c1"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
-                line = "  lin_ts c=1 stages: " + ", ".join(
-                    f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
-                )
-                line += (
-                    f" (started in {report['lin_ts_startup_s']} s, learning from {args.calls} rated calls)"
-                )
-                table.append(line)
-                print(line, flush=True)
+            # Two more bandit variants at c=1: knn_ts with one global neighbour query instead of
+            # one per arm, and the linear policy (no neighbour query; warmed up from the same table).
+            variants = [
+                ("knn_global", "knn_ts, one global query", {"neighbours_per_arm": 0}),
+                ("lin_ts", "lin_ts", {"router_policy": "lin_ts"}),
+            ]
+            for n, (key, title, change) in enumerate(variants):
+                t0 = time.perf_counter()
+                with gateway(f"routing-{key}", {**config, **change}, work) as gw:
+                    startup = round(time.perf_counter() - t0, 1)
+                    url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
+                    salt = random.Random(2 + n)
+                    fresh = chat_body("auto", text=lambda i: f"{sentence(20_000 + i, salt)} (case {i})")
+                    pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
+                    res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
+                    report[f"{key}_c1"] = report_pair(f"routing: {title}, cache miss c=1", res, table)
+                    report[f"{key}_c1"]["startup_s"] = startup
+                    report[f"{key}_c1"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
+                    line = f"  {key} c=1 stages: " + ", ".join(
+                        f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
+                    )
+                    line += f" (started in {startup} s; {args.calls} rated calls in the table)"
+                    table.append(line)
+                    print(line, flush=True)
     finally:
         upstream.stop()
         if pg is not None:
