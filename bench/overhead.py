@@ -656,7 +656,9 @@ def main() -> None:
                     startup = round(time.perf_counter() - t0, 1)
                     url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
                     salt = random.Random(2 + n)
-                    fresh = chat_body("auto", text=lambda i: f"{sentence(20_000 + i, salt)} (case {i})")
+                    fresh = chat_body(
+                        "auto", text=lambda i, salt=salt: f"{sentence(20_000 + i, salt)} (case {i})"
+                    )
                     pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
                     res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
                     report[f"{key}_c1"] = report_pair(f"routing: {title}, cache miss c=1", res, table)
