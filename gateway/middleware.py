@@ -27,7 +27,7 @@ from gateway.errors import (
 
 log = logging.getLogger("gateway.access")
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch (`$` would pass a "\n")
 # Paths that need a client key when GATEWAY_API_KEYS is set (health and metrics stay open for probes).
 _PROTECTED = ("/v1/", "/chat/", "/models", "/feedback", "/requests/", "/metrics/")
 
@@ -118,7 +118,7 @@ class RequestContext:
         try:
             if request_id is None:
                 state["request_id"] = uuid.uuid4().hex
-            elif REQUEST_ID.match(request_id):
+            elif REQUEST_ID.fullmatch(request_id):
                 state["request_id"] = request_id
             else:
                 state["request_id"] = uuid.uuid4().hex

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import orjson
@@ -10,6 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from gateway.config import RouterConstraints
 from gateway.errors import InvalidRequest
+
+# The id of a call record: a request id (at most 128 characters, see the middleware) or the id of
+# a duel's second answer, `{request id}:duel`.
+CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,139}")
+# JSON nested deeper than this is refused: nothing in the OpenAI API needs it, and the encoder that
+# forwards and records a body stops at 254 levels.
+MAX_DEPTH = 128
 
 
 class _Open(BaseModel):
@@ -48,7 +56,7 @@ class ChatRequest(_Open):
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=140)  # 128 + ":judge" / ":duel"
+    request_id: str = Field(pattern=f"^{CALL_ID.pattern}$")
     score: float = Field(ge=0, le=1, allow_inf_nan=False)
     feedback_text: str | None = Field(default=None, max_length=10_000)
     source: Literal["user", "app"] = "user"
@@ -63,7 +71,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     return data
+
+
+def _too_deep(data: Any) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
+    return False
 
 
 def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:

@@ -15,7 +15,7 @@ from gateway import dpo
 from gateway.api import json_response
 from gateway.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from gateway.middleware import key_id
-from gateway.schemas import FeedbackRequest, parse_json_object, validate
+from gateway.schemas import CALL_ID, FeedbackRequest, parse_json_object, validate
 from gateway.store import Feedback
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ _TIMINGS = (
 async def _call(gw: Gateway, request: Request, request_id: str) -> dict[str, Any]:
     """A call record, for its own caller: with GATEWAY_API_KEYS set, one client key cannot read or
     rate another's calls (the admin key can); to others it does not exist."""
+    if not CALL_ID.fullmatch(request_id):  # no call has such an id
+        raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
     if gw.recorder.has(request_id):
         await gw.recorder.flush()
     record = await gw.store.get_call(request_id)

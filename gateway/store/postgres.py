@@ -124,7 +124,7 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list):
         return [_clean(v) for v in value]
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {_clean(k): _clean(v) for k, v in value.items()}
     return value
 
 
