@@ -31,7 +31,7 @@ from gateway.embedder import Embedder, MiniLMEmbedder, routing_text
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
-from gateway.middleware import RequestContext
+from gateway.middleware import RateLimits, RequestContext
 from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.recorder import Recorder
@@ -106,12 +106,16 @@ class Gateway:
     recorder: Recorder
     redact: Redactor
     metrics: Metrics
+    limits: RateLimits
     embedder: Embedder | None = None
     duels: Duels | None = None
 
     def finish(self, record: CallRecord, state: dict[str, Any]) -> None:
-        """A call ended (any way): log fields, metrics, and the write-behind record."""
+        """A call ended (any way): log fields, metrics, rate-limit tokens, the write-behind record."""
         record.overhead_ms = state.get("overhead_ms")
+        if "tokens_reserved" in state:
+            used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+            self.limits.charge_tokens(state["limit_id"], used - state.pop("tokens_reserved"))
         if record.error:
             record.error = self.redact(record.error)
         fields = state.setdefault("log", {})
@@ -293,10 +297,20 @@ def create_app(
     factories = {**PROVIDERS, **(providers or {})}
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
+    limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Shutdown runs this stack backwards, after uvicorn has stopped accepting and given the
+        # calls in flight SHUTDOWN_TIMEOUT_S: duels drain, the recorder flushes, the upstream
+        # connection pool closes, the database closes last.
         async with AsyncExitStack() as stack:
+            if store is None:
+                from gateway.store.factory import open_store
+
+                the_store = await stack.enter_async_context(open_store(settings))
+            else:
+                the_store = store
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
@@ -317,12 +331,6 @@ def create_app(
             upstreams = Upstreams(settings, built, unavailable, redact=redactor)
             upstreams.on_fallback = metrics.fallback
             stack.push_async_callback(upstreams.aclose)
-            if store is None:
-                from gateway.store.factory import open_store
-
-                the_store = await stack.enter_async_context(open_store(settings))
-            else:
-                the_store = store
             recorder = Recorder(
                 the_store, max_queue=settings.recorder_queue_size, batch_size=settings.recorder_batch_size
             )
@@ -337,7 +345,9 @@ def create_app(
             )
             await router.start()
             stack.push_async_callback(router.aclose)
-            gw = Gateway(settings, upstreams, router, the_store, recorder, redactor, metrics, the_embedder)
+            gw = Gateway(
+                settings, upstreams, router, the_store, recorder, redactor, metrics, limits, the_embedder
+            )
             gw.duels = Duels(
                 settings, upstreams, recorder, metrics, gw.learn, rng=random.Random(seed), redact=redactor
             )
@@ -345,6 +355,12 @@ def create_app(
             metrics.add_state(gw.state)
             app.state.gw = gw
             probe = asyncio.create_task(_probe_local(settings, session))
+            if not settings.gateway_api_keys:
+                log.warning(
+                    "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
+                    "your upstream credit and read every call. Set GATEWAY_API_KEYS (and "
+                    "REQUIRE_API_KEYS=true) before exposing it beyond this machine."
+                )
             log.info("gateway ready: %d models, default %s", len(settings.models), settings.default_model)
             try:
                 yield
@@ -410,6 +426,7 @@ def create_app(
             on_finish=_on_finish,
             redact=redactor,
             in_flight=metrics.in_flight,
+            limits=limits,
         )
     )
     return Starlette(

@@ -64,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         server_header=False,
     )
     return 0

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -55,7 +55,14 @@ class ModelSpec(_Strict):
     output_usd_per_mtok: float = Field(default=0.0, ge=0)
     context_window: int = Field(default=8192, gt=0)
     capabilities: frozenset[str] = frozenset({"chat", "streaming"})
+    # At most this many calls at once; up to `max_queue` more wait up to `queue_timeout_s` for a
+    # slot, then the call falls back to the next model (or gets 503 when none is left).
     max_concurrency: int | None = Field(default=None, gt=0)
+    max_queue: int = Field(default=32, ge=0)
+    queue_timeout_s: float = Field(default=2.0, ge=0)
+    # Caps what a call may ask of this model: a larger max_tokens / max_completion_tokens is cut
+    # down to it, and a request without one gets it.
+    max_output_tokens: int | None = Field(default=None, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=120.0, gt=0)
     fallbacks: tuple[str, ...] = ()
@@ -224,10 +231,22 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text", "auto"] = "auto"
     log_prompts: bool = False
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
-    # Client keys: when set, /v1/* and /feedback need `Authorization: Bearer <key>`.
+    max_messages: int = Field(default=1000, ge=1)
+    max_input_chars: int = Field(default=1_000_000, ge=1)  # all message text of one request
+    # One call's deadline (routing, retries, fallbacks and, for a stream, its whole body).
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # On SIGTERM: stop accepting, give in-flight calls (streams too) this long, then flush and close.
+    shutdown_timeout_s: int = Field(default=30, ge=0)
+    # Client keys: when set, /v1/*, /feedback and the call lookups need `Authorization: Bearer <key>`.
     gateway_api_keys: CommaList = Field(default_factory=list)
-    # Admin key: needed for admin endpoints (/v1/dpo/pairs); without it those are disabled.
+    # Refuse to start without GATEWAY_API_KEYS (the prod profile sets it).
+    require_api_keys: bool = False
+    # Admin key: needed for admin endpoints (/v1/dpo/pairs; /v1/stats and every caller's calls when
+    # client keys are set); without it those are disabled.
     admin_api_key: SecretStr | None = None
+    # Per client key (per address when the gateway runs without keys), per replica; 0 = no limit.
+    rate_limit_rpm: int = Field(default=0, ge=0)  # requests a minute (chat, feedback, lookups)
+    rate_limit_tpm: int = Field(default=0, ge=0)  # tokens a minute (prompt + completion)
 
     # --- upstreams
     openrouter_api_key: SecretStr | None = None
@@ -361,7 +380,30 @@ class Settings(BaseSettings):
         for vname in self.virtual_models:
             if vname in known_names:
                 raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
+        for m in models:
+            self._check_key_destination(m)
+        if self.require_api_keys and not self.gateway_api_keys:
+            raise ValueError(
+                "REQUIRE_API_KEYS is set (the prod profile does) but GATEWAY_API_KEYS is empty: "
+                "refusing to start a gateway anyone can use; set GATEWAY_API_KEYS=key1,key2"
+            )
         return self
+
+    def _check_key_destination(self, m: ModelSpec) -> None:
+        """OpenRouter's and OpenAI's keys go to their own hosts only (OPENROUTER_BASE_URL's for
+        OpenRouter), never to a base URL someone pointed a model at."""
+        homes = {
+            "OPENROUTER_API_KEY": self.openrouter_base_url,
+            "OPENAI_API_KEY": _DEFAULT_BASE_URLS["openai"],
+        }
+        home = homes.get(m.api_key_env or "")
+        if home is None or m.base_url is None:
+            return
+        if _origin(m.base_url) != _origin(home):
+            raise ValueError(
+                f"model {m.name!r} would send {m.api_key_env} to {_origin(m.base_url)}, but that key "
+                f"only goes to {_origin(home)}; give the model its own api_key_env"
+            )
 
     def _model_references(self) -> list[tuple[str, tuple[str, ...]]]:
         refs: list[tuple[str, tuple[str, ...]]] = []
@@ -417,6 +459,12 @@ class Settings(BaseSettings):
             if key:
                 out.append(key)
         return out
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 def normalise_dsn(url: str) -> str:

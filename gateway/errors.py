@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -66,6 +67,19 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    """A client key (or address) went over RATE_LIMIT_RPM or RATE_LIMIT_TPM: 429 with Retry-After,
+    in OpenAI's shape (`type` is "requests" or "tokens", as OpenAI's own limits say)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, retry_after_s: float | None) -> None:
+        headers = {} if retry_after_s is None else {"retry-after": str(max(1, math.ceil(retry_after_s)))}
+        super().__init__(message, headers=headers)
+        self.type = kind
 
 
 class ServiceUnavailable(GatewayError):

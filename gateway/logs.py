@@ -8,6 +8,7 @@ every error message sent to a client.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -15,8 +16,20 @@ from typing import Any
 
 import orjson
 
+# What looks like a credential even when this process does not know it (an upstream quoting a key
+# of its own, a key pasted into an error): provider key prefixes, bearer tokens, `api_key=...`.
+_KEYLIKE = re.compile(
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{16,}"
+    r"|\bAIza[0-9A-Za-z_\-]{30,}"
+    r"|\bAKIA[0-9A-Z]{16}\b"
+    r"|(?<=Bearer )[A-Za-z0-9._~+/\-]{16,}=*"
+    r"|(?i:(?<=api_key=)|(?<=api-key: )|(?<=\"api_key\": \"))[^\s\"&,;]{8,}"
+)
+
 
 class Redactor:
+    """Replaces every known secret, and anything that looks like a key, with `[redacted]`."""
+
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so that a key containing another is replaced whole.
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
@@ -25,7 +38,7 @@ class Redactor:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
-        return text
+        return _KEYLIKE.sub("[redacted]", text)
 
 
 # Record attributes that are not fields of a line (uvicorn adds its own coloured copy of the message).

@@ -93,7 +93,7 @@ class ModelHealth:
 @dataclass
 class Attempt:
     model: str
-    outcome: str  # ok | error | circuit_open | unavailable
+    outcome: str  # ok | error | circuit_open | unavailable | busy
     ms: float = 0.0
     error: str | None = None
     status: int | None = None
@@ -163,6 +163,7 @@ class Upstreams:
         self.limits = {
             m.name: asyncio.Semaphore(m.max_concurrency) for m in settings.models if m.max_concurrency
         }
+        self.waiting = dict.fromkeys(self.limits, 0)
         self.on_fallback: Callable[[str, str], None] | None = None
 
     async def aclose(self) -> None:
@@ -207,6 +208,14 @@ class Upstreams:
     def _payload(self, spec: ModelSpec, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         payload = dict(body)
         payload["model"] = spec.upstream_id
+        cap = spec.max_output_tokens
+        if cap is not None:
+            asked = [k for k in ("max_completion_tokens", "max_tokens") if payload.get(k) is not None]
+            for key in asked:
+                if not isinstance(payload[key], int) or payload[key] > cap:
+                    payload[key] = cap
+            if not asked:
+                payload["max_tokens"] = cap
         if stream:
             options = dict(payload.get("stream_options") or {})
             options["include_usage"] = True  # so that every streamed call can be priced
@@ -230,12 +239,9 @@ class Upstreams:
             attempts.append(Attempt(name, "circuit_open", error="circuit open", kind="circuit_open"))
             return None
         limit = self.limits.get(name)
-        try:
-            if limit is not None:
-                await limit.acquire()
-        except BaseException:
-            breaker.release()  # cancelled while waiting: the probe slot (if it was ours) is free again
-            raise
+        if limit is not None and not await self._slot(name, limit, attempts):
+            breaker.release()  # busy tells nothing about the model's health
+            return None
         health.in_flight += 1
         released = False
         handed_over = False
@@ -290,6 +296,34 @@ class Upstreams:
                 breaker.release()
             if not handed_over:
                 release()
+
+    async def _slot(self, name: str, limit: asyncio.Semaphore, attempts: list[Attempt]) -> bool:
+        """A concurrency slot of the model: at once, or after a short wait in a bounded queue."""
+        spec = self.specs[name]
+        if limit.locked():
+            if self.waiting[name] >= spec.max_queue:
+                attempts.append(
+                    Attempt(name, "busy", error=f"busy ({spec.max_queue} calls already waiting)", kind="busy")
+                )
+                return False
+            self.waiting[name] += 1
+            try:
+                await asyncio.wait_for(limit.acquire(), spec.queue_timeout_s)
+            except TimeoutError:
+                attempts.append(
+                    Attempt(
+                        name, "busy", error=f"busy (no slot within {spec.queue_timeout_s:g} s)", kind="busy"
+                    )
+                )
+                return False
+            except BaseException:
+                self.breakers[name].release()  # cancelled while waiting: free the probe slot
+                raise
+            finally:
+                self.waiting[name] -= 1
+            return True
+        await limit.acquire()  # free now: returns at once
+        return True
 
     def _redact(self, exc: ProviderError) -> None:
         """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-...")."""
@@ -399,7 +433,7 @@ def _final_error(attempts: list[Attempt]) -> GatewayError:
         seen[(a.model, a.error)] = seen.get((a.model, a.error), 0) + 1
     detail = "; ".join(f"{m}: {e}" + (f" ({n} attempts)" if n > 1 else "") for (m, e), n in seen.items())
     kinds = {a.kind for a in attempts}
-    if kinds <= {"unconfigured", "circuit_open", "connect"}:
+    if kinds <= {"unconfigured", "circuit_open", "connect", "busy"}:
         return ServiceUnavailable(f"no model could take the request: {detail}", headers={"retry-after": "5"})
     if attempts[-1].kind == "timeout":
         return UpstreamTimeout(f"the upstream timed out: {detail}")

@@ -25,6 +25,18 @@ from gateway.config import ModelSpec, Settings
 from tests.fake_upstream import FakeUpstream
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Polls `predicate` until it returns something true (a log line is written just after its
+    response is sent, a record a moment after that)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for a condition")
+
+
 @pytest.fixture(scope="session")
 def fake() -> Iterator[FakeUpstream]:
     server = FakeUpstream().start()
@@ -63,6 +75,7 @@ class GatewayServer:
             loop="asyncio",
             http="httptools",
             log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -183,6 +196,24 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PG]:
     yield server
     with contextlib.suppress(Exception):
         server.stop()
+
+
+def asyncpg_dsn(dsn: str) -> str:
+    return dsn.replace("postgresql+asyncpg://", "postgresql://")
+
+
+def query(dsn: str, sql: str, *args: Any) -> list[Any]:
+    """Rows of one query, straight from the database (not through the gateway)."""
+    import asyncpg
+
+    async def go() -> list[Any]:
+        conn = await asyncpg.connect(asyncpg_dsn(dsn))
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return list(run_async(go()))
 
 
 @pytest.fixture

@@ -9,14 +9,23 @@ Knobs (all optional):
   chunks=N          number of content chunks in a stream (default 8)
   status=N          answer every request with HTTP N and an OpenAI error body
   fail_times=N      the first N requests of this scenario fail (with `status`, default 500)
+  fail_rate=P       each request fails with probability P (with `status`, default 500)
   cut_after=N       stream: end the body after N content chunks, without [DONE]
   error_after=N     stream: after N content chunks send an error event (as OpenRouter does)
   abort_after=N     stream: after N content chunks reset the connection
   garbage_after=N   stream: after N content chunks send an event that is not a JSON object
+  cut_rate=P        stream: with probability P, end the body after `cut_after` (default 2)
+                    content chunks, without [DONE]
+  abort_rate=P      with probability P, reset the connection: a stream after `abort_after`
+                    (default 2) content chunks, a non-stream response halfway through its body
   hang=1            never answer (until the client goes away)
   answer=TEXT       the content (default: "Hello from <model>."); `_` stands for a space
   usage=0           leave `usage` out of responses
   echo_auth=1       with `status`: the error message quotes the API key it received
+
+The random knobs draw from a random.Random per scenario, seeded from the server's `seed` (0 by
+default, `--seed` on the command line) and the scenario, so a run is reproducible (given the order
+of requests). Several knobs may be combined: `fail_rate=0.05,abort_rate=0.02`.
 
 It records what it receives (`received`), how many requests each scenario saw (`counts`) and how
 many streams their client abandoned (`disconnects`). Run standalone for benchmarks:
@@ -29,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import random
 import socket
 import threading
 import time
@@ -66,7 +76,9 @@ def _error(status: int, message: str) -> bytes:
 
 
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.rngs: dict[str, random.Random] = {}
         self.received: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counts: Counter[str] = Counter()
         self.disconnects = 0
@@ -124,10 +136,23 @@ class FakeUpstream:
             await self._wait_disconnect(receive)
             self.disconnects += 1
             return
+        # The random draws, in a fixed order, for every request (so that one knob's outcome does
+        # not shift another's sequence).
+        rng = self.rngs.get(scenario)
+        if rng is None:
+            rng = self.rngs[scenario] = random.Random(f"{self.seed}:{scenario}")
+        fail, cut, abort = (
+            rng.random() < float(knobs.get(k, "0")) for k in ("fail_rate", "cut_rate", "abort_rate")
+        )
         if "delay_ms" in knobs:
             await asyncio.sleep(float(knobs["delay_ms"]) / 1000)
         fail_times = int(knobs.get("fail_times", "0"))
-        if "status" in knobs and (fail_times == 0 or n <= fail_times):
+        if "fail_rate" in knobs:
+            if fail:
+                status = int(knobs.get("status", "500"))
+                await self._json(send, status, _error(status, f"fake random failure {status}"))
+                return
+        elif "status" in knobs and (fail_times == 0 or n <= fail_times):
             status = int(knobs["status"])
             message = f"fake failure {status}"
             if knobs.get("echo_auth"):  # as OpenAI does: "Incorrect API key provided: sk-..."
@@ -142,9 +167,15 @@ class FakeUpstream:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in req["messages"])
         with_usage = knobs.get("usage", "1") != "0"
         if req.get("stream"):
+            # A random cut or abort happens where `cut_after` / `abort_after` say (default 2).
+            for rate, at, drawn in (("cut_rate", "cut_after", cut), ("abort_rate", "abort_after", abort)):
+                if drawn:
+                    knobs[at] = knobs.get(at, "2")
+                elif rate in knobs:
+                    knobs.pop(at, None)
             await self._stream(scope, receive, send, req, knobs, model, answer, prompt_tokens, with_usage)
             return
-        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        message = {"role": "assistant", "content": answer}
         finish = "stop"
         if req.get("tools"):
             tool = req["tools"][0]["function"]["name"]
@@ -175,7 +206,14 @@ class FakeUpstream:
         }
         if with_usage:
             completion["usage"] = _usage(prompt_tokens, len(answer.split()))
-        await self._json(send, 200, orjson.dumps(completion))
+        payload = orjson.dumps(completion)
+        if abort:
+            headers = [*JSON, (b"content-length", str(len(payload)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            half = payload[: len(payload) // 2]
+            await send({"type": "http.response.body", "body": half, "more_body": True})
+            raise ConnectionAbortedError("fake upstream aborts the response")
+        await self._json(send, 200, payload)
 
     async def _stream(
         self,
@@ -325,11 +363,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="fake OpenAI-compatible upstream")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9100)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random knobs (fail_rate, ...)")
     args = ap.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the fake upstream only listens on loopback")
     uvicorn.run(
-        FakeUpstream(),
+        FakeUpstream(seed=args.seed),
         host=args.host,
         port=args.port,
         loop="uvloop",

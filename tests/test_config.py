@@ -28,6 +28,7 @@ models:
 @pytest.mark.parametrize("profile", ["config.dev.yaml", "config.prod.yaml", "config.cost-optimized.yaml"])
 def test_profiles_load_with_their_intent(profile, monkeypatch):
     monkeypatch.delenv("EXPLORATION_RATE", raising=False)
+    monkeypatch.setenv("GATEWAY_API_KEYS", "sk-client-key")  # prod refuses to start without keys
     s = load_settings(str(ROOT / profile))
     providers = {m.provider for m in s.models}
     assert {"openrouter", "ollama"} <= providers
@@ -37,6 +38,7 @@ def test_profiles_load_with_their_intent(profile, monkeypatch):
     if profile == "config.prod.yaml":
         assert s.exploration_rate == 0.05 and s.log_format == "json" and s.enable_persistence
         assert s.database_ssl_mode == "require" and s.latency_weight > 0.2
+        assert s.require_api_keys and s.rate_limit_rpm > 0 and s.rate_limit_tpm > 0
     if profile == "config.cost-optimized.yaml":
         assert s.cost_weight == -0.8 and all(
             m.input_usd_per_mtok == m.output_usd_per_mtok == 0 for m in s.models

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import dpo
 from gateway.cli import main as cli
-from tests.conftest import make_settings, model
+from tests.conftest import make_settings, model, wait_for
 
 ADMIN = "sk-admin-test-0123456789"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -305,16 +305,6 @@ def ask_pair(gw, content: str) -> httpx.Response:
             "messages": [{"role": "user", "content": content}],
         },
     )
-
-
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_a_duel_adds_no_latency_and_its_answer_is_stored(dueling, fake):

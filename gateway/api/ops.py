@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api import json_response
+from gateway.api import json_response, require_admin
 from gateway.errors import InvalidRequest
 from gateway.store import utcnow
 
@@ -83,7 +83,9 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 
 
 async def stats(request: Request) -> Response:
-    """Per-model share, latency, cost and feedback over a time window (`?window=24h`; m, h or d)."""
+    """Per-model share, latency, cost and feedback over a time window (`?window=24h`; m, h or d).
+    Admin only when the gateway has client keys: the figures cover every caller."""
+    require_admin(request, _gw(request), open_without_keys=True)
     window = request.query_params.get("window", "24h")
     match = _WINDOW.match(window)
     if not match or int(match.group(1)) == 0:

@@ -3,7 +3,6 @@ admin-only GET /v1/dpo/pairs."""
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import dpo
-from gateway.api import json_response
-from gateway.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
+from gateway.api import json_response, require_admin
+from gateway.errors import InvalidRequest, NotFound
 from gateway.middleware import key_id
 from gateway.schemas import CALL_ID, FeedbackRequest, parse_json_object, validate
 from gateway.store import Feedback
@@ -83,15 +82,6 @@ async def get_metrics(request: Request) -> Response:
     return json_response(out)
 
 
-def _admin(request: Request, gw: Gateway) -> None:
-    key = gw.settings.admin_api_key.get_secret_value() if gw.settings.admin_api_key else ""
-    if not key:
-        raise PermissionDenied("admin endpoints are disabled: set ADMIN_API_KEY", code="admin_disabled")
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise AuthenticationError("this endpoint needs 'Authorization: Bearer <ADMIN_API_KEY>'")
-
-
 def _time(value: str | None, param: str) -> datetime | None:
     if not value:
         return None
@@ -105,7 +95,7 @@ def _time(value: str | None, param: str) -> datetime | None:
 async def dpo_pairs(request: Request) -> Response:
     """NDJSON of DPO pairs (or routing labels), paged by time: follow `x-next-cursor`."""
     gw: Gateway = request.app.state.gw
-    _admin(request, gw)
+    require_admin(request, gw)
     q = request.query_params
     kind = q.get("kind", "responses")
     fmt = q.get("format", "trl")

@@ -97,7 +97,11 @@ class HTTPProvider:
     async def chat(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
             async with self.session.post(
-                self.url, data=orjson.dumps(payload), headers=self.headers, timeout=self.timeout
+                self.url,
+                data=orjson.dumps(payload),
+                headers=self.headers,
+                timeout=self.timeout,
+                allow_redirects=False,  # the API key must not follow a redirect elsewhere
             ) as resp:
                 if resp.status != 200:
                     raise await self._status_error(resp)
@@ -129,7 +133,11 @@ class HTTPProvider:
         """
         try:
             resp = await self.session.post(
-                self.url, data=orjson.dumps(payload), headers=self.headers, timeout=self.timeout
+                self.url,
+                data=orjson.dumps(payload),
+                headers=self.headers,
+                timeout=self.timeout,
+                allow_redirects=False,  # the API key must not follow a redirect elsewhere
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._map(exc) from exc
