@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.logs import Redactor
 from gateway.middleware import RateLimits
 from tests.conftest import make_settings, model, query, wait_for
 from tests.test_errors import assert_openai_error
@@ -303,6 +304,25 @@ def hostile(fake):
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("text", "left"),
+    [
+        ("Incorrect API key provided: sk-proj-AAAAAAAAAAAAAAAAAAAAAAAA.", "Incorrect API key provided: ."),
+        ("said: Authorization: Bearer abcdefghijklmnopqrstu", "said: Authorization: Bearer "),
+        ('{"api_key": "0123456789abcdef", "x": 1}', '{"api_key": "", "x": 1}'),
+        ("GET /v1?API_KEY=0123456789abcdef&x=1", "GET /v1?API_KEY=&x=1"),
+        ("key=AIzaSyA0123456789012345678901234567890 end", "key= end"),
+        ("id AKIA0123456789ABCDEF end", "id  end"),
+        ("the known secret s3cret-value and rk-live_0123456789abcdefgh", "the known secret  and "),
+    ],
+)
+def test_the_redactor_hides_known_secrets_and_key_like_strings(text, left):
+    redacted = Redactor(["s3cret-value"])(text)
+    assert redacted.replace("[redacted]", "") == left
+    plain = "POST /v1/chat/completions 200 model=m0 task-1 overhead_ms=0.7"
+    assert Redactor([])(plain) == plain
 
 
 def test_provider_keys_only_go_to_their_own_hosts(fake):
