@@ -128,6 +128,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
+async def _retrying(work: Callable[[], Awaitable[T]]) -> T:
+    """`work`, and once more if the database was unreachable (a pooled connection that died with a
+    restart is replaced on the second try); StoreUnavailable if it still is."""
+    for attempt in (0, 1):
+        try:
+            return await work()
+        except NotFound:
+            raise
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            if attempt == 1:
+                raise StoreUnavailable(_unreachable(exc)) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class PostgresStore:
     def __init__(self, engine: AsyncEngine, *, ssl: str | None = None) -> None:
         self.engine = engine
@@ -141,21 +157,16 @@ class PostgresStore:
         await self.engine.dispose()
 
     async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool = False) -> T:
-        for attempt in (0, 1):
-            try:
-                if write:
-                    async with self.engine.begin() as conn:
-                        return await fn(conn)
-                async with self.engine.connect() as conn:
+        """`fn` on a pooled SQLAlchemy connection (in a transaction with `write`)."""
+
+        async def once() -> T:
+            if write:
+                async with self.engine.begin() as conn:
                     return await fn(conn)
-            except NotFound:
-                raise
-            except Exception as exc:
-                if not _is_unavailable(exc):
-                    raise
-                if attempt == 1:
-                    raise StoreUnavailable(_unreachable(exc)) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            async with self.engine.connect() as conn:
+                return await fn(conn)
+
+        return await _retrying(once)
 
     async def ping(self) -> bool:
         async def q(conn: AsyncConnection) -> bool:
@@ -353,19 +364,14 @@ class PostgresStore:
         threshold: float,
         per_model: list[str] | None = None,
     ) -> list[Neighbour]:
-        for attempt in (0, 1):
-            try:
-                pool = await self._hot()
-                if per_model:
-                    rows = await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model)
-                else:
-                    rows = await pool.fetch(NEIGHBOURS_SQL, embedding, since, k)
-                break
-            except Exception as exc:
-                if not _is_unavailable(exc):
-                    raise
-                if attempt == 1:
-                    raise StoreUnavailable(_unreachable(exc)) from exc
+
+        async def fetch() -> list[asyncpg.Record]:
+            pool = await self._hot()
+            if per_model:
+                return await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model)
+            return await pool.fetch(NEIGHBOURS_SQL, embedding, since, k)
+
+        rows = await _retrying(fetch)
         out = [
             Neighbour(r[0], r[1], float(r[2]), float(r[3]), r[4])
             for r in rows
