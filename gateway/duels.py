@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import dpo
-from gateway.api.chat import estimate_tokens, response_text
+from gateway.api.chat import account, estimate_tokens, response_text
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -83,10 +83,7 @@ class Duels:
         data = result.data
         choices = data.get("choices") or [{}]
         rec.response = response_text(choices[0].get("message") or {})
-        usage = data.get("usage") or {}
-        rec.prompt_tokens = usage.get("prompt_tokens") or estimate_tokens(rec.messages)
-        rec.completion_tokens = usage.get("completion_tokens") or len(rec.response or "") // 4
-        rec.cost_usd = result.spec.cost_usd(rec.prompt_tokens or 0, rec.completion_tokens or 0)
+        account(rec, result.spec, data.get("usage") or {}, estimate_tokens(rec.messages))
         rec.status, rec.http_status, rec.upstream_ms = "ok", 200, result.attempts[-1].ms
         rec.synthetic = bool((data.get("x_replay") or {}).get("placeholder"))
         rec.upstream_model = data.get("model") if isinstance(data.get("model"), str) else None
@@ -141,7 +138,7 @@ class Duels:
         )
         await self._call(judge_model, {"messages": messages, "temperature": 0, "max_tokens": 16}, rec)
         verdict = dpo.parse_verdict(rec.response) if rec.status == "ok" else None
-        rec.decision = {"order": [order.a, order.b], "verdict": verdict}
+        rec.decision.update(order=[order.a, order.b], verdict=verdict)
         self._keep(rec)
         if verdict is None:
             log.warning("judge %s gave no strict verdict for %s; nothing recorded", judge_model, first.id)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.config import RouterConstraints
+from gateway.config import ModelSpec, RouterConstraints
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, NotFound, UpstreamTimeout
 from gateway.providers import ProviderError
 from gateway.routing import Decision, RouteContext
@@ -50,8 +50,12 @@ async def read_body(receive: Receive) -> bytes:
 
 
 def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    return _tokens([len(text_of(m.get("content"))) for m in messages])
+
+
+def _tokens(lengths: list[int]) -> int:
     """About 4 characters a token, plus a few per message: enough for eligibility and budgets."""
-    return sum(len(text_of(m.get("content"))) // 4 + 4 for m in messages)
+    return sum(n // 4 + 4 for n in lengths)
 
 
 def needs_of(data: dict[str, Any], messages: list[dict[str, Any]]) -> frozenset[str]:
@@ -98,6 +102,20 @@ def response_text(message: dict[str, Any]) -> str | None:
         calls = orjson.dumps(message["tool_calls"]).decode()
         return calls if not text else f"{text}\n{calls}"
     return text
+
+
+def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_estimate: int) -> None:
+    """A call's tokens and cost, from the upstream's `usage`; what it lacks is estimated (the
+    prompt from `prompt_estimate`, the answer at 4 characters a token) and marked so."""
+    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(pt, int):
+        pt = prompt_estimate
+        record.decision["usage_estimated"] = True
+    if not isinstance(ct, int):
+        ct = len(record.response or "") // 4
+        record.decision["usage_estimated"] = True
+    record.prompt_tokens, record.completion_tokens = pt, ct
+    record.cost_usd = spec.cost_usd(pt, ct)
 
 
 class StreamAccumulator:
@@ -176,8 +194,7 @@ class ChatCompletions:
             data = parse_json_object(await read_body(receive))
             req: ChatRequest = validate(ChatRequest, data)
             messages: list[dict[str, Any]] = data["messages"]
-            self._check_size(gw, messages)
-            prompt_tokens = estimate_tokens(messages)
+            prompt_tokens = self._measure(gw, messages)
             constraints = self._constraints(gw, scope, req)
             if "limit_id" in state:
                 gw.limits.take_tokens(state["limit_id"], prompt_tokens)
@@ -223,8 +240,9 @@ class ChatCompletions:
         else:
             await self._complete(gw, scope, receive, send, ctx, decision, body, record, t0)
 
-    def _check_size(self, gw: Gateway, messages: list[dict[str, Any]]) -> None:
-        """MAX_MESSAGES and MAX_INPUT_CHARS."""
+    def _measure(self, gw: Gateway, messages: list[dict[str, Any]]) -> int:
+        """Refuses what MAX_MESSAGES and MAX_INPUT_CHARS do not allow; returns the prompt's
+        estimated tokens."""
         limit = gw.settings.max_messages
         if len(messages) > limit:
             raise InvalidRequest(
@@ -232,13 +250,15 @@ class ChatCompletions:
                 param="messages",
                 code="too_many_messages",
             )
-        chars = sum(len(text_of(m.get("content"))) for m in messages)
+        lengths = [len(text_of(m.get("content"))) for m in messages]
+        chars = sum(lengths)
         if chars > gw.settings.max_input_chars:
             raise InvalidRequest(
                 f"the messages hold {chars} characters, at most {gw.settings.max_input_chars}",
                 param="messages",
                 code="input_too_long",
             )
+        return _tokens(lengths)
 
     def _constraints(self, gw: Gateway, scope: Scope, req: ChatRequest) -> RouterConstraints:
         model = req.model
@@ -287,7 +307,7 @@ class ChatCompletions:
         message = choices[0].get("message") or {} if choices else {}
         record.response = response_text(message)
         usage = data.get("usage") or {}
-        self._account(record, spec, usage, ctx)
+        account(record, spec, usage, ctx.prompt_tokens)
         record.model, record.upstream_model = spec.name, upstream_model
         record.synthetic = bool((data.get("x_replay") or {}).get("placeholder"))
         record.status, record.http_status = "ok", 200
@@ -346,7 +366,7 @@ class ChatCompletions:
                 record.error = "client disconnected"
             record.upstream_ms = opened.ttft_ms + (time.perf_counter() - t_stream) * 1000
             record.response = acc.text()
-            self._account(record, spec, acc.usage or {}, ctx)
+            account(record, spec, acc.usage or {}, ctx.prompt_tokens)
             gw.finish(record, state)  # recorded before closing: a cancellation cannot lose it
             await opened.aclose()
             if status == "ok":
@@ -448,17 +468,6 @@ class ChatCompletions:
         if record.cost_usd is not None:
             headers.append((b"x-router-cost-usd", f"{record.cost_usd:.8f}".encode()))
         return headers
-
-    def _account(self, record: CallRecord, spec: Any, usage: dict[str, Any], ctx: RouteContext) -> None:
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if not isinstance(pt, int):
-            pt = ctx.prompt_tokens
-            record.decision["usage_estimated"] = True
-        if not isinstance(ct, int):
-            ct = len(record.response or "") // 4
-            record.decision["usage_estimated"] = True
-        record.prompt_tokens, record.completion_tokens = pt, ct
-        record.cost_usd = spec.cost_usd(pt, ct)
 
     def _failed(
         self, gw: Gateway, record: CallRecord, exc: Exception, t0: float, state: dict[str, Any]
