@@ -36,7 +36,6 @@ from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.recorder import Recorder
 from gateway.routing import Decision
-from gateway.routing.bandit import global_posterior
 from gateway.routing.router import Router
 from gateway.store import CallRecord, Feedback, Store
 from gateway.upstreams import Upstreams
@@ -206,12 +205,8 @@ class Gateway:
         arms = {}
         for m in self.settings.models:
             stats = self.router.stats.get(m.name)
-            arms[m.name] = {
-                "posterior_mean": global_posterior(
-                    stats, self.router.knobs, self.router.hints.get(m.name)
-                ).mean,
-                "rated": stats.rated if stats else 0,
-            }
+            rated = stats.rated if stats else 0
+            arms[m.name] = {"posterior_mean": self.router.quality(m.name), "rated": rated}
         return {
             "providers": self.upstreams.snapshot(),
             "recorder": self.recorder_state(),

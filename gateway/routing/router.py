@@ -348,10 +348,11 @@ class Router:
                 )
         needs = set(ctx.needs - {"streaming"}) | set(c.capability)
 
-        def keep(arms: list[str], ok: object, why: str, param: str) -> list[str]:
-            kept = [a for a in arms if ok(a)]  # type: ignore[operator]
+        def keep(arms: list[str], ok: Callable[[str], bool], why: Callable[[], str], param: str) -> list[str]:
+            """The arms that pass `ok`; none is a 400 that says `why()` (built only then)."""
+            kept = [a for a in arms if ok(a)]
             if not kept:
-                raise InvalidRequest(why, param=param, code="no_eligible_model")
+                raise InvalidRequest(why(), param=param, code="no_eligible_model")
             return kept
 
         arms = names
@@ -359,28 +360,35 @@ class Router:
             arms = keep(
                 arms,
                 lambda a: needs <= self.specs[a].capabilities,
-                f"no model among {', '.join(arms)} has the capabilities this request needs: "
-                f"{', '.join(sorted(needs))}",
+                lambda: (
+                    f"no model among {', '.join(arms)} has the capabilities this request needs: "
+                    f"{', '.join(sorted(needs))}"
+                ),
                 "router.capability",
             )
         needed = ctx.prompt_tokens + (ctx.max_tokens or 0)
         arms = keep(
             arms,
             lambda a: self.specs[a].context_window >= needed,
-            f"the prompt (about {ctx.prompt_tokens} tokens"
-            + (f" + max_tokens {ctx.max_tokens}" if ctx.max_tokens else "")
-            + f") does not fit the context window of any model (largest: "
-            f"{max(self.specs[a].context_window for a in arms)})",
+            lambda: (
+                f"the prompt (about {ctx.prompt_tokens} tokens"
+                + (f" + max_tokens {ctx.max_tokens}" if ctx.max_tokens else "")
+                + f") does not fit the context window of any model (largest: "
+                f"{max(self.specs[a].context_window for a in arms)})"
+            ),
             "messages",
         )
         if c.max_cost_usd is not None:
             limit = c.max_cost_usd
-            cheapest = min(arms, key=lambda a: self.estimated_cost(self.specs[a], ctx))
+            cost = {a: self.estimated_cost(self.specs[a], ctx) for a in arms}
+            cheapest = min(arms, key=cost.__getitem__)
             arms = keep(
                 arms,
-                lambda a: self.estimated_cost(self.specs[a], ctx) <= limit,
-                f"max_cost_usd={limit:g} excludes every model: the cheapest, {cheapest}, costs an "
-                f"estimated ${self.estimated_cost(self.specs[cheapest], ctx):.6g} for this request",
+                lambda a: cost[a] <= limit,
+                lambda: (
+                    f"max_cost_usd={limit:g} excludes every model: the cheapest, {cheapest}, costs an "
+                    f"estimated ${cost[cheapest]:.6g} for this request"
+                ),
                 "router.max_cost_usd",
             )
         if c.max_latency_ms is not None:
@@ -393,17 +401,23 @@ class Router:
             arms = keep(
                 arms,
                 fast,
-                f"max_latency_ms={limit_ms:g} excludes every model: none has answered that fast on average",
+                lambda: (
+                    f"max_latency_ms={limit_ms:g} excludes every model: none has answered that fast "
+                    "on average"
+                ),
                 "router.max_latency_ms",
             )
         if c.min_quality is not None:
             floor = c.min_quality
-            best = max(arms, key=lambda a: self._quality(a))
+            quality = {a: self.quality(a) for a in arms}
+            best = max(arms, key=quality.__getitem__)
             arms = keep(
                 arms,
-                lambda a: self._quality(a) >= floor,
-                f"min_quality={floor:g} excludes every model: the best, {best}, has an estimated "
-                f"quality of {self._quality(best):.3f}",
+                lambda a: quality[a] >= floor,
+                lambda: (
+                    f"min_quality={floor:g} excludes every model: the best, {best}, has an estimated "
+                    f"quality of {quality[best]:.3f}"
+                ),
                 "router.min_quality",
             )
         available = [a for a in arms if self.availability.is_available(a)]
@@ -414,5 +428,6 @@ class Router:
             )
         return available
 
-    def _quality(self, name: str) -> float:
+    def quality(self, name: str) -> float:
+        """The arm's estimated quality: its global posterior mean (feedback, else the prior)."""
         return global_posterior(self.stats.get(name), self.knobs, self.hints.get(name)).mean
