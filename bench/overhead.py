@@ -424,6 +424,18 @@ def stage_breakdown(dsn: str, ids: list[str]) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def add_stages(
+    entry: dict[str, Any], dsn: str, res: dict[str, Result], label: str, table: list[str], note: str = ""
+) -> None:
+    """Reads the gateway calls' per-stage timings back into `entry`, and prints them as a line."""
+    entry["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
+    line = f"  {label} stages: " + ", ".join(
+        f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
+    )
+    table.append(line + note)
+    print(line + note, flush=True)
+
+
 @contextlib.contextmanager
 def gateway(
     name: str, config: dict[str, Any], work: Path, env: dict[str, str] | None = None
@@ -620,20 +632,10 @@ def main() -> None:
                 pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
                 res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
                 report["bandit_c1"] = report_pair("routing: bandit, cache miss c=1", res, table)
-                report["bandit_c1"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
-                line = "  bandit c=1 stages: " + ", ".join(
-                    f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
-                )
-                table.append(line)
-                print(line, flush=True)
+                add_stages(report["bandit_c1"], dsn, res, "bandit c=1", table)
                 res = asyncio.run(side_by_side(pair, args.n32 // 3, 32, False))
                 report["bandit_c32"] = report_pair("routing: bandit, cache miss c=32", res, table)
-                report["bandit_c32"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
-                line = "  bandit c=32 stages: " + ", ".join(
-                    f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
-                )
-                table.append(line)
-                print(line, flush=True)
+                add_stages(report["bandit_c32"], dsn, res, "bandit c=32", table)
                 probe = asyncio.run(
                     probe_under_load((url, fresh), (url, keyword), args.n32 // 6, 32)
                 ).summary()
@@ -663,13 +665,8 @@ def main() -> None:
                     res = asyncio.run(side_by_side(pair, args.n1 // 2, 1, False))
                     report[f"{key}_c1"] = report_pair(f"routing: {title}, cache miss c=1", res, table)
                     report[f"{key}_c1"]["startup_s"] = startup
-                    report[f"{key}_c1"]["stages_ms"] = stages = stage_breakdown(dsn, res["gateway"].ids)
-                    line = f"  {key} c=1 stages: " + ", ".join(
-                        f"{k} p50 {v['p50']:.3f} p99 {v['p99']:.3f}" for k, v in stages.items()
-                    )
-                    line += f" (started in {startup} s; {args.calls} rated calls in the table)"
-                    table.append(line)
-                    print(line, flush=True)
+                    note = f" (started in {startup} s; {args.calls} rated calls in the table)"
+                    add_stages(report[f"{key}_c1"], dsn, res, f"{key} c=1", table, note)
     finally:
         upstream.stop()
         if pg is not None:

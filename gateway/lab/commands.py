@@ -212,52 +212,19 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
     ]
     if len(grid) == 2:
         (k1, v1), (k2, v2) = grid
-        score = np.array(
-            [
-                [
-                    next(
-                        r["second_half"]["score_share_of_best"]
-                        for r in runs
-                        if r["setting"] == {k1: a, k2: b}
-                    )
-                    for b in v2
-                ]
-                for a in v1
-            ]
-        )
-        cost = np.array(
-            [
-                [
-                    next(
-                        r["second_half"]["cost_share_of_best"] for r in runs if r["setting"] == {k1: a, k2: b}
-                    )
-                    for b in v2
-                ]
-                for a in v1
-            ]
-        )
-        files.append(
-            plots.heatmap(
-                out_dir / "heatmap_score.png",
-                score,
-                [str(a) for a in v1],
-                [str(b) for b in v2],
-                k1,
-                k2,
-                "second-half score, share of the best single model",
+        half = {(r["setting"][k1], r["setting"][k2]): r["second_half"] for r in runs}
+        for metric in ("score", "cost"):
+            files.append(
+                plots.heatmap(
+                    out_dir / f"heatmap_{metric}.png",
+                    np.array([[half[a, b][f"{metric}_share_of_best"] for b in v2] for a in v1]),
+                    [str(a) for a in v1],
+                    [str(b) for b in v2],
+                    k1,
+                    k2,
+                    f"second-half {metric}, share of the best single model",
+                )
             )
-        )
-        files.append(
-            plots.heatmap(
-                out_dir / "heatmap_cost.png",
-                cost,
-                [str(a) for a in v1],
-                [str(b) for b in v2],
-                k1,
-                k2,
-                "second-half cost, share of the best single model",
-            )
-        )
     report["plots"] = [str(f) for f in files]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(
