@@ -1,4 +1,5 @@
-"""The app factory: every part is built here, from one Settings, and owned by the lifespan."""
+"""The app factory: every part is built here, from one Settings, and owned by the lifespan, which
+hands them to the endpoints as one `Services` (lifespan state)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -21,30 +22,31 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Scope
 
-from gateway import dpo
 from gateway.api import chat, ops, records
-from gateway.config import ModelSpec, Settings
+from gateway.auth import Keys
+from gateway.calls import Calls
+from gateway.catalogue import ModelSpec
+from gateway.config import Settings
 from gateway.duels import Duels
-from gateway.embedder import Embedder, MiniLMEmbedder, routing_text
+from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
+from gateway.feedback import Learner
+from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
-from gateway.middleware import RateLimits, RequestContext
+from gateway.middleware import RequestContext
 from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
+from gateway.providers.replay import ReplayData, ReplayProvider, load
 from gateway.recorder import Recorder
-from gateway.routing import Decision
+from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
-from gateway.store import CallRecord, Feedback, Store
+from gateway.services import SERVICES_KEY, Services
+from gateway.store import Store
 from gateway.upstreams import Upstreams
 
-if TYPE_CHECKING:
-    from gateway.lab.data import ReplayData
-
 log = logging.getLogger("gateway")
-access_log = logging.getLogger("gateway.access")
 
 ProviderFactory = Callable[[ModelSpec, "BuildContext"], Provider]
 
@@ -67,9 +69,6 @@ def _http(spec: ModelSpec, ctx: BuildContext) -> Provider:
 
 
 def _replay(spec: ModelSpec, ctx: BuildContext) -> Provider:
-    from gateway.lab.data import load
-    from gateway.providers.replay import ReplayProvider
-
     assert spec.replay_file is not None
     data = ctx.replay_data.get(spec.replay_file)
     if data is None:
@@ -92,135 +91,6 @@ def missing_key(settings: Settings, spec: ModelSpec) -> str | None:
     if spec.provider in ("openai", "openrouter") and not settings.api_key_for(spec):
         return f"{spec.api_key_env} is not set"
     return None
-
-
-@dataclass
-class Gateway:
-    """Everything a request handler needs, built once by the lifespan."""
-
-    settings: Settings
-    upstreams: Upstreams
-    router: Router
-    store: Store
-    recorder: Recorder
-    redact: Redactor
-    metrics: Metrics
-    limits: RateLimits
-    embedder: Embedder | None = None
-    duels: Duels | None = None
-
-    def finish(self, record: CallRecord, state: dict[str, Any]) -> None:
-        """A call ended (any way): log fields, metrics, rate-limit tokens, the write-behind record."""
-        record.overhead_ms = state.get("overhead_ms")
-        if "tokens_reserved" in state:
-            used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-            self.limits.charge_tokens(state["limit_id"], used - state.pop("tokens_reserved"))
-        if record.error:
-            record.error = self.redact(record.error)
-        fields = state.setdefault("log", {})
-        fields.update(
-            model=record.model,
-            outcome=record.status,
-            upstream_ms=None if record.upstream_ms is None else round(record.upstream_ms, 3),
-            ttft_ms=None if record.ttft_ms is None else round(record.ttft_ms, 3),
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            cost_usd=record.cost_usd,
-        )
-        if record.error:
-            fields["error"] = record.error
-        if self.settings.log_prompts:
-            fields["messages"] = record.messages
-        self.metrics.observe_call(record)
-        self.recorder.record(record)
-
-    def start_duel(self, record: CallRecord, decision: Decision, body: dict[str, Any]) -> None:
-        if self.duels is not None:
-            self.duels.maybe_start(record, decision, body)
-
-    async def learn(self, feedback: Feedback) -> dict[str, Any]:
-        """Feedback, durable first; then what it teaches: the arm's global statistics (at once),
-        the call's embedding for future neighbour searches (computed now if routing did not), and
-        DPO pairs with other answers to the same prompt."""
-        if self.recorder.has(feedback.request_id):
-            await self.recorder.flush()  # the call is still queued: write it first (503 if the store is down)
-        outcome = await self.store.add_feedback(feedback)
-        self.metrics.feedback.labels(outcome.model or "none", feedback.source).observe(feedback.score)
-        pairs = 0
-        if outcome.applied and outcome.model is not None and outcome.score is not None:
-            embedding = await self._embedding_of(outcome.request_id)
-            self.router.observe_feedback(
-                outcome.request_id, outcome.model, outcome.score, outcome.previous, embedding
-            )
-            pairs = await dpo.mine(
-                self.store,
-                outcome.request_id,
-                similarity=self.settings.dpo_similarity,
-                min_margin=self.settings.dpo_min_margin,
-            )
-            self.metrics.dpo_pairs.inc(pairs)
-        return {
-            "status": "ok",
-            "request_id": outcome.request_id,
-            "model": outcome.model,
-            "score": outcome.score,
-            "previous_score": outcome.previous,
-            "applied": outcome.applied,
-            "pairs": pairs,
-        }
-
-    async def _embedding_of(self, request_id: str) -> np.ndarray | None:
-        record = await self.store.get_call(request_id)
-        if record is None:
-            return None
-        if record.get("embedding") is not None:
-            return np.asarray(record["embedding"], dtype=np.float32)
-        if self.embedder is None:
-            return None
-        text = routing_text(record["messages"], self.settings.embedding_max_chars)
-        if not text:
-            return None
-        embedding = (await self.embedder.embed([text]))[0]
-        await self.store.set_embedding(request_id, embedding)
-        return embedding
-
-    async def readiness(self) -> dict[str, str]:
-        checks: dict[str, str] = {}
-        try:
-            checks["store"] = "ok" if await asyncio.wait_for(self.store.ping(), 2.0) else "unreachable"
-        except Exception as exc:
-            checks["store"] = f"unreachable: {type(exc).__name__}"
-        available = [m.name for m in self.settings.models if self.upstreams.is_available(m.name)]
-        checks["models"] = "ok" if available else "no model available"
-        if self.settings.router_policy != "default":
-            checks["embedder"] = "ok" if self.embedder is not None else "unavailable: routing without context"
-        return checks
-
-    def state(self) -> dict[str, Any]:
-        """What /metrics reads at scrape time."""
-        embedder = None
-        if isinstance(self.embedder, MiniLMEmbedder):
-            e = self.embedder
-            embedder = {"hits": e.hits, "misses": e.misses, "hit_rate": e.hit_rate}
-        arms = {}
-        for m in self.settings.models:
-            stats = self.router.stats.get(m.name)
-            rated = stats.rated if stats else 0
-            arms[m.name] = {"posterior_mean": self.router.quality(m.name), "rated": rated}
-        return {
-            "providers": self.upstreams.snapshot(),
-            "recorder": self.recorder_state(),
-            "embedder": embedder,
-            "arms": arms,
-        }
-
-    def recorder_state(self) -> dict[str, Any]:
-        return {
-            "queue_depth": self.recorder.depth,
-            "written": self.recorder.written,
-            "dropped": self.recorder.dropped,
-            "failing": self.recorder.failing_since is not None,
-        }
 
 
 async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> None:
@@ -259,23 +129,30 @@ async def _load_embedder(settings: Settings) -> Embedder | None:
         return None
 
 
-def _on_finish(scope: Scope, status: int, duration_ms: float) -> None:
-    state = scope.get("state", {})
-    fields = state.get("log")
-    path = scope.get("path", "")
-    if fields is None and (path in ("/live", "/ready", "/health", "/metrics") and status < 400):
-        return  # probes and scrapes are not worth a line each
-    extra = {
-        "request_id": state.get("request_id"),
-        "method": scope.get("method"),
-        "path": path,
-        "status": status,
-        "duration_ms": round(duration_ms, 3),
-        "overhead_ms": round(state["overhead_ms"], 3) if "overhead_ms" in state else None,
-    }
-    if fields:
-        extra.update(fields)
-    access_log.info("%s %s %d", scope.get("method"), path, status, extra=extra)
+def _upstreams(
+    settings: Settings, factories: dict[str, ProviderFactory], ctx: BuildContext, redact: Redactor
+) -> Upstreams:
+    built: dict[str, Provider] = {}
+    unavailable: dict[str, str] = {}
+    for spec in settings.models:
+        reason = missing_key(settings, spec)
+        if reason:
+            unavailable[spec.name] = reason
+            log.warning("model %s is unavailable: %s", spec.name, reason)
+            continue
+        built[spec.name] = factories[spec.provider](spec, ctx)
+    return Upstreams(settings, built, unavailable, redact=redact)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, as our errors (the middleware renders them)."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        raise NotFound(f"no route for {request.method} {request.url.path}") from exc
+    error = GatewayError(exc.detail or "error", code="method_not_allowed" if exc.status_code == 405 else None)
+    error.status, error.type = exc.status_code, "invalid_request_error"
+    error.headers = dict(exc.headers or {})
+    raise error from exc
 
 
 def create_app(
@@ -286,16 +163,18 @@ def create_app(
     redact: Redactor | None = None,
     embedder: Embedder | None = None,
     seed: int | None = None,
+    on_start: Callable[[Services], Any] | None = None,
 ) -> Starlette:
     """Build the ASGI app. Parts given here are used as they are (tests share a store this way);
-    the others are built by the lifespan from `settings`."""
+    the others are built by the lifespan from `settings`. `on_start` is handed the services once
+    they are up (the lab and the tests drive the parts through it)."""
     factories = {**PROVIDERS, **(providers or {})}
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
     limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         # Shutdown runs this stack backwards, after uvicorn has stopped accepting and given the
         # calls in flight SHUTDOWN_TIMEOUT_S: duels drain, the recorder flushes, the upstream
         # connection pool closes, the database closes last.
@@ -313,17 +192,7 @@ def create_app(
                 auto_decompress=True,
             )
             stack.push_async_callback(session.close)
-            ctx = BuildContext(settings, session)
-            built: dict[str, Provider] = {}
-            unavailable: dict[str, str] = {}
-            for spec in settings.models:
-                reason = missing_key(settings, spec)
-                if reason:
-                    unavailable[spec.name] = reason
-                    log.warning("model %s is unavailable: %s", spec.name, reason)
-                    continue
-                built[spec.name] = factories[spec.provider](spec, ctx)
-            upstreams = Upstreams(settings, built, unavailable, redact=redactor)
+            upstreams = _upstreams(settings, factories, BuildContext(settings, session), redactor)
             upstreams.on_fallback = metrics.fallback
             stack.push_async_callback(upstreams.aclose)
             recorder = Recorder(
@@ -331,7 +200,7 @@ def create_app(
             )
             await stack.enter_async_context(recorder)
             the_embedder = embedder
-            if the_embedder is None and (settings.router_policy != "default" or settings.routes):
+            if the_embedder is None and needs_embedder(settings):
                 the_embedder = await _load_embedder(settings)
                 if the_embedder is not None:
                     stack.push_async_callback(the_embedder.aclose)
@@ -340,15 +209,32 @@ def create_app(
             )
             await router.start()
             stack.push_async_callback(router.aclose)
-            gw = Gateway(
-                settings, upstreams, router, the_store, recorder, redactor, metrics, limits, the_embedder
+            learner = Learner(settings, the_store, recorder, router, metrics, the_embedder)
+            duels = Duels(
+                settings,
+                upstreams,
+                recorder,
+                metrics,
+                learner.learn,
+                rng=random.Random(seed),
+                redact=redactor,
             )
-            gw.duels = Duels(
-                settings, upstreams, recorder, metrics, gw.learn, rng=random.Random(seed), redact=redactor
+            stack.push_async_callback(duels.drain)
+            services = Services(
+                settings=settings,
+                store=the_store,
+                upstreams=upstreams,
+                router=router,
+                recorder=recorder,
+                calls=Calls(metrics, recorder, redactor),
+                learner=learner,
+                duels=duels,
+                metrics=metrics,
+                limits=limits,
+                redact=redactor,
+                embedder=the_embedder,
             )
-            stack.push_async_callback(gw.duels.drain)
-            metrics.add_state(gw.state)
-            app.state.gw = gw
+            metrics.add_state(lambda: ops.gauges(services))
             probe = asyncio.create_task(_probe_local(settings, session))
             if not settings.gateway_api_keys:
                 log.warning(
@@ -357,8 +243,10 @@ def create_app(
                     "REQUIRE_API_KEYS=true) before exposing it beyond this machine."
                 )
             log.info("gateway ready: %d models, default %s", len(settings.models), settings.default_model)
+            if on_start is not None:
+                on_start(services)
             try:
-                yield
+                yield {SERVICES_KEY: services}
             finally:
                 probe.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -366,17 +254,6 @@ def create_app(
                 t = time.perf_counter()
                 log.info("gateway shutting down")
             log.info("gateway stopped in %.2f s", time.perf_counter() - t)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            error: GatewayError = NotFound(f"no route for {request.method} {request.url.path}")
-        else:
-            error = GatewayError(
-                exc.detail or "error", code="method_not_allowed" if exc.status_code == 405 else None
-            )
-            error.status, error.type = exc.status_code, "invalid_request_error"
-        return Response(error.json(), error.status, media_type="application/json", headers=exc.headers)
 
     chat_endpoint = chat.ChatCompletions()
     routes = [
@@ -411,22 +288,17 @@ def create_app(
     middleware.append(
         Middleware(
             RequestContext,
+            keys=Keys.of(settings),
             max_body_bytes=settings.max_body_bytes,
-            api_keys=settings.gateway_api_keys
-            + (
-                [settings.admin_api_key.get_secret_value()]
-                if settings.gateway_api_keys and settings.admin_api_key
-                else []
-            ),
-            on_finish=_on_finish,
+            limits=limits,
             redact=redactor,
             in_flight=metrics.in_flight,
-            limits=limits,
+            log_prompts=settings.log_prompts,
         )
     )
     return Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: _http_error},
     )

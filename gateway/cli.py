@@ -14,6 +14,7 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.config import Settings, load_settings
+from gateway.routing.policies import POLICIES
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
@@ -30,7 +31,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     if args.no_migrate:
         extra["run_migrations"] = False
     if args.replay:
-        from gateway.lab.data import load
+        from gateway.providers.replay import load
 
         data = load(args.replay)
         extra["models"] = data.catalogue()
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="stream a replay file through a real gateway and report on the router")
     lab(p, "postgres")
-    p.add_argument("--policy", choices=["knn_ts", "lin_ts", "default"], help="ROUTER_POLICY")
+    p.add_argument("--policy", choices=sorted(POLICIES), help="ROUTER_POLICY")
     p.add_argument("--strategy", help="a per-request strategy instead of the bandit (e.g. cost_optimized)")
     p.set_defaults(func=replay_cmd)
 

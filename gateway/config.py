@@ -15,158 +15,11 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
-Strategy = Literal[
-    "bandit",
-    "cost_optimized",
-    "latency_optimized",
-    "quality_optimized",
-    "balanced",
-    "round_robin",
-    "least_loaded",
-]
-
-_DEFAULT_BASE_URLS: dict[str, str] = {
-    "openai": "https://api.openai.com/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-    "ollama": "http://127.0.0.1:11434/v1",
-    "vllm": "http://127.0.0.1:8000/v1",
-}
-_DEFAULT_KEY_ENVS: dict[str, str] = {"openai": "OPENAI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
-    """One entry of the model catalogue."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,127}$")
-    provider: ProviderKind = "openai_compatible"
-    base_url: str | None = None
-    api_key_env: str | None = None
-    upstream_model: str | None = None
-    input_usd_per_mtok: float = Field(default=0.0, ge=0)
-    output_usd_per_mtok: float = Field(default=0.0, ge=0)
-    context_window: int = Field(default=8192, gt=0)
-    capabilities: frozenset[str] = frozenset({"chat", "streaming"})
-    # At most this many calls at once; up to `max_queue` more wait up to `queue_timeout_s` for a
-    # slot, then the call falls back to the next model (or gets 503 when none is left).
-    max_concurrency: int | None = Field(default=None, gt=0)
-    max_queue: int = Field(default=32, ge=0)
-    queue_timeout_s: float = Field(default=2.0, ge=0)
-    # Caps what a call may ask of this model: a larger max_tokens / max_completion_tokens is cut
-    # down to it, and a request without one gets it.
-    max_output_tokens: int | None = Field(default=None, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=120.0, gt=0)
-    fallbacks: tuple[str, ...] = ()
-    # A prior guess of quality in [0, 1] (for the quality_optimized strategy before any feedback).
-    quality: float | None = Field(default=None, ge=0, le=1)
-    # Replay provider: the replay file and the model's name inside it (default: upstream_model).
-    replay_file: str | None = None
-    extra_headers: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _defaults(self) -> ModelSpec:
-        updates: dict[str, Any] = {}
-        if self.base_url is None and self.provider in _DEFAULT_BASE_URLS:
-            updates["base_url"] = _DEFAULT_BASE_URLS[self.provider]
-        if self.api_key_env is None and self.provider in _DEFAULT_KEY_ENVS:
-            updates["api_key_env"] = _DEFAULT_KEY_ENVS[self.provider]
-        if self.upstream_model is None:
-            updates["upstream_model"] = self.name
-        if self.provider == "replay" and not self.replay_file:
-            raise ValueError(f"model {self.name!r}: provider 'replay' needs replay_file")
-        if self.provider != "replay" and not (self.base_url or updates.get("base_url")):
-            raise ValueError(f"model {self.name!r}: provider {self.provider!r} needs base_url")
-        for key, value in updates.items():
-            object.__setattr__(self, key, value)
-        return self
-
-    @property
-    def upstream_id(self) -> str:
-        return self.upstream_model or self.name
-
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
-
-
-class Rule(_Strict):
-    """Keyword fast path: the first rule whose pattern matches the user text decides."""
-
-    name: str
-    pattern: str | None = None  # a regular expression (case-insensitive)
-    keywords: tuple[str, ...] = ()  # whole-word, case-insensitive
-    model: str | None = None
-    policy: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> Rule:
-        if not self.pattern and not self.keywords:
-            raise ValueError(f"rule {self.name!r}: needs a pattern or keywords")
-        if (self.model is None) == (self.policy is None):
-            raise ValueError(f"rule {self.name!r}: give exactly one of model or policy")
-        if self.pattern:
-            try:
-                re.compile(self.pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise ValueError(f"rule {self.name!r}: invalid pattern: {exc}") from exc
-        return self
-
-
-class SemanticRoute(_Strict):
-    name: str
-    utterances: tuple[str, ...] = Field(min_length=1)
-    threshold: float = Field(default=0.75, ge=-1, le=1)
-    model: str | None = None
-    policy: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> SemanticRoute:
-        if (self.model is None) == (self.policy is None):
-            raise ValueError(f"route {self.name!r}: give exactly one of model or policy")
-        return self
-
-
-class Policy(_Strict):
-    """A named set of arms; the bandit (or `strategy`) picks among them."""
-
-    models: tuple[str, ...] = Field(min_length=1)
-    strategy: Strategy | None = None
-
-
-class RouterConstraints(_Strict):
-    """Per-request routing constraints (`extra_body={"router": {...}}`, `X-Router-*` headers,
-    or a virtual model)."""
-
-    strategy: Strategy | None = None
-    policy: str | None = None
-    max_cost_usd: float | None = Field(default=None, ge=0)
-    max_latency_ms: float | None = Field(default=None, gt=0)
-    min_quality: float | None = Field(default=None, ge=0, le=1)
-    capability: tuple[str, ...] = ()
-    models: tuple[str, ...] = ()
-
-    @field_validator("capability", "models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        return value
-
-    def merged(self, other: RouterConstraints) -> RouterConstraints:
-        """`other` wins field by field where it sets something."""
-        data = self.model_dump()
-        for key, value in other.model_dump().items():
-            if value not in (None, ()):
-                data[key] = value
-        return RouterConstraints(**data)
+from gateway.catalogue import DEFAULT_BASE_URLS, ModelSpec, Policy, RouterConstraints, Rule, SemanticRoute
 
 
 def _comma_list(value: Any) -> Any:
@@ -250,7 +103,7 @@ class Settings(BaseSettings):
 
     # --- upstreams
     openrouter_api_key: SecretStr | None = None
-    openrouter_base_url: str = _DEFAULT_BASE_URLS["openrouter"]
+    openrouter_base_url: str = DEFAULT_BASE_URLS["openrouter"]
     app_name: str = "LLM Router"
     referer_url: str = "https://github.com/llm-router/llm-router"
     llm_models: CommaList = Field(default_factory=list)
@@ -352,7 +205,7 @@ class Settings(BaseSettings):
         # OPENROUTER_BASE_URL applies to OpenRouter models that did not set their own base URL.
         models = [
             m.model_copy(update={"base_url": self.openrouter_base_url})
-            if m.provider == "openrouter" and m.base_url == _DEFAULT_BASE_URLS["openrouter"]
+            if m.provider == "openrouter" and m.base_url == DEFAULT_BASE_URLS["openrouter"]
             else m
             for m in models
         ]
@@ -394,7 +247,7 @@ class Settings(BaseSettings):
         OpenRouter), never to a base URL someone pointed a model at."""
         homes = {
             "OPENROUTER_API_KEY": self.openrouter_base_url,
-            "OPENAI_API_KEY": _DEFAULT_BASE_URLS["openai"],
+            "OPENAI_API_KEY": DEFAULT_BASE_URLS["openai"],
         }
         home = homes.get(m.api_key_env or "")
         if home is None or m.base_url is None:

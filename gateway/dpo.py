@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gateway.config import ModelSpec
-from gateway.store import Comparison, DPOPair, RatedCall, Store, text_of
+from gateway.catalogue import ModelSpec
+from gateway.domain import Comparison, DPOPair, RatedCall, text_of
+from gateway.store import ExportStore, PairStore
 
 # --- mining
 
@@ -39,7 +40,7 @@ def pairable(a: RatedCall, b: RatedCall) -> bool:
     return a.prompt_hash == b.prompt_hash or numbers(a.messages) == numbers(b.messages)
 
 
-async def mine(store: Store, request_id: str, *, similarity: float, min_margin: float) -> int:
+async def mine(store: PairStore, request_id: str, *, similarity: float, min_margin: float) -> int:
     """Pairs created or updated by the (new) score of `request_id`."""
     me, others = await store.pair_candidates(request_id, similarity)
     if me is None:
@@ -228,7 +229,7 @@ def jsonl_record(pair: DPOPair) -> dict[str, Any]:
 
 
 async def export_records(
-    store: Store,
+    store: ExportStore,
     *,
     kind: str,
     fmt: str,

@@ -17,14 +17,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import dpo
-from gateway.api.chat import account, estimate_tokens, response_text
+from gateway.calls import Meter, Sink, account
 from gateway.config import Settings
+from gateway.domain import CallRecord, Feedback
 from gateway.errors import GatewayError
-from gateway.metrics import Metrics
-from gateway.recorder import Recorder
 from gateway.routing import Decision
-from gateway.store import CallRecord, Feedback
 from gateway.upstreams import Upstreams
+from gateway.wire import Completion, estimate_tokens
 
 log = logging.getLogger("gateway.duels")
 
@@ -36,8 +35,8 @@ class Duels:
         self,
         settings: Settings,
         upstreams: Upstreams,
-        recorder: Recorder,
-        metrics: Metrics,
+        recorder: Sink,
+        metrics: Meter,
         learn: Callable[[Feedback], Awaitable[Any]],
         *,
         rng: random.Random | None = None,
@@ -80,13 +79,12 @@ class Duels:
             rec.status, rec.http_status, rec.error = "error", exc.status, self.redact(exc.message)
             rec.upstream_ms = (time.perf_counter() - t0) * 1000
             return rec
-        data = result.data
-        choices = data.get("choices") or [{}]
-        rec.response = response_text(choices[0].get("message") or {})
-        account(rec, result.spec, data.get("usage") or {}, estimate_tokens(rec.messages))
+        answer = Completion.of(result.data)
+        rec.response = answer.text
+        account(rec, result.spec, answer.usage, estimate_tokens(rec.messages))
         rec.status, rec.http_status, rec.upstream_ms = "ok", 200, result.attempts[-1].ms
-        rec.synthetic = bool((data.get("x_replay") or {}).get("placeholder"))
-        rec.upstream_model = data.get("model") if isinstance(data.get("model"), str) else None
+        rec.synthetic = answer.synthetic
+        rec.upstream_model = answer.upstream_model
         return rec
 
     def _keep(self, rec: CallRecord) -> None:

@@ -26,12 +26,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.store import text_of
+from gateway.domain import text_of
 
 log = logging.getLogger("gateway.embedder")
 
@@ -45,8 +46,23 @@ def routing_text(messages: Sequence[dict[str, Any]], max_chars: int = 1000) -> s
     return text[-max_chars:] if len(text) > max_chars else text
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
 class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def cache_stats(self) -> CacheStats | None:
+        """The cache's counters, for /metrics (None: no cache)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -240,10 +256,8 @@ class MiniLMEmbedder:
                 if future is not None and not future.done():
                     future.set_result(vector)
 
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+    def cache_stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses)
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -1,4 +1,5 @@
-"""The gateway's one small exception tree, rendered in OpenAI's error shape by one handler."""
+"""The gateway's one small exception tree, rendered in OpenAI's error shape: as a JSON body
+(`json`), or as a server-sent event when a stream has already started (`sse`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    # Time spent on upstreams before the call failed (retries and fallbacks), for its record.
+    upstream_ms: float | None = None
 
     def __init__(
         self,
@@ -33,6 +36,9 @@ class GatewayError(Exception):
 
     def json(self) -> bytes:
         return orjson.dumps(self.body())
+
+    def sse(self) -> bytes:
+        return b"data: " + self.json() + b"\n\n"
 
 
 class InvalidRequest(GatewayError):

@@ -12,13 +12,17 @@ prometheus-client's multiprocess mode is not used).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.store import CallRecord
+from gateway.domain import CallRecord
+from gateway.embedder import CacheStats
+from gateway.health import ModelStatus
+from gateway.recorder import RecorderState
 
 # Fine enough to resolve single milliseconds where the gateway's own overhead lives.
 OVERHEAD_BUCKETS = (
@@ -60,6 +64,22 @@ LATENCY_BUCKETS = (
 )
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass(frozen=True)
+class ArmGauge:
+    posterior_mean: float
+    rated: int
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """The running gateway's state, read at scrape time."""
+
+    providers: dict[str, ModelStatus]
+    recorder: RecorderState
+    cache: CacheStats | None
+    arms: dict[str, ArmGauge]
 
 
 class Metrics:
@@ -134,10 +154,18 @@ class Metrics:
         if rec.cost_usd:
             self.cost.labels(model, rec.kind).inc(rec.cost_usd)
 
+    def rated(self, model: str | None, source: str, score: float, pairs: int) -> None:
+        self.feedback.labels(model or "none", source).observe(score)
+        self.dpo_pairs.inc(pairs)
+
+    def refused(self, status: int) -> None:
+        """A chat request refused before any model was chosen."""
+        self.requests.labels("none", "none", "none", str(status)).inc()
+
     def fallback(self, from_model: str, to_model: str) -> None:
         self.fallbacks.labels(from_model, to_model).inc()
 
-    def add_state(self, read: Callable[[], dict[str, Any]]) -> None:
+    def add_state(self, read: Callable[[], Gauges]) -> None:
         self.registry.register(_StateCollector(read))
 
     def render(self) -> bytes:
@@ -147,7 +175,7 @@ class Metrics:
 class _StateCollector(Collector):
     """State read from the running gateway at scrape time."""
 
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], Gauges]) -> None:
         self.read = read
 
     def collect(self) -> Iterator[Any]:
@@ -158,41 +186,41 @@ class _StateCollector(Collector):
         available = GaugeMetricFamily(
             "llm_router_model_available", "1 if the model can take requests now", labels=["model"]
         )
-        for model, info in s["providers"].items():
-            circuit.add_metric([model], CIRCUIT.get(info["circuit"], 2))
-            available.add_metric([model], 1.0 if info["status"] == "up" else 0.0)
+        for model, info in s.providers.items():
+            circuit.add_metric([model], CIRCUIT.get(info.circuit, 2))
+            available.add_metric([model], 1.0 if info.status == "up" else 0.0)
         yield circuit
         yield available
-        rec = s["recorder"]
+        rec = s.recorder
         yield GaugeMetricFamily(
-            "llm_router_recorder_queue_depth", "Call records waiting to be written", value=rec["queue_depth"]
+            "llm_router_recorder_queue_depth", "Call records waiting to be written", value=rec.queue_depth
         )
         yield GaugeMetricFamily(
             "llm_router_recorder_failing",
             "1 while the store cannot be written",
-            value=1.0 if rec["failing"] else 0.0,
+            value=1.0 if rec.failing else 0.0,
         )
-        yield CounterMetricFamily("llm_router_recorder_written", "Call records written", value=rec["written"])
+        yield CounterMetricFamily("llm_router_recorder_written", "Call records written", value=rec.written)
         yield CounterMetricFamily(
-            "llm_router_recorder_dropped", "Call records dropped (queue full)", value=rec["dropped"]
+            "llm_router_recorder_dropped", "Call records dropped (queue full)", value=rec.dropped
         )
-        emb = s.get("embedder")
-        if emb is not None:
+        cache = s.cache
+        if cache is not None:
             yield CounterMetricFamily(
-                "llm_router_embedding_cache_hits", "Embedding cache hits", value=emb["hits"]
+                "llm_router_embedding_cache_hits", "Embedding cache hits", value=cache.hits
             )
             yield CounterMetricFamily(
-                "llm_router_embedding_cache_misses", "Embedding cache misses", value=emb["misses"]
+                "llm_router_embedding_cache_misses", "Embedding cache misses", value=cache.misses
             )
             yield GaugeMetricFamily(
-                "llm_router_embedding_cache_hit_ratio", "Embedding cache hit ratio", value=emb["hit_rate"]
+                "llm_router_embedding_cache_hit_ratio", "Embedding cache hit ratio", value=cache.hit_rate
             )
         posterior = GaugeMetricFamily(
             "llm_router_arm_posterior_mean", "Each arm's global posterior mean of quality", labels=["model"]
         )
         rated = GaugeMetricFamily("llm_router_arm_rated_calls", "Each arm's rated calls", labels=["model"])
-        for model, arm in s["arms"].items():
-            posterior.add_metric([model], arm["posterior_mean"])
-            rated.add_metric([model], arm["rated"])
+        for model, arm in s.arms.items():
+            posterior.add_metric([model], arm.posterior_mean)
+            rated.add_metric([model], arm.rated)
         yield posterior
         yield rated

@@ -6,8 +6,6 @@ It is the outermost layer of the app, so every response (errors and 404s include
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import time
@@ -17,139 +15,16 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import (
-    AuthenticationError,
-    ClientDisconnected,
-    GatewayError,
-    InvalidRequest,
-    PayloadTooLarge,
-    RateLimited,
-)
+from gateway.asgi import send_error
+from gateway.auth import PROTECTED, Keys
+from gateway.context import STATE_KEY, RequestState
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.limits import RateLimits
 
 log = logging.getLogger("gateway.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch (`$` would pass a "\n")
-# Paths that need a client key when GATEWAY_API_KEYS is set (health and metrics stay open for probes).
-_PROTECTED = ("/v1/", "/chat/", "/models", "/feedback", "/requests/", "/metrics/")
-
-
-def key_id(key: str) -> str:
-    """A stable, non-reversible id of an API key, safe to store and log."""
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-async def send_error(
-    send: Send,
-    exc: GatewayError,
-    extra_headers: list[tuple[bytes, bytes]],
-    redact: Callable[[str], str] = str,
-) -> None:
-    exc.message = redact(exc.message)
-    body = exc.json()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *extra_headers,
-        *((k.encode(), v.encode()) for k, v in exc.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class RateLimits:
-    """Per-caller token buckets for RATE_LIMIT_RPM and RATE_LIMIT_TPM, refilled continuously.
-
-    A request takes one request token when it arrives. A chat call must find its estimated prompt
-    tokens available before it goes upstream; when it ends, the bucket is charged what the call
-    really used (prompt and completion), so a long answer leaves a debt the caller's next calls
-    wait out. Limits are per replica (in memory), like the circuit breakers.
-    """
-
-    def __init__(self, rpm: int, tpm: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rpm, self.tpm = rpm, tpm
-        self.clock = clock
-        self.buckets: dict[str, list[float]] = {}  # caller -> [requests, tokens, last refill]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rpm or self.tpm)
-
-    def _bucket(self, caller: str) -> list[float]:
-        now = self.clock()
-        bucket = self.buckets.get(caller)
-        if bucket is None:
-            if len(self.buckets) >= 100_000:
-                self._prune(now)
-            bucket = self.buckets[caller] = [float(self.rpm), float(self.tpm), now]
-        else:
-            elapsed = now - bucket[2]
-            bucket[0] = min(float(self.rpm), bucket[0] + elapsed * self.rpm / 60)
-            bucket[1] = min(float(self.tpm), bucket[1] + elapsed * self.tpm / 60)
-            bucket[2] = now
-        return bucket
-
-    def _prune(self, now: float) -> None:
-        """Forget callers idle for a minute (their buckets are full again anyway); if that is not
-        enough, the idlest half (so that the next prune is 50,000 new callers away)."""
-        self.buckets = {k: b for k, b in self.buckets.items() if now - b[2] < 60}
-        if len(self.buckets) >= 50_000:
-            recent = sorted(self.buckets.items(), key=lambda kb: kb[1][2])[len(self.buckets) // 2 :]
-            self.buckets = dict(recent)
-
-    def take_request(self, caller: str) -> None:
-        if not self.rpm:
-            return
-        bucket = self._bucket(caller)
-        if bucket[0] < 1:
-            wait = (1 - bucket[0]) * 60 / self.rpm
-            raise RateLimited(
-                f"rate limit reached: {self.rpm} requests per minute; try again in {wait:.1f} s",
-                "requests",
-                wait,
-            )
-        bucket[0] -= 1
-
-    def take_tokens(self, caller: str, tokens: int) -> None:
-        """Admits a call estimated at `tokens` prompt tokens, and reserves them."""
-        if not self.tpm:
-            return
-        if tokens > self.tpm:
-            raise RateLimited(
-                f"this request (about {tokens} tokens) is larger than the limit of {self.tpm} tokens "
-                "per minute",
-                "tokens",
-                None,
-            )
-        bucket = self._bucket(caller)
-        if bucket[1] < tokens:
-            wait = (tokens - bucket[1]) * 60 / self.tpm
-            raise RateLimited(
-                f"rate limit reached: {self.tpm} tokens per minute; try again in {wait:.1f} s",
-                "tokens",
-                wait,
-            )
-        bucket[1] -= tokens
-
-    def charge_tokens(self, caller: str, tokens: int) -> None:
-        """Settles a call: `tokens` more (or, negative, fewer) than were reserved."""
-        if self.tpm:
-            self._bucket(caller)[1] -= tokens
-
-    def headers(self, caller: str) -> list[tuple[bytes, bytes]]:
-        """OpenAI's x-ratelimit-* headers."""
-        bucket = self._bucket(caller)
-        out = []
-        if self.rpm:
-            out += [
-                (b"x-ratelimit-limit-requests", str(self.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, int(bucket[0]))).encode()),
-            ]
-        if self.tpm:
-            out += [
-                (b"x-ratelimit-limit-tokens", str(self.tpm).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, int(bucket[1]))).encode()),
-            ]
-        return out
+_QUIET = ("/live", "/ready", "/health", "/metrics")  # probes and scrapes: no line each when fine
 
 
 class RequestContext:
@@ -157,20 +32,20 @@ class RequestContext:
         self,
         app: ASGIApp,
         *,
+        keys: Keys,
         max_body_bytes: int,
-        api_keys: list[str],
-        on_finish: Callable[[Scope, int, float], None] | None = None,
+        limits: RateLimits | None = None,
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
-        limits: RateLimits | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.app = app
+        self.keys = keys
         self.limits = limits if limits is not None and limits.enabled else None
         self.redact = redact
         self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
-        self.api_keys = [k.encode() for k in api_keys]
-        self.on_finish = on_finish
+        self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,54 +65,40 @@ class RequestContext:
                     content_length = None
             elif name == b"authorization":
                 auth = value
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["t0"] = t0
+        state = RequestState(t0)
+        scope.setdefault("state", {})[STATE_KEY] = state
         if self.in_flight is not None:
             self.in_flight.inc()
         status = 500
         started = False
-
-        def headers_for(message_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-            out = list(message_headers)
-            if state.get("request_id"):
-                out.append((b"x-request-id", state["request_id"].encode()))
-            if "overhead_ms" not in state:
-                state["overhead_ms"] = (time.perf_counter() - t0) * 1000
-            out.append((b"x-router-overhead-ms", f"{state['overhead_ms']:.3f}".encode()))
-            if self.limits is not None and "limit_id" in state:
-                out += self.limits.headers(state["limit_id"])
-            return out
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                message["headers"] = headers_for(list(message.get("headers", [])))
+                message["headers"] = [*message.get("headers", []), *self._headers(state)]
             await send(message)
 
         try:
             if request_id is None:
-                state["request_id"] = uuid.uuid4().hex
+                state.request_id = uuid.uuid4().hex
             elif REQUEST_ID.fullmatch(request_id):
-                state["request_id"] = request_id
+                state.request_id = request_id
             else:
-                state["request_id"] = uuid.uuid4().hex
+                state.request_id = uuid.uuid4().hex
                 raise InvalidRequest(
                     "X-Request-ID must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
                     "starting with a letter or digit",
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            if self.api_keys:
-                state["caller"] = self._authenticate(scope["path"], auth)
-            elif auth and auth.startswith(b"Bearer "):
-                state["caller"] = key_id(auth[7:].decode("latin-1"))
-            if self.limits is not None and scope["path"].startswith(_PROTECTED):
+            state.caller = self.keys.caller(scope["path"], auth)
+            if self.limits is not None and scope["path"].startswith(PROTECTED):
                 # By key; without keys, by address (a made-up bearer token must not reset a limit).
                 client = scope.get("client") or ("unknown", 0)
-                state["limit_id"] = state.get("caller") if self.api_keys else f"ip:{client[0]}"
-                self.limits.take_request(state["limit_id"])
+                state.limit_id = state.caller if self.keys.keys else f"ip:{client[0]}"
+                self.limits.take_request(state.limit_id or "")
             if content_length is not None and content_length > self.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
             await self.app(scope, self._limited(receive), send_wrapper)
@@ -248,7 +109,7 @@ class RequestContext:
                 log.warning("request failed after its response started: %s", exc.message)
                 return
             status = exc.status
-            await send_error(send_wrapper, exc, [], self.redact)
+            await send_error(send_wrapper, exc, redact=self.redact)
         except Exception:
             if started:
                 log.exception("request failed after its response started")
@@ -256,28 +117,52 @@ class RequestContext:
             log.exception("unhandled error")
             status = 500
             await send_error(
-                send_wrapper, GatewayError("the gateway failed to handle this request; see its logs"), []
+                send_wrapper, GatewayError("the gateway failed to handle this request; see its logs")
             )
         finally:
             if self.in_flight is not None:
                 self.in_flight.dec()
-            if self.on_finish is not None:
-                self.on_finish(scope, status, (time.perf_counter() - t0) * 1000)
+            self._log(scope, state, status)
 
-    def _authenticate(self, path: str, auth: bytes | None) -> str | None:
-        if not path.startswith(_PROTECTED):
-            return None
-        if auth is None or not auth.startswith(b"Bearer "):
-            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-        given = auth[7:]
-        # Compared with every key, in constant time each: the time says nothing about which
-        # key (or how much of one) matched.
-        matched = False
-        for key in self.api_keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
-            raise AuthenticationError("invalid API key")
-        return key_id(given.decode("latin-1"))
+    def _headers(self, state: RequestState) -> list[tuple[bytes, bytes]]:
+        out = []
+        if state.request_id:
+            out.append((b"x-request-id", state.request_id.encode()))
+        out.append((b"x-router-overhead-ms", f"{state.overhead():.3f}".encode()))
+        if self.limits is not None and state.limit_id is not None:
+            out += self.limits.headers(state.limit_id)
+        return out
+
+    def _log(self, scope: Scope, state: RequestState, status: int) -> None:
+        path = scope.get("path", "")
+        rec = state.record
+        if rec is None and path in _QUIET and status < 400:
+            return
+        extra: dict[str, Any] = {
+            "request_id": state.request_id or None,
+            "method": scope.get("method"),
+            "path": path,
+            "status": status,
+            "duration_ms": round(state.elapsed_ms(), 3),
+            "overhead_ms": None if state.overhead_ms is None else round(state.overhead_ms, 3),
+        }
+        if rec is not None:
+            extra.update(model=rec.model, layer=rec.layer, stream=rec.stream)
+            if rec.strategy:
+                extra["strategy"] = rec.strategy
+            extra.update(
+                outcome=rec.status,
+                upstream_ms=None if rec.upstream_ms is None else round(rec.upstream_ms, 3),
+                ttft_ms=None if rec.ttft_ms is None else round(rec.ttft_ms, 3),
+                prompt_tokens=rec.prompt_tokens,
+                completion_tokens=rec.completion_tokens,
+                cost_usd=rec.cost_usd,
+            )
+            if rec.error:
+                extra["error"] = rec.error
+            if self.log_prompts:
+                extra["messages"] = rec.messages
+        log.info("%s %s %d", scope.get("method"), path, status, extra=extra)
 
     def _limited(self, receive: Receive) -> Receive:
         limit = self.max_body_bytes

@@ -13,17 +13,27 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
+from gateway.domain import CallRecord
 from gateway.errors import StoreUnavailable
-from gateway.store import CallRecord, Store
+from gateway.store import CallStore
 
 log = logging.getLogger("gateway.recorder")
+
+
+@dataclass(frozen=True)
+class RecorderState:
+    queue_depth: int
+    written: int
+    dropped: int
+    failing: bool
 
 
 class Recorder:
     def __init__(
         self,
-        store: Store,
+        store: CallStore,
         *,
         max_queue: int = 100_000,
         batch_size: int = 500,
@@ -44,6 +54,9 @@ class Recorder:
     @property
     def depth(self) -> int:
         return len(self.queue)
+
+    def state(self) -> RecorderState:
+        return RecorderState(len(self.queue), self.written, self.dropped, self.failing_since is not None)
 
     def has(self, request_id: str) -> bool:
         return request_id in self.pending

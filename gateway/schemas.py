@@ -9,7 +9,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from gateway.config import RouterConstraints
+from gateway.catalogue import RouterConstraints
 from gateway.errors import InvalidRequest
 
 # The id of a call record: a request id (at most 128 characters, see the middleware) or the id of

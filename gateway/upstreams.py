@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import ModelSpec, Settings
+from gateway.catalogue import ModelSpec
+from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
     ServiceUnavailable,
@@ -21,73 +22,8 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.health import CircuitBreaker, Clock, ModelHealth, ModelStatus
 from gateway.providers import Provider, ProviderError
-
-Clock = Callable[[], float]
-
-
-class CircuitBreaker:
-    """Closed -> open after `threshold` consecutive failures -> half-open after `cooldown_s`
-    (one probe request) -> closed on its success, open again on its failure."""
-
-    def __init__(self, threshold: int, cooldown_s: float, clock: Clock = time.monotonic) -> None:
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
-        self.clock = clock
-        self.failures = 0
-        self.opened_at: float | None = None
-        self.probing = False
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        if self.clock() - self.opened_at >= self.cooldown_s:
-            return "half_open"
-        return "open"
-
-    def available(self) -> bool:
-        """Whether a request may go now (without taking the half-open probe slot)."""
-        state = self.state
-        return state == "closed" or (state == "half_open" and not self.probing)
-
-    def acquire(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half_open" and not self.probing:
-            self.probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-        self.probing = False
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.probing or self.failures >= self.threshold:
-            self.opened_at = self.clock()
-        self.probing = False
-
-    def release(self) -> None:
-        """The request ended without telling anything about the model (cancelled, 4xx)."""
-        self.probing = False
-
-
-@dataclass
-class ModelHealth:
-    requests: int = 0
-    failures: int = 0
-    in_flight: int = 0
-    latency_ms_avg: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-    def observe_latency(self, ms: float) -> None:
-        # Exponentially weighted, so it follows an upstream that slows down.
-        self.latency_ms_avg = ms if self.latency_ms_avg is None else 0.9 * self.latency_ms_avg + 0.1 * ms
 
 
 @dataclass
@@ -186,22 +122,22 @@ class Upstreams:
     def in_flight(self, name: str) -> int:
         return self.health[name].in_flight
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self) -> dict[str, ModelStatus]:
         out = {}
         for name, h in self.health.items():
             reason = self.unavailable.get(name)
             state = self.breakers[name].state
-            out[name] = {
-                "status": "unavailable" if reason else ("up" if state == "closed" else f"circuit_{state}"),
-                "circuit": state,
-                "reason": reason,
-                "in_flight": h.in_flight,
-                "requests": h.requests,
-                "failures": h.failures,
-                "latency_ms_avg": None if h.latency_ms_avg is None else round(h.latency_ms_avg, 2),
-                "last_error": h.last_error,
-                "last_error_at": h.last_error_at,
-            }
+            out[name] = ModelStatus(
+                status="unavailable" if reason else ("up" if state == "closed" else f"circuit_{state}"),
+                circuit=state,
+                reason=reason,
+                in_flight=h.in_flight,
+                requests=h.requests,
+                failures=h.failures,
+                latency_ms_avg=None if h.latency_ms_avg is None else round(h.latency_ms_avg, 2),
+                last_error=h.last_error,
+                last_error_at=h.last_error_at,
+            )
         return out
 
     # --- calling
@@ -347,7 +283,13 @@ class Upstreams:
                 seen.append(name)
         return seen
 
-    async def chat(self, chain: Sequence[str], body: dict[str, Any]) -> ChatResult:
+    async def _first_answer(
+        self, chain: Sequence[str], body: dict[str, Any], *, stream: bool
+    ) -> tuple[ModelSpec, Any, float, list[Attempt]]:
+        """The first model of `chain` that answers (each with its retries): its spec, its answer
+        (with `stream`, the first chunk and what holds its slot), the time spent on upstreams, and
+        every attempt."""
+        ask = _first_chunk if stream else _complete
         attempts: list[Attempt] = []
         t0 = time.perf_counter()
         for n, name in enumerate(self._chain(chain)):
@@ -355,57 +297,51 @@ class Upstreams:
                 self.on_fallback(chain[0], name)
             spec = self.specs[name]
             provider = self.providers.get(name)
-            payload = self._payload(spec, body, stream=False)
+            payload = self._payload(spec, body, stream=stream)
 
             async def call(provider: Provider | None = provider, payload: dict[str, Any] = payload) -> Any:
                 assert provider is not None
-                return await provider.chat(payload)
+                return await ask(provider, payload)
 
             try:
-                data = await self._with_retries(name, call, attempts)
+                answer = await self._with_retries(name, call, attempts, hold=stream)
             except ProviderError as exc:
                 raise _client_error(exc) from exc
-            if data is not None:
-                return ChatResult(spec, data, (time.perf_counter() - t0) * 1000, attempts)
+            if answer is not None:
+                return spec, answer, (time.perf_counter() - t0) * 1000, attempts
         raise final_error(attempts, (time.perf_counter() - t0) * 1000)
+
+    async def chat(self, chain: Sequence[str], body: dict[str, Any]) -> ChatResult:
+        spec, data, upstream_ms, attempts = await self._first_answer(chain, body, stream=False)
+        return ChatResult(spec, data, upstream_ms, attempts)
 
     async def open_stream(self, chain: Sequence[str], body: dict[str, Any]) -> OpenStream:
         """Opens a stream on the first model of `chain` that yields a first chunk."""
-        attempts: list[Attempt] = []
-        t0 = time.perf_counter()
-        for n, name in enumerate(self._chain(chain)):
-            if n > 0 and self.on_fallback is not None:
-                self.on_fallback(chain[0], name)
-            spec = self.specs[name]
-            provider = self.providers.get(name)
-            payload = self._payload(spec, body, stream=True)
+        spec, opened, upstream_ms, attempts = await self._first_answer(chain, body, stream=True)
+        (first, agen, ttft_ms), release = opened
+        return OpenStream(spec, first, agen, ttft_ms, upstream_ms, attempts, release=release)
 
-            async def call(
-                provider: Provider | None = provider, payload: dict[str, Any] = payload
-            ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], float]:
-                assert provider is not None
-                t_call = time.perf_counter()
-                agen = provider.stream(payload)
-                try:
-                    first = await agen.__anext__()
-                except StopAsyncIteration as exc:
-                    raise ProviderError("protocol", "empty stream", retryable=True) from exc
-                except BaseException:
-                    aclose = getattr(agen, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                    raise
-                return first, agen, (time.perf_counter() - t_call) * 1000
 
-            try:
-                opened = await self._with_retries(name, call, attempts, hold=True)
-            except ProviderError as exc:
-                raise _client_error(exc) from exc
-            if opened is not None:
-                (first, agen, ttft_ms), release = opened
-                upstream_ms = (time.perf_counter() - t0) * 1000
-                return OpenStream(spec, first, agen, ttft_ms, upstream_ms, attempts, release=release)
-        raise final_error(attempts, (time.perf_counter() - t0) * 1000)
+async def _complete(provider: Provider, payload: dict[str, Any]) -> dict[str, Any]:
+    return await provider.chat(payload)
+
+
+async def _first_chunk(
+    provider: Provider, payload: dict[str, Any]
+) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], float]:
+    """A stream's first chunk, the rest of it, and the time to that chunk."""
+    t_call = time.perf_counter()
+    agen = provider.stream(payload)
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration as exc:
+        raise ProviderError("protocol", "empty stream", retryable=True) from exc
+    except BaseException:
+        aclose = getattr(agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        raise
+    return first, agen, (time.perf_counter() - t_call) * 1000
 
 
 def _client_error(exc: ProviderError) -> UpstreamClientError:
@@ -420,7 +356,7 @@ def _client_error(exc: ProviderError) -> UpstreamClientError:
 def final_error(attempts: list[Attempt], upstream_ms: float = 0.0) -> GatewayError:
     """The error a client sees when no attempt succeeded (`upstream_ms`: time spent trying)."""
     error = _final_error(attempts)
-    error.upstream_ms = upstream_ms  # type: ignore[attr-defined]
+    error.upstream_ms = upstream_ms
     return error
 
 

@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from gateway.app import create_app
-from gateway.config import ModelSpec, Settings
+from gateway.catalogue import ModelSpec
+from gateway.config import Settings
 from tests.fake_upstream import FakeUpstream
 
 
@@ -59,7 +60,8 @@ class GatewayServer:
 
     def __init__(self, settings: Settings, **app_kw: Any) -> None:
         self.settings = settings
-        self.app = create_app(settings, **app_kw)
+        self.services: Any = None
+        self.app = create_app(settings, on_start=self._started, **app_kw)
         sock = socket.socket(
             socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
         )  # asyncio sets TCP_NODELAY only then
@@ -82,6 +84,9 @@ class GatewayServer:
         self.error: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    def _started(self, services: Any) -> None:
+        self.services = services
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
@@ -91,10 +96,6 @@ class GatewayServer:
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.server.serve(sockets=[self.sock])
-
-    @property
-    def gw(self) -> Any:
-        return self.app.state.gw
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the gateway's own event loop (to inspect or drive its parts)."""

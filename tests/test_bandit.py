@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.domain import ArmStats, Neighbour
 from gateway.routing.bandit import (
     ArmView,
     Knobs,
@@ -24,7 +25,6 @@ from gateway.routing.bandit import (
     quality_prior,
 )
 from gateway.routing.strategies import rank
-from gateway.store import ArmStats, Neighbour
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -266,8 +266,9 @@ def test_fixed_strategies():
 
 async def test_linear_policy_replicas_stay_in_sync_through_the_store():
     from gateway.config import Settings
+    from gateway.domain import CallRecord, Feedback
+    from gateway.routing.policies import LinTSPolicy
     from gateway.routing.router import Router
-    from gateway.store import CallRecord, Feedback
     from gateway.store.memory import MemoryStore
 
     class Up:
@@ -305,12 +306,14 @@ async def test_linear_policy_replicas_stay_in_sync_through_the_store():
     )
     outcome = await store.add_feedback(Feedback("c1", 1.0))
     a.observe_feedback("c1", "m", 1.0, outcome.previous, x)  # replica A took the feedback
-    assert a.lin.n["m"] == 1 and b.lin is not None and b.lin.n.get("m", 0) == 0
+    assert isinstance(a.policy, LinTSPolicy) and isinstance(b.policy, LinTSPolicy)
+    lin_a, lin_b = a.policy.lin, b.policy.lin
+    assert lin_a.n["m"] == 1 and lin_b.n.get("m", 0) == 0
     await b.refresh_stats()  # replica B reads it from the store
-    assert b.lin.n["m"] == 1
-    assert b.lin.posterior("m", x).mean == pytest.approx(a.lin.posterior("m", x).mean)
+    assert lin_b.n["m"] == 1
+    assert lin_b.posterior("m", x).mean == pytest.approx(lin_a.posterior("m", x).mean)
     await a.refresh_stats()  # A sees its own rating again: absorbed once only
-    assert a.lin.n["m"] == 1
+    assert lin_a.n["m"] == 1
     await store.add_feedback(Feedback("c1", 0.0))  # a re-rating moves the target, not the count
     await b.refresh_stats()
-    assert b.lin.n["m"] == 1 and b.lin.posterior("m", x).mean < a.lin.posterior("m", x).mean
+    assert lin_b.n["m"] == 1 and lin_b.posterior("m", x).mean < lin_a.posterior("m", x).mean

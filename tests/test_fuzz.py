@@ -475,9 +475,9 @@ class Harness:
         self.dropped = 0
 
     def aftermath(self) -> list[str]:
-        self.gw.call(self.gw.gw.recorder.flush())
+        self.gw.call(self.gw.services.recorder.flush())
         problems = []
-        dropped = self.gw.gw.recorder.dropped
+        dropped = self.gw.services.recorder.dropped
         if dropped != self.dropped:
             problems.append(f"the store refused {dropped - self.dropped} call record(s): dropped")
             self.dropped = dropped
@@ -534,9 +534,9 @@ def harness(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Har
         rid = ok.headers["x-request-id"]
         assert c.get(f"/requests/{rid}").json()["messages"] == USER
         assert c.post("/feedback", json={"request_id": rid, "score": 1}).status_code == 200
-    gw.call(gw.gw.recorder.flush())
-    state = gw.gw.recorder_state()
-    assert state == {**state, "queue_depth": 0, "dropped": 0, "failing": False}, state
+    gw.call(gw.services.recorder.flush())
+    state = gw.services.recorder.state()
+    assert (state.queue_depth, state.dropped, state.failing) == (0, 0, False), state
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, "the gateway logged errors:\n" + "\n\n".join(
         f"{r.name} {r.levelname}: {r.getMessage()}\n{r.exc_text or ''}" for r in errors

@@ -16,9 +16,9 @@ import pytest
 from gateway.cli import build_parser, serve_settings
 from gateway.lab import baselines
 from gateway.lab.commands import replay, sweep
-from gateway.lab.data import load
 from gateway.lab.report import Trace, aiq, halves, hull, model_shares, regret, summary
 from gateway.lab.runner import Options, feedback_mask, parse_set, stream_order
+from gateway.providers.replay import load
 from tests.conftest import make_settings
 from tests.test_router import CODING, COOKING, DISHES, TASKS
 

@@ -141,7 +141,7 @@ def test_stats_endpoint(ops_gw):
     gw = ops_gw
     for name in ("alpha", "alpha", "alpha", "broken"):
         httpx.post(gw.url + "/v1/chat/completions", json={"model": name, "messages": USER})
-    gw.call(gw.gw.recorder.flush())
+    gw.call(gw.services.recorder.flush())
     body = httpx.get(gw.url + "/v1/stats?window=1h").json()
     assert body["requests"] == 4 and body["window"] == "1h"
     alpha = next(r for r in body["models"] if r["model"] == "alpha")

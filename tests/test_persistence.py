@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.store import CallRecord, Feedback, utcnow
+from gateway.domain import CallRecord, Feedback, utcnow
 from gateway.store.embedded import EmbeddedPostgres
 from gateway.store.factory import migrate
 from gateway.store.postgres import NEIGHBOURS_SQL, PostgresStore, make_engine
@@ -190,9 +190,9 @@ def test_feedback_right_after_the_call_finds_it(fake, gateway, dsn):
         [model("alpha", fake.url())], enable_persistence=True, database_url=dsn, recorder_batch_size=10_000
     )
     gw = gateway(settings)
-    gw.call(_stop_writer(gw.gw.recorder))
+    gw.call(_stop_writer(gw.services.recorder))
     rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
-    assert gw.gw.recorder.has(rid)
+    assert gw.services.recorder.has(rid)
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}).status_code == 200
 
 
@@ -257,8 +257,8 @@ def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_pa
         deadline = time.monotonic() + 20
         while len(ids) < during_start + 150 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert gw.gw.recorder.failing_since is not None  # the writer noticed
-        assert gw.gw.recorder.depth > 0  # and keeps what it could not write
+        assert gw.services.recorder.failing_since is not None  # the writer noticed
+        assert gw.services.recorder.depth > 0  # and keeps what it could not write
         embedded.server.ensure_postgres_running()
         for f in futures:
             f.result(timeout=60)
@@ -267,9 +267,9 @@ def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_pa
     assert refused_ratings  # some ratings came while the database was down: refused, not lost
     assert 0 < answered_by.count("alpha") - 300 < 300  # the flaky model's calls fell back at times
     deadline = time.monotonic() + 30
-    while gw.gw.recorder.depth and time.monotonic() < deadline:
+    while gw.services.recorder.depth and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gw.gw.recorder.depth == 0 and gw.gw.recorder.dropped == 0
+    assert gw.services.recorder.depth == 0 and gw.services.recorder.dropped == 0
 
     async def stored() -> tuple[set[str], dict[str, float]]:
         conn = await asyncpg.connect(asyncpg_dsn(dsn))
@@ -292,7 +292,7 @@ def test_feedback_while_the_database_is_down_is_503(fake, gateway, tmp_path):
     gw = gateway(make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn))
     rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
     deadline = time.monotonic() + 5
-    while gw.gw.recorder.depth and time.monotonic() < deadline:
+    while gw.services.recorder.depth and time.monotonic() < deadline:
         time.sleep(0.02)
     run_async(embedded.stop())
     resp = httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1})

@@ -6,9 +6,9 @@ import asyncio
 
 import httpx
 
+from gateway.domain import CallRecord
 from gateway.errors import StoreUnavailable
 from gateway.recorder import Recorder
-from gateway.store import CallRecord
 from gateway.store.memory import MemoryStore
 from tests.conftest import make_settings, model
 
@@ -80,4 +80,4 @@ def test_nul_characters_are_stored(fake, gateway, dsn):
         ).status_code
         == 200
     )
-    assert gw.gw.recorder.dropped == 0
+    assert gw.services.recorder.dropped == 0

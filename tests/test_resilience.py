@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.upstreams import CircuitBreaker, Upstreams
+from gateway.health import CircuitBreaker
+from gateway.upstreams import Upstreams
 from tests.conftest import make_settings, model
 
 USER = [{"role": "user", "content": "hi"}]
@@ -140,7 +141,7 @@ def test_stream_client_disconnect_cancels_upstream(fake, gateway):
     while fake.disconnects == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fake.disconnects == before + 1
-    assert gw.gw.upstreams.health["slowstream"].in_flight == 0
+    assert gw.services.upstreams.health["slowstream"].in_flight == 0
 
 
 def test_client_disconnect_cancels_a_waiting_completion(fake, gateway):

@@ -253,8 +253,8 @@ def test_latency_optimized_and_least_loaded_use_what_was_observed(fake, gateway,
     for name in ("cheap", "mid", "premium"):
         for _ in range(3):
             assert ask(gw, model=name).status_code == 200
-    gw.call(gw.gw.recorder.flush())
-    gw.call(gw.gw.router.refresh_stats())
+    gw.call(gw.services.recorder.flush())
+    gw.call(gw.services.router.refresh_stats())
     assert ask(gw, headers={"X-Router-Strategy": "latency_optimized"}).headers["x-router-model"] == "mid"
     for _ in range(10):
         capped = ask(gw, headers={"X-Router-Max-Latency-Ms": "90"})  # cheap (200 ms), premium (100 ms) out
@@ -346,10 +346,10 @@ def test_feedback_moves_the_global_posterior(fake, gateway, catalogue):
     ids = [ask(gw, model="mid").headers["x-request-id"] for _ in range(3)]
     for rid in ids:
         assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 0.0}).status_code == 200
-    stats = gw.gw.router.stats["mid"]
+    stats = gw.services.router.stats["mid"]
     assert stats.rated == 3 and stats.score_sum == 0.0
     httpx.post(gw.url + "/feedback", json={"request_id": ids[0], "score": 1.0})  # latest wins
-    assert gw.gw.router.stats["mid"].rated == 3 and gw.gw.router.stats["mid"].score_sum == 1.0
+    assert gw.services.router.stats["mid"].rated == 3 and gw.services.router.stats["mid"].score_sum == 1.0
     # explicit calls had no embedding: feedback computed it, so they join future neighbour searches
     record = httpx.get(f"{gw.url}/requests/{ids[0]}").json()
     assert record["embedding"] is not None and len(record["embedding"]) == 384

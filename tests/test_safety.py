@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
+from gateway.limits import RateLimits
 from gateway.logs import Redactor
-from gateway.middleware import RateLimits
 from tests.conftest import make_settings, model, query, wait_for
 from tests.test_errors import assert_openai_error
 
@@ -131,15 +131,17 @@ def test_token_buckets_refill_and_carry_debt():
         limits.take_request("k")
     now[0] += 1.0  # one request a second comes back
     limits.take_request("k")
-    limits.take_tokens("k", 500)
-    limits.charge_tokens("k", 700)  # the call used 1,200: a debt of 600
+    held = limits.reserve("k", 500)
+    assert held is not None
+    held.settle(1200)  # the call used 1,200: a debt of 600
+    held.settle(5000)  # settled once only
     now[0] += 59.0
     with pytest.raises(Exception, match="tokens per minute"):
-        limits.take_tokens("k", 100)  # 590 tokens back: the bucket is still 10 in debt
+        limits.reserve("k", 100)  # 590 tokens back: the bucket is still 10 in debt
     now[0] += 11.0  # 110 more: exactly 100 available
-    limits.take_tokens("k", 100)
-    assert limits.buckets["k"][1] == pytest.approx(0.0)
-    limits.charge_tokens("k", -100)  # a failed call is refunded
+    refused = limits.reserve("k", 100)
+    assert refused is not None and limits.buckets["k"][1] == pytest.approx(0.0)
+    refused.release()  # a call refused before it went upstream gets its tokens back
     assert limits.buckets["k"][1] == pytest.approx(100.0)
 
 

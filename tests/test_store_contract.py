@@ -8,8 +8,8 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
+from gateway.domain import CallRecord, DPOPair, Feedback, prompt_hash, utcnow
 from gateway.errors import NotFound
-from gateway.store import CallRecord, DPOPair, Feedback, prompt_hash, utcnow
 from gateway.store.memory import MemoryStore
 from gateway.store.postgres import PostgresStore, make_engine
 
@@ -64,28 +64,28 @@ async def test_write_and_read_back_a_call(store):
         ],
     )
     await store.write_calls([rec])
-    got = await store.get_call("c1")
-    assert got is not None
-    assert got["messages"] == rec.messages
-    assert got["prompt_hash"] == prompt_hash(rec.messages)
-    assert np.allclose(got["embedding"], emb, atol=1e-6)
-    assert got["decision"]["candidates"][0]["score"] == 0.7
-    assert (got["layer"], got["propensity"], got["response"], got["caller"]) == (
-        "bandit",
-        0.4,
-        "an answer",
-        "key_abc",
+    stored = await store.get_call("c1")
+    assert stored is not None
+    got = stored.record
+    assert got.messages == rec.messages
+    assert got.prompt_hash == prompt_hash(rec.messages)
+    assert np.allclose(got.embedding, emb, atol=1e-6)
+    assert got.decision["candidates"][0]["score"] == 0.7
+    assert (got.layer, got.propensity, got.response, got.caller) == ("bandit", 0.4, "an answer", "key_abc")
+    assert (got.upstream_ms, got.ttft_ms, got.overhead_ms) == (100.0, 5.0, 0.8)
+    assert (got.prompt_tokens, got.completion_tokens, got.cost_usd) == (12, 10, 0.001)
+    assert got.stream is True and stored.score is None and stored.feedback == []
+    as_json = stored.as_dict()  # what GET /requests/{id} renders
+    assert as_json["messages"] == rec.messages and as_json["embedding"] == pytest.approx(
+        emb.tolist(), abs=1e-6
     )
-    assert (got["upstream_ms"], got["ttft_ms"], got["overhead_ms"]) == (100.0, 5.0, 0.8)
-    assert (got["prompt_tokens"], got["completion_tokens"], got["cost_usd"]) == (12, 10, 0.001)
-    assert got["stream"] is True and got["score"] is None and got["feedback"] == []
     assert await store.get_call("nope") is None
 
 
 async def test_a_reused_request_id_keeps_the_first_record(store):
     await store.write_calls([call("dup", model="m1")])
     await store.write_calls([call("dup", model="m2")])
-    assert (await store.get_call("dup"))["model"] == "m1"
+    assert (await store.get_call("dup")).record.model == "m1"
     stats = await store.arm_stats()
     assert stats["m1"].calls == 1 and "m2" not in stats
 
@@ -122,9 +122,9 @@ async def test_feedback_latest_wins_and_moves_the_arm(store):
     assert stats.rated == 2  # two rated calls, not three feedbacks
     assert stats.mean_score == pytest.approx((0.9 + 0.5) / 2)
     got = await store.get_call("a")
-    assert got["score"] == 0.9
-    assert [f["score"] for f in got["feedback"]] == [0.2, 0.9]
-    assert got["feedback"][0]["feedback_text"] == "meh"
+    assert got.score == 0.9
+    assert [f.score for f in got.feedback] == [0.2, 0.9]
+    assert got.feedback[0].feedback_text == "meh"
 
 
 async def test_a_judge_never_overrides_a_human(store):
@@ -132,7 +132,7 @@ async def test_a_judge_never_overrides_a_human(store):
     await store.add_feedback(Feedback("h", 1.0, source="user"))
     judged = await store.add_feedback(Feedback("h", 0.0, source="judge"))
     assert not judged.applied and judged.score == 1.0
-    assert (await store.get_call("h"))["score"] == 1.0
+    assert (await store.get_call("h")).score == 1.0
     await store.add_feedback(Feedback("j", 0.3, source="judge"))
     human = await store.add_feedback(Feedback("j", 0.8, source="user"))
     assert human.applied and human.previous == 0.3
@@ -171,8 +171,8 @@ async def test_set_embedding_fills_in_only_a_missing_one(store):
     await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
     await store.set_embedding("x", unit(1, 0))
     await store.set_embedding("y", unit(1, 0))
-    assert np.allclose((await store.get_call("x"))["embedding"], unit(1, 0), atol=1e-6)
-    assert np.allclose((await store.get_call("y"))["embedding"], unit(0, 1), atol=1e-6)
+    assert np.allclose((await store.get_call("x")).record.embedding, unit(1, 0), atol=1e-6)
+    assert np.allclose((await store.get_call("y")).record.embedding, unit(0, 1), atol=1e-6)
 
 
 async def test_usage_stats_over_a_window(store):
@@ -187,13 +187,13 @@ async def test_usage_stats_over_a_window(store):
         ]
     )
     await store.add_feedback(Feedback("a", 1.0))
-    rows = {r["model"]: r for r in await store.usage_stats(now - DAY)}
+    rows = {r.model: r for r in await store.usage_stats(now - DAY)}
     m1 = rows["m1"]
-    assert (m1["requests"], m1["errors"], m1["feedback_count"]) == (3, 1, 1)
-    assert m1["latency_ms_avg"] == pytest.approx(200)
-    assert m1["cost_usd"] == pytest.approx(0.04)
-    assert m1["feedback_avg"] == pytest.approx(1.0)
-    assert rows["m2"]["cost_usd"] == pytest.approx(0.5)
+    assert (m1.requests, m1.errors, m1.feedback_count) == (3, 1, 1)
+    assert m1.latency_ms_avg == pytest.approx(200)
+    assert m1.cost_usd == pytest.approx(0.04)
+    assert m1.feedback_avg == pytest.approx(1.0)
+    assert rows["m2"].cost_usd == pytest.approx(0.5)
 
 
 async def test_memory_store_is_bounded():

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from dataclasses import asdict
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api import json_response, require_admin
+from gateway.api import admin_only, json_response, services
+from gateway.domain import utcnow
 from gateway.errors import InvalidRequest
-from gateway.store import utcnow
+from gateway.metrics import ArmGauge, Gauges
+from gateway.routing.policies import POLICIES
+from gateway.services import Services
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+
+async def readiness(s: Services) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        checks["store"] = "ok" if await asyncio.wait_for(s.store.ping(), 2.0) else "unreachable"
+    except Exception as exc:
+        checks["store"] = f"unreachable: {type(exc).__name__}"
+    available = [m.name for m in s.settings.models if s.upstreams.is_available(m.name)]
+    checks["models"] = "ok" if available else "no model available"
+    if POLICIES[s.settings.router_policy].needs_embedding:
+        checks["embedder"] = "ok" if s.embedder is not None else "unavailable: routing without context"
+    return checks
 
 
-def _gw(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gw
-    return gw
+def gauges(s: Services) -> Gauges:
+    """What /metrics reads at scrape time."""
+    arms = {}
+    for m in s.settings.models:
+        stats = s.router.stats.get(m.name)
+        arms[m.name] = ArmGauge(s.router.quality(m.name), stats.rated if stats else 0)
+    cache = s.embedder.cache_stats() if s.embedder is not None else None
+    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms)
 
 
 async def list_models(request: Request) -> Response:
-    gw = _gw(request)
+    gw = services(request)
     data: list[dict[str, Any]] = []
     for name in gw.settings.virtual_model_names:
         entry: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "llm-router"}
@@ -56,26 +76,25 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    gw = _gw(request)
-    checks = await gw.readiness()
+    checks = await readiness(services(request))
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
 
 
 async def health(request: Request) -> Response:
-    gw = _gw(request)
-    checks = await gw.readiness()
+    gw = services(request)
+    checks = await readiness(gw)
     body = {
         "status": "ok" if all(v == "ok" for v in checks.values()) else "degraded",
         "checks": checks,
         "providers": gw.upstreams.snapshot(),
-        "recorder": gw.recorder_state(),
+        "recorder": gw.recorder.state(),
     }
     return json_response(body)
 
 
 async def prometheus(request: Request) -> Response:
-    return Response(_gw(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 _WINDOW = re.compile(r"^(\d+)([mhd])$")
@@ -85,21 +104,23 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 async def stats(request: Request) -> Response:
     """Per-model share, latency, cost and feedback over a time window (`?window=24h`; m, h or d).
     Admin only when the gateway has client keys: the figures cover every caller."""
-    require_admin(request, _gw(request), open_without_keys=True)
+    gw = admin_only(request, open_without_keys=True)
     window = request.query_params.get("window", "24h")
     match = _WINDOW.match(window)
     if not match or int(match.group(1)) == 0:
         raise InvalidRequest("window must look like 15m, 24h or 7d", param="window", code="invalid_value")
     since = utcnow() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    rows = await _gw(request).store.usage_stats(since)
-    total = sum(r["requests"] for r in rows)
-    for r in rows:
-        r["share"] = round(r["requests"] / total, 4) if total else 0.0
+    rows = await gw.store.usage_stats(since)
+    total = sum(r.requests for r in rows)
+    models: list[dict[str, Any]] = [
+        {**asdict(r), "share": round(r.requests / total, 4) if total else 0.0}
+        for r in sorted(rows, key=lambda r: -r.requests)
+    ]
     body = {
         "window": window,
         "since": since.isoformat(),
         "requests": total,
-        "cost_usd": sum(r["cost_usd"] or 0.0 for r in rows),
-        "models": sorted(rows, key=lambda r: -r["requests"]),
+        "cost_usd": sum(r.cost_usd or 0.0 for r in rows),
+        "models": models,
     }
     return json_response(body)

@@ -4,21 +4,20 @@ admin-only GET /v1/dpo/pairs."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import dpo
-from gateway.api import json_response, require_admin
+from gateway.api import admin_only, json_response, services
+from gateway.auth import is_admin
+from gateway.context import request_state
+from gateway.domain import Feedback
 from gateway.errors import InvalidRequest, NotFound
-from gateway.middleware import key_id
 from gateway.schemas import CALL_ID, FeedbackRequest, parse_json_object, validate
-from gateway.store import Feedback
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.services import Services
 
 _TIMINGS = (
     "id",
@@ -38,45 +37,41 @@ _TIMINGS = (
 )
 
 
-async def _call(gw: Gateway, request: Request, request_id: str) -> dict[str, Any]:
+async def _call(gw: Services, request: Request, request_id: str) -> dict[str, Any]:
     """A call record, for its own caller: with GATEWAY_API_KEYS set, one client key cannot read or
     rate another's calls (the admin key can); to others it does not exist."""
     if not CALL_ID.fullmatch(request_id):  # no call has such an id
         raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
     if gw.recorder.has(request_id):
         await gw.recorder.flush()
-    record = await gw.store.get_call(request_id)
-    if record is not None and gw.settings.gateway_api_keys:
-        caller = request.scope["state"].get("caller")
-        admin = gw.settings.admin_api_key
-        is_admin = admin is not None and caller == key_id(admin.get_secret_value())
-        if not is_admin and record.get("caller") != caller:
-            record = None
-    if record is None:
+    stored = await gw.store.get_call(request_id)
+    if stored is not None and gw.settings.gateway_api_keys:
+        caller = request_state(request.scope).caller
+        if not is_admin(gw.settings, caller) and stored.record.caller != caller:
+            stored = None
+    if stored is None:
         raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
-    return record
+    return stored.as_dict()
 
 
 async def feedback(request: Request) -> Response:
-    gw: Gateway = request.app.state.gw
+    gw = services(request)
     data = parse_json_object(await request.body())
     fb: FeedbackRequest = validate(FeedbackRequest, data)
     if gw.settings.gateway_api_keys:
         await _call(gw, request, fb.request_id)
-    outcome = await gw.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
-    return json_response(outcome)
+    learned = await gw.learner.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
+    return json_response(learned)
 
 
 async def get_request(request: Request) -> Response:
-    gw: Gateway = request.app.state.gw
-    record = await _call(gw, request, request.path_params["request_id"])
+    record = await _call(services(request), request, request.path_params["request_id"])
     record["request_id"] = record.pop("id")
     return json_response(record)
 
 
 async def get_metrics(request: Request) -> Response:
-    gw: Gateway = request.app.state.gw
-    record = await _call(gw, request, request.path_params["request_id"])
+    record = await _call(services(request), request, request.path_params["request_id"])
     out = {k: record.get(k) for k in _TIMINGS}
     out["request_id"] = out.pop("id")
     return json_response(out)
@@ -94,8 +89,7 @@ def _time(value: str | None, param: str) -> datetime | None:
 
 async def dpo_pairs(request: Request) -> Response:
     """NDJSON of DPO pairs (or routing labels), paged by time: follow `x-next-cursor`."""
-    gw: Gateway = request.app.state.gw
-    require_admin(request, gw)
+    gw = admin_only(request)
     q = request.query_params
     kind = q.get("kind", "responses")
     fmt = q.get("format", "trl")

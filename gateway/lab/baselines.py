@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gateway.lab.data import ReplayData
 from gateway.lab.report import Trace
+from gateway.providers.replay import ReplayData
 
 
 def _trace(name: str, data: ReplayData, order: Sequence[int], picks: Sequence[int]) -> Trace:

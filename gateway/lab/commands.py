@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gateway.lab import data as replay_data
 from gateway.lab import plots
 from gateway.lab.report import Trace, aiq, halves, model_shares, regret
 from gateway.lab.runner import (
@@ -23,6 +22,7 @@ from gateway.lab.runner import (
     run_router,
     stream_order,
 )
+from gateway.providers import replay as replay_data
 
 MODE = "http: a real gateway (uvicorn on 127.0.0.1) driven with model='auto', one request at a time"
 

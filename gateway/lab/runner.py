@@ -25,8 +25,9 @@ import uvicorn
 from gateway.config import Settings, load_settings
 from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
 from gateway.lab import baselines
-from gateway.lab.data import ReplayData
 from gateway.lab.report import Trace
+from gateway.providers.replay import ReplayData
+from gateway.services import Services
 
 log = logging.getLogger("gateway.lab")
 
@@ -144,11 +145,14 @@ async def lab_database(options: Options) -> AsyncIterator[str | None]:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> AsyncIterator[tuple[str, Any]]:
-    """The gateway on a free loopback port, in this event loop: its URL and its app."""
+async def serving(
+    settings: Settings, embedder: MiniLMEmbedder, seed: int
+) -> AsyncIterator[tuple[str, Services]]:
+    """The gateway on a free loopback port, in this event loop: its URL and its parts."""
     from gateway.app import create_app
 
-    app = create_app(settings, embedder=embedder, seed=seed)
+    started: list[Services] = []
+    app = create_app(settings, embedder=embedder, seed=seed, on_start=started.append)
     sock = socket.socket(
         socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
     )  # asyncio sets TCP_NODELAY only then
@@ -160,7 +164,7 @@ async def serving(settings: Settings, embedder: MiniLMEmbedder, seed: int) -> As
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", started[0]
     finally:
         server.should_exit = True
         await task
@@ -184,8 +188,7 @@ async def run_router(
     t0 = time.perf_counter()
     async with lab_database(options) as dsn:
         settings = lab_settings(data, options, dsn)
-        async with serving(settings, embedder, options.seed) as (url, app), aiohttp.ClientSession() as http:
-            gw = app.state.gw
+        async with serving(settings, embedder, options.seed) as (url, gw), aiohttp.ClientSession() as http:
             for t, i in enumerate(order):
                 record = data.records[i]
                 body: dict[str, Any] = {

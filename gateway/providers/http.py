@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.config import ModelSpec
+from gateway.catalogue import ModelSpec
 from gateway.providers import ProviderError
 
 

@@ -1,4 +1,13 @@
-"""The `replay` provider: an upstream that answers from a replay file (see `gateway.lab.data`).
+"""The `replay` provider: an upstream that answers from a replay file, and the file's loader.
+
+Replay files hold per-prompt x per-model outcomes of real evaluations, in one JSONL format:
+
+    {"id": str, "task": str, "messages": [...],
+     "outcomes": {MODEL: {"score": 0..1, "cost_usd": float|null, "response": str|null,
+                          "prompt_tokens": int|null, "completion_tokens": int|null}}}
+
+beside it, optionally, NAME.models.json (`{"models": [{"name", "input_usd_per_mtok",
+"output_usd_per_mtok"}]}`). Any file in this format works, not only the shipped ones.
 
 A request is matched to its record by `metadata.replay_id` when the caller gives it (the lab does),
 else by the prompt (the normalised conversation hash). The answer is the model's recorded response,
@@ -11,13 +20,139 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from gateway.config import ModelSpec
-from gateway.lab.data import Outcome, Record, ReplayData
+import numpy as np
+import orjson
+
+from gateway.catalogue import ModelSpec
+from gateway.domain import prompt_hash
 from gateway.providers import ProviderError
-from gateway.store import prompt_hash
+
+
+@dataclass(frozen=True)
+class Outcome:
+    score: float
+    cost_usd: float | None
+    response: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    task: str
+    messages: list[dict[str, Any]]
+    outcomes: dict[str, Outcome]
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.messages)
+
+
+@dataclass
+class ReplayData:
+    path: Path
+    records: list[Record]
+    models: list[str]
+    prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # $/Mtok in, out
+
+    def __post_init__(self) -> None:
+        self.by_id = {r.id: r for r in self.records}
+        self.by_prompt: dict[str, Record] = {}
+        for r in self.records:
+            self.by_prompt.setdefault(r.prompt_hash, r)  # a prompt that occurs twice answers as its first
+
+    @property
+    def name(self) -> str:
+        return self.path.name.removesuffix(".jsonl")
+
+    def scores(self) -> np.ndarray:
+        """(records, models) matrix of scores."""
+        return np.array([[r.outcomes[m].score for m in self.models] for r in self.records], dtype=np.float64)
+
+    def costs(self) -> np.ndarray:
+        """(records, models) matrix of USD costs (from the data; priced from the catalogue if missing)."""
+        return np.array([[self.cost(r, m) for m in self.models] for r in self.records], dtype=np.float64)
+
+    def cost(self, record: Record, model: str) -> float:
+        o = record.outcomes[model]
+        if o.cost_usd is not None:
+            return o.cost_usd
+        p_in, p_out = self.prices.get(model, (0.0, 0.0))
+        return ((o.prompt_tokens or 0) * p_in + (o.completion_tokens or 0) * p_out) / 1e6
+
+    def catalogue(self, replay_file: str | None = None) -> list[ModelSpec]:
+        """One `replay` model per model of the file, priced as the file says."""
+        specs = []
+        for m in self.models:
+            p_in, p_out = self.prices.get(m, (0.0, 0.0))
+            specs.append(
+                ModelSpec(
+                    name=m,
+                    provider="replay",
+                    replay_file=replay_file or str(self.path),
+                    input_usd_per_mtok=p_in,
+                    output_usd_per_mtok=p_out,
+                    context_window=1_000_000,
+                    capabilities=frozenset({"chat", "streaming", "tools", "json", "vision"}),
+                )
+            )
+        return specs
+
+
+def _iter_lines(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+
+
+def load(path: str | Path) -> ReplayData:
+    path = Path(path)
+    records: list[Record] = []
+    models: list[str] = []
+    for n, raw in enumerate(_iter_lines(path), 1):
+        try:
+            outcomes = {
+                m: Outcome(
+                    float(o["score"]),
+                    o.get("cost_usd"),
+                    o.get("response"),
+                    o.get("prompt_tokens"),
+                    o.get("completion_tokens"),
+                )
+                for m, o in raw["outcomes"].items()
+            }
+            record = Record(str(raw["id"]), str(raw.get("task", "")), list(raw["messages"]), outcomes)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{n}: not a replay record ({type(exc).__name__}: {exc})") from exc
+        if not models:
+            models = list(outcomes)
+        missing = set(models) - set(outcomes)
+        if missing:
+            raise ValueError(f"{path}:{n}: record {record.id} has no outcome for {sorted(missing)}")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    prices: dict[str, tuple[float, float]] = {}
+    meta = path.with_name(path.name.removesuffix(".jsonl") + ".models.json")
+    if meta.is_file():
+        for m in orjson.loads(meta.read_bytes()).get("models", []):
+            prices[m["name"]] = (
+                float(m.get("input_usd_per_mtok") or 0.0),
+                float(m.get("output_usd_per_mtok") or 0.0),
+            )
+    return ReplayData(path, records, models, prices)
+
 
 PLACEHOLDER = "[replay: the data set has no response text from {model}]"
 _ids = itertools.count(1)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config import RouterConstraints
+from gateway.catalogue import RouterConstraints
 
 
 @dataclass

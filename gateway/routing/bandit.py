@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.store import ArmStats, Neighbour
+from gateway.domain import ArmStats, Neighbour
 
 COST_FLOOR_USD = 1e-7  # free arms sit at the floor of the log scale
 MEAN_CLIP = 0.01  # prior means stay in [0.01, 0.99]: a Beta needs both parameters > 0

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gateway.config import Rule, SemanticRoute
+from gateway.catalogue import Rule, SemanticRoute
 from gateway.embedder import Embedder
 
 

@@ -1,21 +1,89 @@
 """The fixed strategies, selectable per request: deterministic picks over the eligible arms.
 
-`bandit` (Thompson sampling, see `bandit.choose`) is the default for `auto`; these are for callers
-who want a plain rule: the cheapest, the fastest, the best, a balance, turns, or the least busy.
+`bandit` (the routing policy, see `gateway.routing.policies`) is the default for `auto`; these are
+for callers who want a plain rule: the cheapest, the fastest, the best, a balance, turns, or the
+least busy. Each is an ordering of the arms (best first) and the metric it ordered by.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from gateway.routing.bandit import ArmView, Choice, Knobs, normalise_cost, normalise_speed
 
 INF = float("inf")
 
 
-def _rank(arms: Sequence[ArmView], key: Callable[[int], Any]) -> list[int]:
-    return sorted(range(len(arms)), key=key)
+@dataclass(frozen=True)
+class Inputs:
+    arms: Sequence[ArmView]
+    knobs: Knobs
+    turn: int
+    in_flight: Callable[[str], int]
+
+    @property
+    def quality(self) -> list[float]:
+        return [a.posterior.mean for a in self.arms]
+
+    @property
+    def cost(self) -> list[float]:
+        return [a.cost_usd for a in self.arms]
+
+
+Ordering = tuple[list[int], list[float]]  # arm indices best first, and each arm's metric
+
+
+def _sorted(inp: Inputs, key: Callable[[int], object]) -> list[int]:
+    return sorted(range(len(inp.arms)), key=key)  # type: ignore[arg-type]
+
+
+def cost_optimized(inp: Inputs) -> Ordering:
+    quality, cost = inp.quality, inp.cost
+    return _sorted(inp, lambda i: (cost[i], -quality[i])), cost
+
+
+def latency_optimized(inp: Inputs) -> Ordering:
+    cost = inp.cost
+    latency = [INF if a.latency_ms is None else a.latency_ms for a in inp.arms]
+    return _sorted(inp, lambda i: (latency[i], cost[i])), latency
+
+
+def quality_optimized(inp: Inputs) -> Ordering:
+    quality, cost = inp.quality, inp.cost
+    return _sorted(inp, lambda i: (-quality[i], cost[i])), quality
+
+
+def balanced(inp: Inputs) -> Ordering:
+    quality, cost, knobs = inp.quality, inp.cost, inp.knobs
+    speed = normalise_speed([a.latency_ms for a in inp.arms])
+    costs = normalise_cost(cost)
+    metric = [
+        knobs.feedback_weight * quality[i] + knobs.latency_weight * speed[i] + knobs.cost_weight * costs[i]
+        for i in range(len(inp.arms))
+    ]
+    return _sorted(inp, lambda i: (-metric[i], cost[i])), metric
+
+
+def round_robin(inp: Inputs) -> Ordering:
+    n, turn = len(inp.arms), inp.turn
+    return [(turn + j) % n for j in range(n)], [float((i - turn) % n) for i in range(n)]
+
+
+def least_loaded(inp: Inputs) -> Ordering:
+    n, turn = len(inp.arms), inp.turn
+    load = [inp.in_flight(a.name) for a in inp.arms]
+    return _sorted(inp, lambda i: (load[i], (i - turn) % n)), [float(v) for v in load]
+
+
+STRATEGIES: dict[str, Callable[[Inputs], Ordering]] = {
+    "cost_optimized": cost_optimized,
+    "latency_optimized": latency_optimized,
+    "quality_optimized": quality_optimized,
+    "balanced": balanced,
+    "round_robin": round_robin,
+    "least_loaded": least_loaded,
+}
 
 
 def rank(
@@ -26,40 +94,12 @@ def rank(
     turn: int = 0,
     in_flight: Callable[[str], int] = lambda name: 0,
 ) -> Choice:
-    quality = [a.posterior.mean for a in arms]
-    cost = [a.cost_usd for a in arms]
-    latency = [INF if a.latency_ms is None else a.latency_ms for a in arms]
-    metric: list[float]
-    if strategy == "cost_optimized":
-        order = _rank(arms, lambda i: (cost[i], -quality[i]))
-        metric = cost
-    elif strategy == "latency_optimized":
-        order = _rank(arms, lambda i: (latency[i], cost[i]))
-        metric = latency
-    elif strategy == "quality_optimized":
-        order = _rank(arms, lambda i: (-quality[i], cost[i]))
-        metric = quality
-    elif strategy == "balanced":
-        speed = normalise_speed([a.latency_ms for a in arms])
-        costs = normalise_cost(cost)
-        metric = [
-            knobs.feedback_weight * quality[i]
-            + knobs.latency_weight * speed[i]
-            + knobs.cost_weight * costs[i]
-            for i in range(len(arms))
-        ]
-        order = _rank(arms, lambda i: (-metric[i], cost[i]))
-    elif strategy == "round_robin":
-        n = len(arms)
-        order = [(turn + j) % n for j in range(n)]
-        metric = [float((i - turn) % n) for i in range(n)]
-    elif strategy == "least_loaded":
-        load = [in_flight(a.name) for a in arms]
-        n = len(arms)
-        order = _rank(arms, lambda i: (load[i], (i - turn) % n))
-        metric = [float(v) for v in load]
-    else:
+    order_of = STRATEGIES.get(strategy)
+    if order_of is None:
         raise ValueError(f"unknown strategy {strategy!r}")
+    inp = Inputs(arms, knobs, turn, in_flight)
+    order, metric = order_of(inp)
+    quality, cost = inp.quality, inp.cost
     candidates = [
         {
             "model": arms[i].name,

@@ -8,25 +8,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from gateway.errors import NotFound
-from gateway.store import (
+from gateway.domain import (
     ArmStats,
     CallRecord,
     Comparison,
     DPOPair,
     Feedback,
+    FeedbackEntry,
     FeedbackOutcome,
     Neighbour,
     RatedCall,
     Rating,
+    StoredCall,
+    UsageRow,
+    feedback_applies,
     utcnow,
 )
+from gateway.errors import NotFound
 
 
 class _Index:
@@ -103,16 +107,9 @@ class MemoryStore:
             if rec.id in self.calls:
                 continue  # a reused request id keeps its first record (as in Postgres)
             self.calls[rec.id] = _Call(rec)
-            if (
-                rec.model is not None and rec.kind != "judge"
-            ):  # a judge's short verdicts say nothing of the model
-                arm = self._arm(rec.model)
-                arm.calls += 1
-                if rec.status == "ok":
-                    arm.ok_calls += 1
-                    arm.latency_ms_sum += rec.upstream_ms or 0.0
-                    arm.cost_usd_sum += rec.cost_usd or 0.0
-                    arm.completion_tokens_sum += rec.completion_tokens or 0
+            if rec.counts_for_arm:
+                assert rec.model is not None
+                self._arm(rec.model).add_call(rec)
         while len(self.calls) > self.max_calls:
             cid, _ = self.calls.popitem(last=False)
             self.index.remove(cid)
@@ -123,18 +120,17 @@ class MemoryStore:
                     index.add(c.record)
             self.index = index
 
-    async def get_call(self, request_id: str) -> dict[str, Any] | None:
+    async def get_call(self, request_id: str) -> StoredCall | None:
         call = self.calls.get(request_id)
         if call is None:
             return None
-        rec = asdict(call.record)
-        rec["embedding"] = None if call.record.embedding is None else call.record.embedding.tolist()
-        rec["score"] = call.score
-        rec["feedback"] = [
-            {"score": f.score, "feedback_text": f.text, "source": f.source, "created_at": f.created_at}
-            for f in call.feedback
-        ]
-        return rec
+        return StoredCall(
+            replace(call.record),
+            call.score,
+            call.score_source,
+            call.score_at,
+            [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in call.feedback],
+        )
 
     async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
         call = self.calls.get(feedback.request_id)
@@ -144,8 +140,7 @@ class MemoryStore:
             )
         call.feedback.append(feedback)
         previous = call.score
-        human = feedback.source != "judge"
-        applies = human or call.score_source in (None, "judge")
+        applies = feedback_applies(feedback.source, call.score_source)
         if applies:
             call.score, call.score_source, call.score_at = (
                 feedback.score,
@@ -154,12 +149,7 @@ class MemoryStore:
             )
             model = call.record.model
             if model is not None:
-                arm = self._arm(model)
-                if previous is None:
-                    arm.rated += 1
-                    arm.score_sum += feedback.score
-                else:
-                    arm.score_sum += feedback.score - previous
+                self._arm(model).add_rating(feedback.score, previous)
             self.index.add(call.record)
         return FeedbackOutcome(feedback.request_id, call.record.model, previous, call.score, applies)
 
@@ -230,7 +220,7 @@ class MemoryStore:
     async def arm_stats(self) -> dict[str, ArmStats]:
         return {name: replace(arm) for name, arm in self.arms.items()}
 
-    async def usage_stats(self, since: datetime) -> list[dict[str, Any]]:
+    async def usage_stats(self, since: datetime) -> list[UsageRow]:
         rows: dict[str, dict[str, Any]] = {}
         for call in self.calls.values():
             rec = call.record
@@ -248,26 +238,21 @@ class MemoryStore:
             if call.score is not None:
                 row["scores"].append(call.score)
         return [
-            {
-                "model": r["model"],
-                "requests": r["requests"],
-                "errors": r["errors"],
-                "latency_ms_avg": float(np.mean(r["latency"])) if r["latency"] else None,
-                "cost_usd": r["cost"],
-                "feedback_count": len(r["scores"]),
-                "feedback_avg": float(np.mean(r["scores"])) if r["scores"] else None,
-            }
+            UsageRow(
+                model=r["model"],
+                requests=r["requests"],
+                errors=r["errors"],
+                latency_ms_avg=float(np.mean(r["latency"])) if r["latency"] else None,
+                cost_usd=r["cost"],
+                feedback_count=len(r["scores"]),
+                feedback_avg=float(np.mean(r["scores"])) if r["scores"] else None,
+            )
             for r in rows.values()
         ]
 
     # --- DPO
     def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:
-        rec = call.record
-        if call.score is None or rec.model is None or not rec.response or rec.status != "ok" or rec.synthetic:
-            return None
-        return RatedCall(
-            rec.id, rec.model, rec.messages, rec.prompt_hash, rec.response, call.score, similarity
-        )
+        return RatedCall.of(call.record, call.score, similarity)
 
     async def pair_candidates(
         self, request_id: str, similarity: float, limit: int = 50
@@ -308,14 +293,7 @@ class MemoryStore:
     async def save_pair(self, pair: DPOPair) -> bool:
         existing = self.pairs.get(pair.key)
         if existing is not None:
-            same = (
-                existing.chosen_id,
-                existing.chosen_score,
-                existing.rejected_score,
-                existing.chosen,
-                existing.rejected,
-            ) == (pair.chosen_id, pair.chosen_score, pair.rejected_score, pair.chosen, pair.rejected)
-            if same:
+            if existing.same_preference(pair):
                 return False
             pair.id, pair.created_at = existing.id, existing.created_at
         else:

@@ -1,0 +1,247 @@
+"""Routing policies (ROUTER_POLICY): how `auto` picks among the eligible arms, by name.
+
+A policy forms each arm's quality posterior for the request and makes the pick (`choose`), learns
+from this replica's feedback at once (`observe`), and catches up with what other replicas learnt
+(`sync`, every STATS_REFRESH_S). The Thompson step itself, the posteriors' arithmetic and the
+propensities are the pure core in `gateway.routing.bandit`.
+
+- `knn_ts`: Thompson sampling on the similar past requests found in the store (pgvector).
+- `lin_ts`: linear Thompson sampling on the embedding (per-arm Bayesian ridge regression).
+- `default`: `auto` goes to DEFAULT_MODEL (rules, routes and strategies still apply); when that
+  model is not eligible, Thompson sampling on the arms' global statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from gateway.config import Settings
+from gateway.domain import Neighbour, Rating, utcnow
+from gateway.routing.bandit import ArmView, Choice, Knobs, LinTS, choose, knn_posteriors
+from gateway.routing.stats import ArmStatsCache
+from gateway.routing.strategies import rank
+from gateway.store import NeighbourStore, RatingStore
+
+log = logging.getLogger("gateway.router")
+
+
+class RoutingPolicy(Protocol):
+    needs_embedding: ClassVar[bool]
+    layer: ClassVar[str]  # the decision's layer when this policy picks
+
+    async def choose(
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+    ) -> Choice: ...
+
+    def observe(
+        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+    ) -> None: ...
+
+    async def sync(self) -> None: ...
+
+
+class PolicyStore(NeighbourStore, RatingStore, Protocol):
+    """What the policies read from the store."""
+
+
+@dataclass
+class PolicyDeps:
+    settings: Settings
+    knobs: Knobs
+    arms: ArmStatsCache
+    store: PolicyStore | None
+    rng: np.random.Generator
+    clock: Callable[[], float]
+
+
+def thompson(
+    views: list[ArmView], knobs: Knobs, rng: np.random.Generator, timings: dict[str, float]
+) -> Choice:
+    t = time.perf_counter()
+    choice = choose(views, knobs, rng)
+    timings["sample_ms"] = (time.perf_counter() - t) * 1000
+    return choice
+
+
+def pinned(model: str, views: list[ArmView], knobs: Knobs) -> Choice:
+    """A deterministic pick of `model` (a rule, a route, the default model), the others ranked by
+    quality behind it as fallbacks."""
+    rest = [v for v in views if v.name != model]
+    ranked = rank("quality_optimized", rest, knobs) if rest else None
+    return Choice(model, False, 1.0, [model, *(ranked.ranking if ranked else [])])
+
+
+class KnnTS:
+    needs_embedding: ClassVar[bool] = True
+    layer: ClassVar[str] = "bandit"
+
+    def __init__(self, deps: PolicyDeps) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.store_down_until = float("-inf")
+
+    async def choose(
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+    ) -> Choice:
+        arms = [v.name for v in views]
+        if embedding is not None and self.deps.store is not None:
+            t = time.perf_counter()
+            neighbours = await self._neighbours(self.deps.store, embedding, arms)
+            timings["neighbours_ms"] = (time.perf_counter() - t) * 1000
+            eligible = set(arms)
+            neighbours = [n for n in neighbours if n.model in eligible]
+            cache = self.deps.arms
+            posteriors, evidence, _, _ = knn_posteriors(
+                arms, cache.stats, neighbours, self.deps.knobs, cache.hints
+            )
+            for view, posterior, ev in zip(views, posteriors, evidence, strict=True):
+                view.posterior, view.evidence = posterior, ev
+        return thompson(views, self.deps.knobs, self.deps.rng, timings)
+
+    async def _neighbours(
+        self, store: NeighbourStore, embedding: np.ndarray, arms: list[str]
+    ) -> list[Neighbour]:
+        """Similar rated calls; an unreachable or slow database means routing without context
+        (and no more tries for a few seconds), never a failed call."""
+        clock = self.deps.clock
+        if clock() < self.store_down_until:
+            return []
+        s = self.settings
+        since = utcnow() - timedelta(days=s.recency_days)
+        try:
+            query = (
+                store.neighbours(embedding, s.neighbours_per_arm, since, s.similarity_threshold, arms)
+                if s.neighbours_per_arm
+                else store.neighbours(embedding, s.max_similar_requests, since, s.similarity_threshold)
+            )
+            return await asyncio.wait_for(query, s.neighbour_timeout_s)
+        except Exception as exc:
+            self.store_down_until = clock() + 5.0
+            log.warning("neighbour search failed (%s); routing without context for 5 s", type(exc).__name__)
+            return []
+
+    def observe(
+        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+    ) -> None:
+        """Nothing to do: the rating is in the store, where the next neighbour search finds it."""
+
+    async def sync(self) -> None:
+        pass
+
+
+class LinTSPolicy:
+    needs_embedding: ClassVar[bool] = True
+    layer: ClassVar[str] = "bandit"
+
+    def __init__(self, deps: PolicyDeps) -> None:
+        s = deps.settings
+        self.deps = deps
+        self.lin = LinTS(ridge=s.lin_ridge, noise=s.lin_noise, prior_mean=s.optimistic_prior)
+        # What the linear model has absorbed, per call: ratings from other replicas (read from the
+        # store) and re-ratings are applied once each.
+        self.seen: dict[str, float] = {}
+        self.synced = utcnow() - timedelta(days=s.recency_days)
+
+    async def choose(
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+    ) -> Choice:
+        if embedding is not None:
+            for view in views:
+                view.posterior = self.lin.posterior(view.name, embedding)
+                view.evidence = float(self.lin.n.get(view.name, 0))
+        return thompson(views, self.deps.knobs, self.deps.rng, timings)
+
+    def observe(
+        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+    ) -> None:
+        if embedding is not None:
+            self._absorb(request_id, model, score, embedding)
+
+    def _absorb(self, request_id: str, model: str, score: float, embedding: np.ndarray) -> bool:
+        """Apply one rating to the linear model, once (a re-rating moves it, a repeat does not)."""
+        previous = self.seen.get(request_id)
+        if previous == score:
+            return False
+        self.lin.update(model, embedding, score, previous)
+        self.seen[request_id] = score
+        return True
+
+    async def sync(self) -> None:
+        store = self.deps.store
+        if store is None:
+            return
+        while True:
+            # Look 10 s back: a rating becomes visible when its transaction commits, a little after
+            # its time. What was already absorbed (same call, same score) is skipped, and only the
+            # rest's embeddings are fetched.
+            rows = await store.rated_since(self.synced - timedelta(seconds=10), limit=10_000)
+            for r in rows:
+                self.synced = max(self.synced, r.at)
+            todo = [r for r in rows if self.seen.get(r.request_id) != r.score]
+            embeddings = await store.embeddings_of([r.request_id for r in todo]) if todo else {}
+            new: dict[str, list[Rating]] = {}
+            for r in todo:
+                if r.request_id not in embeddings:
+                    continue  # no embedding (yet): nothing to learn from
+                if r.request_id in self.seen:
+                    self._absorb(r.request_id, r.model, r.score, embeddings[r.request_id])  # a re-rating
+                else:
+                    new.setdefault(r.model, []).append(r)
+            for model, ratings in new.items():
+                xs = np.stack([embeddings[r.request_id] for r in ratings])
+                self.lin.update_many(model, xs, np.array([r.score for r in ratings]))
+                for r in ratings:
+                    self.seen[r.request_id] = r.score
+            if len(rows) < 10_000 or not todo:
+                return
+
+
+class DefaultPolicy:
+    needs_embedding: ClassVar[bool] = False
+    layer: ClassVar[str] = "default"
+
+    def __init__(self, deps: PolicyDeps) -> None:
+        self.deps = deps
+
+    async def choose(
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+    ) -> Choice:
+        model = self.deps.settings.default_model
+        if model is not None and any(v.name == model for v in views):
+            return pinned(model, views, self.deps.knobs)
+        return thompson(views, self.deps.knobs, self.deps.rng, timings)
+
+    def observe(
+        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+    ) -> None:
+        """The global statistics (moved by the router) are all this policy uses."""
+
+    async def sync(self) -> None:
+        pass
+
+
+class PolicyClass(Protocol):
+    @property
+    def needs_embedding(self) -> bool: ...
+
+    def __call__(self, deps: PolicyDeps) -> RoutingPolicy: ...
+
+
+POLICIES: dict[str, PolicyClass] = {
+    "knn_ts": KnnTS,
+    "lin_ts": LinTSPolicy,
+    "default": DefaultPolicy,
+}
+
+
+def needs_embedder(settings: Settings) -> bool:
+    """Whether the gateway needs an embedding model: for its policy, or for semantic routes."""
+    return POLICIES[settings.router_policy].needs_embedding or bool(settings.routes)

@@ -1,0 +1,46 @@
+"""What request handlers are given: every part of a running gateway, built once by the app factory
+and handed down as lifespan state (starlette copies it into each request's scope). Behaviour lives
+in the parts; this container has none."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.calls import Calls
+    from gateway.config import Settings
+    from gateway.duels import Duels
+    from gateway.embedder import Embedder
+    from gateway.feedback import Learner
+    from gateway.limits import RateLimits
+    from gateway.logs import Redactor
+    from gateway.metrics import Metrics
+    from gateway.recorder import Recorder
+    from gateway.routing.router import Router
+    from gateway.store import Store
+    from gateway.upstreams import Upstreams
+
+SERVICES_KEY = "services"
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: Store
+    upstreams: Upstreams
+    router: Router
+    recorder: Recorder
+    calls: Calls
+    learner: Learner
+    duels: Duels
+    metrics: Metrics
+    limits: RateLimits
+    redact: Redactor
+    embedder: Embedder | None
+
+
+def services_of(scope: MutableMapping[str, Any]) -> Services:
+    services: Services = scope["state"][SERVICES_KEY]
+    return services
