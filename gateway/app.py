@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, ops, records
+from gateway.api import chat, keys, ops, records
 from gateway.auth import Keys
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
@@ -32,6 +32,7 @@ from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
 from gateway.feedback import Learner
+from gateway.keys import KeyDirectory
 from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
@@ -43,6 +44,7 @@ from gateway.recorder import Recorder
 from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
 from gateway.services import SERVICES_KEY, Services
+from gateway.shared.factory import open_shared
 from gateway.store import Store
 from gateway.upstreams import Upstreams
 
@@ -171,7 +173,6 @@ def create_app(
     factories = {**PROVIDERS, **(providers or {})}
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
-    limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -185,6 +186,15 @@ def create_app(
                 the_store = await stack.enter_async_context(open_store(settings))
             else:
                 the_store = store
+            # Limits and budgets (shared across replicas with REDIS_URL), virtual keys.
+            shared = await stack.enter_async_context(open_shared(settings))
+            limits = RateLimits(
+                shared, rpm=settings.rate_limit_rpm, tpm=settings.rate_limit_tpm, ledger=the_store
+            )
+            stack.push_async_callback(limits.drain)
+            directory = await stack.enter_async_context(
+                KeyDirectory(the_store, shared, ttl_s=settings.key_cache_ttl_s)
+            )
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
@@ -231,12 +241,15 @@ def create_app(
                 duels=duels,
                 metrics=metrics,
                 limits=limits,
+                shared=shared,
+                keys=Keys.of(settings, directory),
+                directory=directory,
                 redact=redactor,
                 embedder=the_embedder,
             )
             metrics.add_state(lambda: ops.gauges(services))
             probe = asyncio.create_task(_probe_local(settings, session))
-            if not settings.gateway_api_keys:
+            if not settings.keys_required:
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
                     "your upstream credit and read every call. Set GATEWAY_API_KEYS (and "
@@ -271,6 +284,7 @@ def create_app(
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
+        *keys.ROUTES,
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
     # every response, errors included.
@@ -288,9 +302,7 @@ def create_app(
     middleware.append(
         Middleware(
             RequestContext,
-            keys=Keys.of(settings),
             max_body_bytes=settings.max_body_bytes,
-            limits=limits,
             redact=redactor,
             in_flight=metrics.in_flight,
             log_prompts=settings.log_prompts,

@@ -92,8 +92,9 @@ class Calls:
     def finish(self, record: CallRecord, state: RequestState) -> None:
         """A call ended (any way): settle its tokens, meter it, record it."""
         record.overhead_ms = state.overhead_ms
-        if state.reservation is not None:
-            state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
+        if state.reservation is not None and record.kind == "call":
+            used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+            state.reservation.settle(used, record.cost_usd or 0.0)
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)

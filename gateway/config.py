@@ -170,6 +170,20 @@ class Settings(BaseSettings):
     recorder_batch_size: int = Field(default=500, ge=1)
     memory_store_max_calls: int = Field(default=100_000, ge=1)
 
+    # --- shared state, virtual keys and budgets (issue 16)
+    # A Redis-protocol server (Redis or Valkey) shared by every replica: rate limits, budgets and key
+    # revocations then hold across replicas. Unset: in-process (one replica).
+    redis_url: SecretStr | None = None
+    redis_timeout_s: float = Field(default=0.2, gt=0)  # per operation; then the server counts as down
+    # Server unreachable: false = go on with per-replica limits (fail-open); true = 503.
+    redis_fail_closed: bool = False
+    redis_prefix: str = "llm-router:"  # every key and channel of this gateway starts with it
+    # How long a replica trusts its cached copy of a virtual key when no revocation notice arrives.
+    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # A budget reservation's output estimate when the request sets no max_tokens and the model no
+    # max_output_tokens.
+    budget_default_max_tokens: int = Field(default=4096, ge=1)
+
     # --- DPO flywheel
     duel_rate: float = Field(default=0.0, ge=0, le=1)
     judge_model: str | None = None
@@ -235,10 +249,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
         for m in models:
             self._check_key_destination(m)
-        if self.require_api_keys and not self.gateway_api_keys:
+        if self.require_api_keys and not self.gateway_api_keys and not self.admin_api_key:
             raise ValueError(
-                "REQUIRE_API_KEYS is set (the prod profile does) but GATEWAY_API_KEYS is empty: "
-                "refusing to start a gateway anyone can use; set GATEWAY_API_KEYS=key1,key2"
+                "REQUIRE_API_KEYS is set (the prod profile does) but GATEWAY_API_KEYS is empty and "
+                "there is no ADMIN_API_KEY to issue virtual keys with: refusing to start a gateway "
+                "nobody can use; set GATEWAY_API_KEYS=key1,key2 (or ADMIN_API_KEY)"
             )
         return self
 
@@ -272,6 +287,12 @@ class Settings(BaseSettings):
         refs += [(f"virtual model {n!r}", v.policy) for n, v in self.virtual_models.items() if v.policy]
         return refs
 
+    @property
+    def keys_required(self) -> bool:
+        """Whether protected paths need a key (GATEWAY_API_KEYS, or REQUIRE_API_KEYS with virtual
+        keys only)."""
+        return bool(self.gateway_api_keys) or self.require_api_keys
+
     def model(self, name: str) -> ModelSpec | None:
         for m in self.models:
             if m.name == name:
@@ -304,7 +325,13 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value this process knows, so that logs can be checked against them."""
-        values = [self.openrouter_api_key, self.admin_api_key, self.database_password, self.database_url]
+        values = [
+            self.openrouter_api_key,
+            self.admin_api_key,
+            self.database_password,
+            self.database_url,
+            self.redis_url,
+        ]
         out = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         out += [k for k in self.gateway_api_keys if k]
         for m in self.models:

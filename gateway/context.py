@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.domain import CallRecord
-from gateway.limits import Reservation
+from gateway.domain import CallRecord, VirtualKey
+from gateway.limits import Policy, Quota, Reservation
 
 STATE_KEY = "request"
 
@@ -20,8 +20,11 @@ class RequestState:
     t0: float  # time.perf_counter() at arrival
     request_id: str = ""
     caller: str | None = None  # the caller's key id
+    key: VirtualKey | None = None  # the caller's virtual key (models, limits, budgets)
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
-    reservation: Reservation | None = None  # prompt tokens held for the call
+    policy: Policy | None = None  # the limits that apply to limit_id (None: none)
+    quotas: list[Quota] = field(default_factory=list)  # what is left, for the x-ratelimit-* headers
+    reservation: Reservation | None = None  # prompt tokens and estimated cost held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
 
@@ -42,3 +45,9 @@ class RequestState:
 def request_state(scope: MutableMapping[str, Any]) -> RequestState:
     state: RequestState = scope["state"][STATE_KEY]
     return state
+
+
+def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
+    """Newer figures replace older ones of the same name (a reservation after the admission)."""
+    names = {q.name for q in quotas}
+    state.quotas = [q for q in state.quotas if q.name not in names] + quotas

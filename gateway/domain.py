@@ -281,3 +281,50 @@ class UsageRow:
     cost_usd: float
     feedback_count: int
     feedback_avg: float | None
+
+
+@dataclass(frozen=True)
+class VirtualKey:
+    """A client key issued by the gateway (`llm-router keys`, `/v1/keys`). Only a hash of its secret
+    is stored; calls made with it are recorded under its `id`, which survives rotation."""
+
+    id: str  # vk_<hex>, public
+    owner: str  # the tenant it belongs to
+    key_hash: str  # sha256 of the secret
+    prefix: str  # the secret's first characters, to recognise it in a list
+    name: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    models: tuple[str, ...] | None = None  # catalogue and virtual models it may use (None: all)
+    rpm: int | None = None  # None: the gateway's RATE_LIMIT_RPM; 0: none
+    tpm: int | None = None
+    budget_day_usd: float | None = None
+    budget_month_usd: float | None = None
+    budget_total_usd: float | None = None
+
+    def status(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def public(self, now: datetime) -> dict[str, Any]:
+        """What the admin API and the CLI show: everything but the hash."""
+        out = {k: v for k, v in self.__dict__.items() if k != "key_hash"}
+        out["models"] = list(self.models) if self.models is not None else None
+        out["status"] = self.status(now)
+        return out
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """One caller's calls on one UTC day with one model."""
+
+    day: str  # YYYY-MM-DD
+    model: str | None
+    requests: int
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int

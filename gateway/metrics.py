@@ -23,6 +23,7 @@ from gateway.domain import CallRecord
 from gateway.embedder import CacheStats
 from gateway.health import ModelStatus
 from gateway.recorder import RecorderState
+from gateway.shared import SharedStatus
 
 # Fine enough to resolve single milliseconds where the gateway's own overhead lives.
 OVERHEAD_BUCKETS = (
@@ -80,6 +81,7 @@ class Gauges:
     recorder: RecorderState
     cache: CacheStats | None
     arms: dict[str, ArmGauge]
+    shared: SharedStatus | None = None
 
 
 class Metrics:
@@ -224,3 +226,14 @@ class _StateCollector(Collector):
             rated.add_metric([model], arm.rated)
         yield posterior
         yield rated
+        if s.shared is not None:
+            yield GaugeMetricFamily(
+                "llm_router_shared_state_up",
+                "1 while the shared state (REDIS_URL) answers; 0: limits are per replica or refused",
+                value=1.0 if s.shared.up else 0.0,
+            )
+            yield CounterMetricFamily(
+                "llm_router_shared_state_fallbacks",
+                "Limit operations served per replica because the shared state was unreachable",
+                value=s.shared.fallbacks,
+            )

@@ -16,10 +16,11 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
-from gateway.auth import PROTECTED, Keys
+from gateway.auth import PROTECTED
 from gateway.context import STATE_KEY, RequestState
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
-from gateway.limits import RateLimits
+from gateway.limits import headers as quota_headers
+from gateway.services import services_of
 
 log = logging.getLogger("gateway.access")
 
@@ -32,16 +33,12 @@ class RequestContext:
         self,
         app: ASGIApp,
         *,
-        keys: Keys,
         max_body_bytes: int,
-        limits: RateLimits | None = None,
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
         log_prompts: bool = False,
     ) -> None:
         self.app = app
-        self.keys = keys
-        self.limits = limits if limits is not None and limits.enabled else None
         self.redact = redact
         self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
@@ -93,12 +90,22 @@ class RequestContext:
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            state.caller = self.keys.caller(scope["path"], auth)
-            if self.limits is not None and scope["path"].startswith(PROTECTED):
-                # By key; without keys, by address (a made-up bearer token must not reset a limit).
-                client = scope.get("client") or ("unknown", 0)
-                state.limit_id = state.caller if self.keys.keys else f"ip:{client[0]}"
-                self.limits.take_request(state.limit_id or "")
+            services = services_of(scope)
+            caller = await services.keys.caller(scope["path"], auth)
+            if caller is not None:
+                state.caller, state.key = caller.id, caller.key
+            if scope["path"].startswith(PROTECTED):
+                policy = services.limits.policy(state.key)
+                if policy.limited:
+                    # By key; without a checked key, by address (a made-up bearer token must not
+                    # reset a limit).
+                    client = scope.get("client") or ("unknown", 0)
+                    verified = caller is not None and caller.verified
+                    state.limit_id = caller.id if caller is not None and verified else f"ip:{client[0]}"
+                    state.policy = policy
+                    state.quotas, refused = await services.limits.admit(state.limit_id, policy)
+                    if refused is not None:
+                        raise refused
             if content_length is not None and content_length > self.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
             await self.app(scope, self._limited(receive), send_wrapper)
@@ -129,8 +136,8 @@ class RequestContext:
         if state.request_id:
             out.append((b"x-request-id", state.request_id.encode()))
         out.append((b"x-router-overhead-ms", f"{state.overhead():.3f}".encode()))
-        if self.limits is not None and state.limit_id is not None:
-            out += self.limits.headers(state.limit_id)
+        if state.quotas:
+            out += quota_headers(state.quotas)
         return out
 
     def _log(self, scope: Scope, state: RequestState, status: int) -> None:

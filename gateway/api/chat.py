@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.asgi import Headers, read_body, send_bytes, send_stream, until_disconnect
 from gateway.calls import account, answered, open_record
 from gateway.catalogue import RouterConstraints
-from gateway.context import RequestState, request_state
+from gateway.context import RequestState, request_state, update_quotas
 from gateway.domain import CallRecord, text_of
 from gateway.errors import (
     ClientDisconnected,
@@ -29,6 +29,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.keys import narrow
 from gateway.providers import ProviderError
 from gateway.routing import Decision, RouteContext
 from gateway.schemas import ChatRequest, parse_json_object, validate
@@ -112,6 +113,34 @@ def constraints_of(services: Services, scope: Scope, req: ChatRequest) -> Router
     return constraints
 
 
+def estimate_usd(services: Services, chain: list[str], prompt_tokens: int, max_tokens: int | None) -> float:
+    """What a call may cost at most: its prompt and its maximum output, at the price of the dearest
+    model it may end on (fallbacks included)."""
+    worst = 0.0
+    for name in chain:
+        spec = services.settings.model(name)
+        if spec is not None:
+            out = max_tokens or spec.max_output_tokens or services.settings.budget_default_max_tokens
+            if spec.max_output_tokens:
+                out = min(out, spec.max_output_tokens)
+            worst = max(worst, spec.cost_usd(prompt_tokens, out))
+    return worst
+
+
+async def reserve(
+    services: Services, state: RequestState, decision: Decision, prompt_tokens: int, max_tokens: int | None
+) -> None:
+    """Holds the call's prompt tokens and estimated cost (refused: 429)."""
+    if state.policy is None or state.limit_id is None:
+        return
+    cost = estimate_usd(services, decision.chain, prompt_tokens, max_tokens) if state.policy.budgets else 0.0
+    held, quotas, refused = await services.limits.reserve(state.limit_id, state.policy, prompt_tokens, cost)
+    update_quotas(state, quotas)
+    if refused is not None:
+        raise refused
+    state.reservation = held
+
+
 class ChatCompletions:
     """The ASGI endpoint (raw ASGI, to keep the hot path short)."""
 
@@ -123,9 +152,8 @@ class ChatCompletions:
             req: ChatRequest = validate(ChatRequest, data)
             messages: list[dict[str, Any]] = data["messages"]
             prompt_tokens = measure(services, messages)
-            constraints = constraints_of(services, scope, req)
-            if state.limit_id is not None:
-                state.reservation = services.limits.reserve(state.limit_id, prompt_tokens)
+            catalogue = {m.name for m in services.settings.models}
+            constraints = narrow(state.key, req.model, constraints_of(services, scope, req), catalogue)
             ctx = RouteContext(
                 request_id=state.request_id,
                 requested_model=req.model,
@@ -136,6 +164,9 @@ class ChatCompletions:
                 max_tokens=req.max_completion_tokens or req.max_tokens,
             )
             decision = await services.router.decide(ctx)
+            if state.key is not None and state.key.models is not None:  # explicit models' fallbacks
+                decision.fallbacks = [f for f in decision.fallbacks if f in state.key.models]
+            await reserve(services, state, decision, prompt_tokens, ctx.max_tokens)
         except GatewayError as exc:  # refused before any model was chosen: count it all the same
             services.metrics.refused(exc.status)
             if state.reservation is not None:

@@ -28,6 +28,9 @@ async def readiness(s: Services) -> dict[str, str]:
         checks["store"] = f"unreachable: {type(exc).__name__}"
     available = [m.name for m in s.settings.models if s.upstreams.is_available(m.name)]
     checks["models"] = "ok" if available else "no model available"
+    shared = s.shared.status()
+    if not shared.up and s.settings.redis_fail_closed:
+        checks["shared_state"] = "unreachable: limited requests are refused (REDIS_FAIL_CLOSED)"
     if POLICIES[s.settings.router_policy].needs_embedding:
         checks["embedder"] = "ok" if s.embedder is not None else "unavailable: routing without context"
     return checks
@@ -40,7 +43,7 @@ def gauges(s: Services) -> Gauges:
         stats = s.router.stats.get(m.name)
         arms[m.name] = ArmGauge(s.router.quality(m.name), stats.rated if stats else 0)
     cache = s.embedder.cache_stats() if s.embedder is not None else None
-    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms)
+    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms, s.shared.status())
 
 
 async def list_models(request: Request) -> Response:
@@ -84,11 +87,13 @@ async def ready(request: Request) -> Response:
 async def health(request: Request) -> Response:
     gw = services(request)
     checks = await readiness(gw)
+    shared = gw.shared.status()
     body = {
-        "status": "ok" if all(v == "ok" for v in checks.values()) else "degraded",
+        "status": "ok" if shared.up and all(v == "ok" for v in checks.values()) else "degraded",
         "checks": checks,
         "providers": gw.upstreams.snapshot(),
         "recorder": gw.recorder.state(),
+        "shared_state": shared.as_dict(),
     }
     return json_response(body)
 

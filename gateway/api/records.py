@@ -45,7 +45,7 @@ async def _call(gw: Services, request: Request, request_id: str) -> dict[str, An
     if gw.recorder.has(request_id):
         await gw.recorder.flush()
     stored = await gw.store.get_call(request_id)
-    if stored is not None and gw.settings.gateway_api_keys:
+    if stored is not None and gw.settings.keys_required:
         caller = request_state(request.scope).caller
         if not is_admin(gw.settings, caller) and stored.record.caller != caller:
             stored = None
@@ -58,7 +58,7 @@ async def feedback(request: Request) -> Response:
     gw = services(request)
     data = parse_json_object(await request.body())
     fb: FeedbackRequest = validate(FeedbackRequest, data)
-    if gw.settings.gateway_api_keys:
+    if gw.settings.keys_required:
         await _call(gw, request, fb.request_id)
     learned = await gw.learner.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
     return json_response(learned)

@@ -26,8 +26,10 @@ from gateway.domain import (
     Neighbour,
     RatedCall,
     Rating,
+    SpendRow,
     StoredCall,
     UsageRow,
+    VirtualKey,
 )
 
 
@@ -93,8 +95,39 @@ class ExportStore(Protocol):
     def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]: ...
 
 
+class KeyStore(Protocol):
+    """Virtual keys (issue, rotate, revoke: each a save of the key's new record)."""
+
+    async def save_key(self, key: VirtualKey) -> None:
+        """Inserts the key, or replaces the record of the same id."""
+        ...
+
+    async def find_key(
+        self, *, key_id: str | None = None, key_hash: str | None = None
+    ) -> VirtualKey | None: ...
+
+    async def list_keys(self, owner: str | None = None) -> list[VirtualKey]: ...
+
+
+class SpendStore(Protocol):
+    """What a caller's calls cost (kind "call": duels and the judge are the gateway's own spend)."""
+
+    async def spent(self, caller: str, since: datetime) -> float: ...
+
+    async def spend_by_day(self, caller: str, since: datetime) -> list[SpendRow]: ...
+
+
 class Store(
-    CallStore, FeedbackStore, RatingStore, NeighbourStore, StatsStore, PairStore, ExportStore, Protocol
+    CallStore,
+    FeedbackStore,
+    RatingStore,
+    NeighbourStore,
+    StatsStore,
+    PairStore,
+    ExportStore,
+    KeyStore,
+    SpendStore,
+    Protocol,
 ):
     async def aclose(self) -> None: ...
 

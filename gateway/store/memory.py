@@ -7,7 +7,7 @@ they contributed stay.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -31,6 +31,7 @@ from gateway.domain import (
     utcnow,
 )
 from gateway.errors import NotFound
+from gateway.store.memory_keys import MemoryKeys
 
 
 class _Index:
@@ -81,8 +82,9 @@ class _Call:
         self.score_at: datetime | None = None
 
 
-class MemoryStore:
+class MemoryStore(MemoryKeys):
     def __init__(self, max_calls: int = 100_000) -> None:
+        super().__init__()
         self.max_calls = max_calls
         self.calls: OrderedDict[str, _Call] = OrderedDict()
         self.arms: dict[str, ArmStats] = {}
@@ -92,6 +94,9 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         pass
+
+    def _records(self) -> Iterator[CallRecord]:
+        return (c.record for c in self.calls.values())
 
     async def ping(self) -> bool:
         return True

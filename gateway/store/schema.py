@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 EMBEDDING_DIM = 384
 
@@ -65,6 +65,8 @@ calls = Table(
     # A response no model wrote (the replay provider's placeholder): never part of a DPO pair.
     Column("synthetic", Boolean, nullable=False, server_default=text("false")),
     Index("calls_created_at_idx", "created_at"),
+    # A caller's spend (budgets, /v1/keys/{id}/spend): migration 0004.
+    Index("calls_caller_created_at_idx", "caller", "created_at", postgresql_where=text("caller IS NOT NULL")),
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
     Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
@@ -128,4 +130,25 @@ dpo_pairs = Table(
     UniqueConstraint("call_a", "call_b", name="dpo_pairs_calls_key"),
     CheckConstraint("call_a < call_b", name="dpo_pairs_ordered"),
     Index("dpo_pairs_updated_at_idx", "updated_at", "id"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("prefix", Text, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("name", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("models", ARRAY(Text)),
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("budget_day_usd", Float),
+    Column("budget_month_usd", Float),
+    Column("budget_total_usd", Float),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Index("api_keys_owner_idx", "owner"),
 )

@@ -1,0 +1,212 @@
+"""The shared state on a Redis-protocol server (Redis or Valkey; REDIS_URL), for several replicas.
+
+`apply` is one Lua script (one round trip, atomic on the server): the GCRA step of
+`gateway.shared.gcra`, line by line, and the counters; its clock is the server's (`TIME`), so
+replicas whose clocks differ still agree. Every key carries the caller in a hash tag
+(`llm-router:{vk_…}:r`), so all keys of one operation live in one slot of a cluster.
+
+The client fails fast: no retries and a short socket timeout (redis-py's defaults retry ten times,
+so a hung server would stall a request for seconds); the guard (`gateway.shared.guarded`) turns a
+failure into per-replica limits. `register_script` reloads the script when a restarted server has
+lost it. Notices use pub/sub on a connection of their own (no read timeout: it waits for messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.shared import RESYNC, Cell, Op, Outcome, Rate, SharedStateDown
+
+# KEYS: one per op. ARGV: five per op: 'r', cost, limit, period_s, check (1/0) | 's', amount, cap,
+# ttl_s, seed ('' for none). Returns {applied, cell, cell, ...}, a cell being
+# {ok, value, reset_s, retry_s ('' for none), missing} with numbers as strings (Lua numbers
+# would come back truncated to integers).
+APPLY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local applied = 1
+local cells = {}
+local writes = {}
+for i = 1, #KEYS do
+  local j = (i - 1) * 5
+  local kind = ARGV[j + 1]
+  if kind == 'r' then
+    local cost, limit, period = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4])
+    local check = ARGV[j + 5] == '1'
+    local interval = period / limit
+    local base = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
+    local new = base + cost * interval
+    if cost < 0 and new < now then new = now end
+    if check and cost > 0 and new - now > period + 0.000001 then
+      applied = 0
+      local retry = ''
+      if cost <= limit then retry = string.format('%.6f', new - now - period) end
+      cells[i] = {0, string.format('%.6f', math.max(0, (now + period - base) / interval)),
+                  string.format('%.6f', base - now), retry, 0}
+    else
+      cells[i] = {1, string.format('%.6f', math.max(0, (now + period - new) / interval)),
+                  string.format('%.6f', math.max(0, new - now)), '', 0}
+      writes[i] = {'r', string.format('%.6f', new), math.ceil(math.max(0.001, new - now) * 1000) + 1000}
+    end
+  else
+    local amount, cap, ttl, seed = tonumber(ARGV[j + 2]), ARGV[j + 3], ARGV[j + 4], ARGV[j + 5]
+    local current = redis.call('GET', KEYS[i])
+    if current == false and seed == '' then
+      if amount ~= 0 then applied = 0 end
+      cells[i] = {amount == 0 and 1 or 0, '0', '0', '', 1}
+    else
+      local fresh = current == false
+      local value = tonumber(current or seed)
+      local total = value + amount
+      if cap ~= '' and amount > 0 and total > tonumber(cap) then
+        applied = 0
+        cells[i] = {0, string.format('%.0f', value), '0', '', 0}
+      else
+        cells[i] = {1, string.format('%.0f', total), '0', '', 0}
+        if fresh then
+          writes[i] = {'new', string.format('%.0f', total), ttl}
+        elseif amount ~= 0 then
+          writes[i] = {'add', string.format('%.0f', amount)}
+        end
+      end
+    end
+  end
+end
+if applied == 1 then
+  for i = 1, #KEYS do
+    local w = writes[i]
+    if w ~= nil then
+      if w[1] == 'r' then
+        redis.call('SET', KEYS[i], w[2], 'PX', w[3])
+      elseif w[1] == 'add' then
+        redis.call('INCRBY', KEYS[i], w[2])
+      elseif w[3] ~= '' then
+        redis.call('SET', KEYS[i], w[2], 'EX', w[3])
+      else
+        redis.call('SET', KEYS[i], w[2])
+      end
+    end
+  end
+end
+local out = {applied}
+for i = 1, #KEYS do out[i + 1] = cells[i] end
+return out
+"""
+
+_FAILURES = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+def _opt(value: object | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _args(ops: Sequence[Op]) -> list[str]:
+    args: list[str] = []
+    for op in ops:
+        if isinstance(op, Rate):
+            args += [
+                "r",
+                repr(float(op.cost)),
+                str(op.limit),
+                repr(float(op.period_s)),
+                "1" if op.check else "0",
+            ]
+        else:
+            args += ["s", str(op.amount), _opt(op.cap), _opt(op.ttl_s), _opt(op.seed)]
+    return args
+
+
+def _cell(raw: list[Any]) -> Cell:
+    ok, value, reset, retry, missing = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return Cell(
+        bool(int(ok)), float(value), float(reset), float(retry) if retry != "" else None, bool(int(missing))
+    )
+
+
+class RedisState:
+    def __init__(self, url: str, *, timeout_s: float = 0.2, prefix: str = "llm-router:") -> None:
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.client = aredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            max_connections=256,
+        )
+        # Pub/sub waits for messages, so no read timeout; a dead server is noticed by its PINGs.
+        self.listener = aredis.Redis.from_url(
+            url,
+            socket_connect_timeout=max(timeout_s, 1.0),
+            socket_keepalive=True,
+            health_check_interval=5,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.script = self.client.register_script(APPLY)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    async def apply(self, ops: Sequence[Op]) -> Outcome:
+        if not ops:
+            return Outcome(True, ())
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                raw = await self.script(keys=[self.key(op.key) for op in ops], args=_args(ops))
+        except _FAILURES as exc:
+            raise SharedStateDown(f"{type(exc).__name__}: {exc}") from exc
+        return Outcome(bool(int(raw[0])), tuple(_cell(c) for c in raw[1:]))
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                return bool(await self.client.ping())
+        except _FAILURES:
+            return False
+
+    async def publish(self, channel: str, message: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                await self.client.publish(self.key(channel), message)
+        except _FAILURES as exc:
+            raise SharedStateDown(f"{type(exc).__name__}: {exc}") from exc
+
+    async def listen(self, channel: str) -> AsyncIterator[str]:
+        """Subscribes (again after every failure, with a growing pause up to 5 s), yielding
+        `RESYNC` each time it has."""
+        backoff = ExponentialBackoff(cap=5.0, base=0.1)
+        failures = 0
+        while True:
+            pubsub = self.listener.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.key(channel))
+                failures = 0
+                yield RESYNC
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        yield data.decode() if isinstance(data, bytes) else str(data)
+            except _FAILURES:
+                failures += 1
+                await asyncio.sleep(backoff.compute(failures))
+            finally:
+                try:
+                    await pubsub.aclose()
+                except _FAILURES:
+                    pass
+
+    async def aclose(self) -> None:
+        for client in (self.client, self.listener):
+            try:
+                await client.aclose()
+            except _FAILURES:
+                pass
