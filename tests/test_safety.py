@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from gateway.limits import RateLimits
-from gateway.shared.local import LocalState
 from gateway.logs import Redactor
+from gateway.shared.local import LocalState
 from tests.conftest import make_settings, model, query, wait_for
 from tests.test_errors import assert_openai_error
 

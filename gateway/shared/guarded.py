@@ -2,7 +2,10 @@
 there; when a call fails, the guard serves from the in-process state (per-replica limits,
 fail-open, the default) or refuses with 503 (fail-closed, REDIS_FAIL_CLOSED=true), logs it once,
 and pings the server in the background every `probe_s` until it answers again. /health shows the
-state and /metrics `llm_router_shared_state_up` and `llm_router_shared_state_fallbacks_total`."""
+state and /metrics `llm_router_shared_state_up` and `llm_router_shared_state_fallbacks_total`.
+
+An operation that timed out on a hung server may still run there when the server wakes: it is then
+counted twice (once per replica, once shared), never not at all."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@
 replicas whose clocks differ still agree. Every key carries the caller in a hash tag
 (`llm-router:{vk_…}:r`), so all keys of one operation live in one slot of a cluster.
 
-The client fails fast: no retries and a short socket timeout (redis-py's defaults retry ten times,
-so a hung server would stall a request for seconds); the guard (`gateway.shared.guarded`) turns a
+The client fails fast: a short socket timeout and no retry after one (redis-py's defaults retry ten
+times, so a hung server would stall a request for seconds); only a connection the server closed is
+tried once more, on a fresh one; the guard (`gateway.shared.guarded`) turns a
 failure into per-replica limits. `register_script` reloads the script when a restarted server has
 lost it. Notices use pub/sub on a connection of their own (no read timeout: it waits for messages).
 """
@@ -20,6 +21,8 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.shared import RESYNC, Cell, Op, Outcome, Rate, SharedStateDown
@@ -100,6 +103,8 @@ for i = 1, #KEYS do out[i + 1] = cells[i] end
 return out
 """
 
+# No CLIENT SETINFO round trips on every new connection.
+_NO_SETINFO = DriverInfo(name=None, lib_version=None)
 _FAILURES = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
 
 
@@ -138,9 +143,11 @@ class RedisState:
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
+            # Once more on a fresh connection when a pooled one was closed (a restarted server);
+            # never after a timeout (a hung server would stall the request twice).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             max_connections=256,
+            driver_info=_NO_SETINFO,
         )
         # Pub/sub waits for messages, so no read timeout; a dead server is noticed by its PINGs.
         self.listener = aredis.Redis.from_url(
@@ -149,6 +156,7 @@ class RedisState:
             socket_keepalive=True,
             health_check_interval=5,
             retry=Retry(NoBackoff(), 0),
+            driver_info=_NO_SETINFO,
         )
         self.script = self.client.register_script(APPLY)
 
@@ -166,9 +174,12 @@ class RedisState:
         return Outcome(bool(int(raw[0])), tuple(_cell(c) for c in raw[1:]))
 
     async def ping(self) -> bool:
+        """Whether the server answers; it also (re)loads the script, so that a burst of calls
+        after a start or a restart does not load it once each."""
         try:
             async with asyncio.timeout(self.timeout_s * 2):
-                return bool(await self.client.ping())
+                await self.client.script_load(APPLY)
+                return True
         except _FAILURES:
             return False
 
