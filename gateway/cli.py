@@ -138,6 +138,15 @@ def export_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_cmd(args: argparse.Namespace) -> int:
+    from gateway.cli_keys import keys_cmd as run
+    from gateway.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging("warning", "text", settings.secrets())
+    return run(args, settings)
+
+
 def _lab_options(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
@@ -225,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"
     )
     p.set_defaults(func=export_dpo)
+
+    from gateway.cli_keys import add_parser
+
+    add_parser(sub, common).set_defaults(func=keys_cmd)
 
     def lab(p: argparse.ArgumentParser, store: str) -> None:
         common(p)

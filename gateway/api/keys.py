@@ -34,7 +34,8 @@ async def _find(gw: Services, key_id: str) -> VirtualKey:
 
 
 async def _admin_or_self(request: Request) -> tuple[Services, VirtualKey]:
-    """The key of the path, for the admin or for that key itself; to anyone else it does not exist."""
+    """The key of the path, for the admin or for that key itself (anyone else: 401, whether the key
+    exists or not)."""
     gw = services(request)
     key_id = request.path_params["key_id"]
     caller = request_state(request.scope).caller
