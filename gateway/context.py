@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.domain import CallRecord, VirtualKey
-from gateway.limits import Policy, Quota, Reservation
+from gateway.limits import Policy, Quota, RateLimits, Reservation
 
 STATE_KEY = "request"
 
@@ -23,6 +23,7 @@ class RequestState:
     key: VirtualKey | None = None  # the caller's virtual key (models, limits, budgets)
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
     policy: Policy | None = None  # the limits that apply to limit_id (None: none)
+    admitted: bool = False  # the request has been counted against `policy`
     quotas: list[Quota] = field(default_factory=list)  # what is left, for the x-ratelimit-* headers
     reservation: Reservation | None = None  # prompt tokens and estimated cost held for the call
     overhead_ms: float | None = None
@@ -51,3 +52,16 @@ def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
     """Newer figures replace older ones of the same name (a reservation after the admission)."""
     names = {q.name for q in quotas}
     state.quotas = [q for q in state.quotas if q.name not in names] + quotas
+
+
+async def admit(limits: RateLimits, state: RequestState, tokens: int | None = None) -> None:
+    """Counts the request against its caller's limits (once), holding `tokens` for a chat call:
+    the headers' figures go into `state`; a refusal is raised."""
+    if state.policy is None or state.limit_id is None or state.admitted:
+        return
+    state.admitted = True
+    held, quotas, refused = await limits.admit(state.limit_id, state.policy, tokens)
+    update_quotas(state, quotas)
+    if refused is not None:
+        raise refused
+    state.reservation = held

@@ -3,11 +3,13 @@ replicas: requests and tokens a minute (RATE_LIMIT_RPM / RATE_LIMIT_TPM, or a vi
 and a virtual key's budgets (USD a UTC day, a UTC month, in total).
 
 A request takes one request unit when it arrives (`admit`, which also reads the tokens and budgets
-left, for the headers). A chat call, once routed, reserves its estimated prompt tokens and its
-estimated cost (prompt plus maximum output at the price of the dearest model it may end on) in one
-atomic operation (`reserve`: both or neither); when it ends, however it ends (streams included), the
-reservation is settled with what the call really used and cost, so a long answer leaves a token debt
-the caller's next calls wait out; a call refused before it went upstream releases its reservation.
+left, for the headers); a chat call is admitted once its body is read, in the same operation as its
+estimated prompt tokens (one round trip to a shared server, and still before any routing work).
+Once routed, a call of a key with a budget holds its estimated cost (prompt plus maximum output at
+the price of the dearest model it may end on) against every budget, all or none (`spend`). When the
+call ends, however it ends (streams included), the reservation is settled with what the call really
+used and cost, so a long answer leaves a token debt the caller's next calls wait out; a call refused
+before it went upstream releases its reservation.
 
 Budgets: the shared counters are the fast path; the store's call records are the ledger. A counter
 that does not exist (a new period, a restarted server, a new process without REDIS_URL) starts from
@@ -190,17 +192,18 @@ class RateLimits:
             )
         return ops
 
-    async def _apply(self, ops: list[Op], who: str) -> Outcome:
-        """`ops`, with any missing spend counter seeded from the ledger first."""
+    async def _apply(self, ops: list[Op], who: str, *, seed: bool = True) -> Outcome:
+        """`ops`, with any missing spend counter seeded from the ledger first (`seed`)."""
         outcome = await self.shared.apply(ops)
         missing = [i for i, c in enumerate(outcome.cells) if c.missing]
-        if not missing:
+        if not missing or not seed:
             return outcome
         now = self.now()
         for i in missing:
             op = ops[i]
             assert isinstance(op, Sum)
-            period = {8: "day", 6: "month"}.get(len(op.key.rsplit(":", 1)[1]), "total")
+            pid = op.key.rsplit(":", 1)[1]
+            period = "total" if pid == "all" else "day" if len(pid) == 8 else "month"
             _, start, _ = period_bounds(period, now)
             spent = await self.ledger.spent(who, start) if self.ledger is not None else 0.0
             ops[i] = replace(op, seed=round(spent * NANO))
@@ -208,53 +211,24 @@ class RateLimits:
 
     def _quotas(self, policy: Policy, ops: Sequence[Op], cells: Sequence[Cell], now: datetime) -> list[Quota]:
         out: list[Quota] = []
-        budgets = iter(policy.budgets)
+        sums = [cell for op, cell in zip(ops, cells, strict=True) if isinstance(op, Sum)]
         for op, cell in zip(ops, cells, strict=True):
             if isinstance(op, Rate):
                 name = "requests" if op.key.endswith(":r") else "tokens"
                 out.append(Quota(name, op.limit, cell.value, cell.reset_s))
-            elif not cell.missing:
-                b = next(budgets)
+        for b, cell in zip(policy.budgets, sums, strict=True):
+            if not cell.missing:
                 _, _, end = period_bounds(b.period, now)
                 reset = None if end is None else (end - now).total_seconds()
                 out.append(Quota(f"usd-{b.period}", b.usd, b.usd - cell.value / NANO, reset))
         return out
 
-    async def admit(self, who: str, policy: Policy) -> tuple[list[Quota], RateLimited | None]:
-        """Takes one request; reads what is left of the tokens and budgets (for the headers)."""
-        now = self.now()
-        ops: list[Op] = []
-        if policy.rpm:
-            ops.append(Rate(self.cell(who, "r"), 1, policy.rpm))
-        if policy.tpm:
-            ops.append(Rate(self.cell(who, "t"), 0, policy.tpm, check=False))
-        ops += self._budget_ops(who, policy, 0, now)
-        try:
-            outcome = await self._apply(ops, who)
-        except Exception as exc:  # the ledger: budget headers can wait for the reservation
-            if not policy.rpm:
-                log.warning("budget counters of %s could not be read: %s", who, type(exc).__name__)
-                return [], None
-            raise
-        quotas = self._quotas(policy, ops, outcome.cells, now)
-        if outcome.applied or not policy.rpm:
-            return quotas, None
-        cell = outcome.cells[0]
-        wait = cell.retry_s or 0.0
-        return quotas, RateLimited(
-            f"rate limit reached: {policy.rpm} requests per minute; try again in {wait:.1f} s",
-            "requests",
-            wait,
-        )
-
-    async def reserve(
-        self, who: str, policy: Policy, tokens: int, cost_usd: float
+    async def admit(
+        self, who: str, policy: Policy, tokens: int | None = None
     ) -> tuple[Reservation | None, list[Quota], RateLimited | None]:
-        """Holds `tokens` (prompt estimate) and `cost_usd` (the call's estimated cost) for a call,
-        both or neither."""
-        if not (policy.tpm or policy.budgets):
-            return None, [], None
-        if policy.tpm and tokens > policy.tpm:
+        """Takes one request and, for a chat call, holds its estimated prompt `tokens` (both or
+        neither, in one operation); reads what is left of the tokens and budgets for the headers."""
+        if tokens is not None and policy.tpm and tokens > policy.tpm:
             return (
                 None,
                 [],
@@ -266,28 +240,50 @@ class RateLimits:
                 ),
             )
         now = self.now()
-        nano = max(0, round(cost_usd * NANO))
-        ops: list[Op] = [Rate(self.cell(who, "t"), tokens, policy.tpm)] if policy.tpm else []
-        budget_ops = self._budget_ops(who, policy, nano, now)
-        outcome = await self._apply([*ops, *budget_ops], who)
-        quotas = self._quotas(policy, [*ops, *budget_ops], outcome.cells, now)
+        ops: list[Op] = []
+        if policy.rpm:
+            ops.append(Rate(self.cell(who, "r"), 1, policy.rpm))
+        if policy.tpm:
+            ops.append(Rate(self.cell(who, "t"), tokens or 0, policy.tpm, check=bool(tokens)))
+        ops += self._budget_ops(who, policy, 0, now)  # peeks; the spend op seeds them
+        outcome = await self._apply(ops, who, seed=False)
+        quotas = self._quotas(policy, ops, outcome.cells, now)
         if outcome.applied:
-            periods = tuple(op.key.rsplit(":", 1)[1] for op in budget_ops)
-            return Reservation(self, who, policy, tokens, nano, periods), quotas, None
-        return None, quotas, self._refusal(who, policy, tokens, cost_usd, outcome.cells, now)
+            held = Reservation(self, who, policy, tokens or 0, 0, ()) if tokens and policy.tpm else None
+            return held, quotas, None
+        cell = outcome.cells[0]
+        wait = cell.retry_s or 0.0
+        if policy.rpm and not cell.ok:
+            message = f"rate limit reached: {policy.rpm} requests per minute; try again in {wait:.1f} s"
+            return None, quotas, RateLimited(message, "requests", wait)
+        wait = outcome.cells[1 if policy.rpm else 0].retry_s or 0.0
+        message = f"rate limit reached: {policy.tpm} tokens per minute; try again in {wait:.1f} s"
+        return None, quotas, RateLimited(message, "tokens", wait)
 
-    def _refusal(
-        self, who: str, policy: Policy, tokens: int, cost_usd: float, cells: Sequence[Cell], now: datetime
+    async def spend(
+        self, who: str, policy: Policy, cost_usd: float, held: Reservation | None
+    ) -> tuple[Reservation | None, list[Quota], RateLimited | None]:
+        """Holds a routed call's estimated cost against every budget (all or none), beside the
+        tokens `held` at admission (the reservation returned holds both)."""
+        if not policy.budgets:
+            return held, [], None
+        now = self.now()
+        nano = max(0, round(cost_usd * NANO))
+        ops = self._budget_ops(who, policy, nano, now)
+        outcome = await self._apply(list(ops), who)
+        quotas = self._quotas(policy, ops, outcome.cells, now)
+        if not outcome.applied:
+            return held, quotas, self._over_budget(policy, cost_usd, outcome.cells, now)
+        periods = tuple(op.key.rsplit(":", 1)[1] for op in ops)
+        if held is None:
+            held = Reservation(self, who, policy, 0, 0, ())
+        held.nano, held.periods = nano, periods
+        return held, quotas, None
+
+    def _over_budget(
+        self, policy: Policy, cost_usd: float, cells: Sequence[Cell], now: datetime
     ) -> RateLimited:
-        if policy.tpm and not cells[0].ok:
-            wait = cells[0].retry_s or 0.0
-            return RateLimited(
-                f"rate limit reached: {policy.tpm} tokens per minute; try again in {wait:.1f} s",
-                "tokens",
-                wait,
-            )
-        offset = 1 if policy.tpm else 0
-        for b, cell in zip(policy.budgets, cells[offset:], strict=True):
+        for b, cell in zip(policy.budgets, cells, strict=True):
             if cell.ok:
                 continue
             _, _, end = period_bounds(b.period, now)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
 from gateway.auth import PROTECTED
-from gateway.context import STATE_KEY, RequestState
+from gateway.context import STATE_KEY, RequestState, admit
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.limits import headers as quota_headers
 from gateway.services import services_of
@@ -25,6 +25,7 @@ from gateway.services import services_of
 log = logging.getLogger("gateway.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch (`$` would pass a "\n")
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 _QUIET = ("/live", "/ready", "/health", "/metrics")  # probes and scrapes: no line each when fine
 
 
@@ -103,9 +104,8 @@ class RequestContext:
                     verified = caller is not None and caller.verified
                     state.limit_id = caller.id if caller is not None and verified else f"ip:{client[0]}"
                     state.policy = policy
-                    state.quotas, refused = await services.limits.admit(state.limit_id, policy)
-                    if refused is not None:
-                        raise refused
+                    if not (scope["method"] == "POST" and scope["path"] in CHAT_PATHS):
+                        await admit(services.limits, state)  # chat: with its tokens, once read
             if content_length is not None and content_length > self.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
             await self.app(scope, self._limited(receive), send_wrapper)

@@ -127,26 +127,24 @@ async def test_token_buckets_refill_and_carry_debt():
     now = [0.0]
     limits = RateLimits(LocalState(clock=lambda: now[0]), rpm=60, tpm=600)
     policy = limits.policy(None)
-    for _ in range(60):
-        assert (await limits.admit("k", policy))[1] is None
-    _, refused = await limits.admit("k", policy)
-    assert refused is not None and "60 requests per minute" in refused.message
-    now[0] += 1.0  # one request a second comes back
-    assert (await limits.admit("k", policy))[1] is None
-    held, _, refused = await limits.reserve("k", policy, 500, 0.0)
+    for _ in range(59):
+        assert (await limits.admit("k", policy))[2] is None
+    held, _, refused = await limits.admit("k", policy, 500)  # a chat call: a request and its tokens
     assert held is not None and refused is None
+    _, _, refused = await limits.admit("k", policy)
+    assert refused is not None and "60 requests per minute" in refused.message
     held.settle(1200)  # the call used 1,200: a debt of 600
     held.settle(5000)  # settled once only
     await limits.drain()
     now[0] += 59.0
-    _, _, refused = await limits.reserve("k", policy, 100, 0.0)
+    _, _, refused = await limits.admit("k", policy, 100)
     assert refused is not None and "tokens per minute" in refused.message  # still 10 in debt
     now[0] += 11.0  # 110 more: exactly 100 available
-    held, quotas, _ = await limits.reserve("k", policy, 100, 0.0)
-    assert held is not None and quotas[0].remaining == pytest.approx(0.0, abs=1e-3)
+    held, quotas, _ = await limits.admit("k", policy, 100)
+    assert held is not None and quotas[1].remaining == pytest.approx(0.0, abs=1e-3)
     held.release()  # a call refused before it went upstream gets its tokens back
     await limits.drain()
-    quotas, _ = await limits.admit("k", policy)
+    _, quotas, _ = await limits.admit("k", policy)
     assert [q.name for q in quotas] == ["requests", "tokens"]
     assert quotas[1].remaining == pytest.approx(100.0, abs=1e-3)
 

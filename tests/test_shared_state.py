@@ -181,20 +181,21 @@ async def test_a_budget_starts_from_the_ledger_and_refuses_past_it():
     await store.write_calls([record])
     limits = RateLimits(LocalState(), ledger=store, now=lambda: now)
     policy = limits.policy(_key(budget_month_usd=1.0))
-    quotas, refused = await limits.admit("vk_0123456789abcdef", policy)
-    assert refused is None and quotas[0].name == "usd-month" and quotas[0].remaining == pytest.approx(0.25)
-    held, quotas, refused = await limits.reserve("vk_0123456789abcdef", policy, 10, 0.2)
-    assert held is not None and quotas[0].remaining == pytest.approx(0.05)
-    _, _, refused = await limits.reserve("vk_0123456789abcdef", policy, 10, 0.2)
+    who = "vk_0123456789abcdef"
+    held, quotas, refused = await limits.spend(who, policy, 0.2, None)
+    assert held is not None and quotas[0].name == "usd-month" and quotas[0].remaining == pytest.approx(0.05)
+    _, quotas, refused = await limits.admit(who, policy)
+    assert refused is None and quotas[0].remaining == pytest.approx(0.05)  # seeded: the headers read it
+    _, _, refused = await limits.spend(who, policy, 0.2, None)
     assert refused is not None and refused.code == "budget_exceeded" and refused.status == 429
     _, _, end = period_bounds("month", now)
     assert end is not None and end.isoformat() in refused.message
     assert int(refused.headers["retry-after"]) == pytest.approx((end - now).total_seconds(), abs=1)
     held.settle(10, 0.01)  # it cost far less than held: the rest comes back
     await limits.drain()
-    assert (await limits.reserve("vk_0123456789abcdef", policy, 10, 0.2))[0] is not None
+    assert (await limits.spend(who, policy, 0.2, None))[2] is None
     total = limits.policy(_key(budget_total_usd=0.5))
-    _, _, refused = await limits.reserve("vk_0123456789abcdef", total, 10, 0.0001)
+    _, _, refused = await limits.spend(who, total, 0.0001, None)
     assert refused is not None and "never resets" in refused.message and "retry-after" not in refused.headers
 
 

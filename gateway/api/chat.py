@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.asgi import Headers, read_body, send_bytes, send_stream, until_disconnect
 from gateway.calls import account, answered, open_record
 from gateway.catalogue import RouterConstraints
-from gateway.context import RequestState, request_state, update_quotas
+from gateway.context import RequestState, admit, request_state, update_quotas
 from gateway.domain import CallRecord, text_of
 from gateway.errors import (
     ClientDisconnected,
@@ -130,15 +130,16 @@ def estimate_usd(services: Services, chain: list[str], prompt_tokens: int, max_t
 async def reserve(
     services: Services, state: RequestState, decision: Decision, prompt_tokens: int, max_tokens: int | None
 ) -> None:
-    """Holds the call's prompt tokens and estimated cost (refused: 429)."""
-    if state.policy is None or state.limit_id is None:
+    """Holds a routed call's estimated cost against its key's budgets (refused: 429)."""
+    if state.policy is None or state.limit_id is None or not state.policy.budgets:
         return
-    cost = estimate_usd(services, decision.chain, prompt_tokens, max_tokens) if state.policy.budgets else 0.0
-    held, quotas, refused = await services.limits.reserve(state.limit_id, state.policy, prompt_tokens, cost)
+    cost = estimate_usd(services, decision.chain, prompt_tokens, max_tokens)
+    state.reservation, quotas, refused = await services.limits.spend(
+        state.limit_id, state.policy, cost, state.reservation
+    )
     update_quotas(state, quotas)
     if refused is not None:
         raise refused
-    state.reservation = held
 
 
 class ChatCompletions:
@@ -152,6 +153,7 @@ class ChatCompletions:
             req: ChatRequest = validate(ChatRequest, data)
             messages: list[dict[str, Any]] = data["messages"]
             prompt_tokens = measure(services, messages)
+            await admit(services.limits, state, prompt_tokens)  # before any routing work
             catalogue = {m.name for m in services.settings.models}
             constraints = narrow(state.key, req.model, constraints_of(services, scope, req), catalogue)
             ctx = RouteContext(
@@ -171,6 +173,7 @@ class ChatCompletions:
             services.metrics.refused(exc.status)
             if state.reservation is not None:
                 state.reservation.release()  # a refused call uses no tokens
+            await admit(services.limits, state)  # a bad request counts as a request too
             raise
         call = ChatCall(
             services,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
@@ -27,22 +26,27 @@ from redis.exceptions import RedisError
 
 from gateway.shared import RESYNC, Cell, Op, Outcome, Rate, SharedStateDown
 
-# KEYS: one per op. ARGV: five per op: 'r', cost, limit, period_s, check (1/0) | 's', amount, cap,
-# ttl_s, seed ('' for none). Returns {applied, cell, cell, ...}, a cell being
-# {ok, value, reset_s, retry_s ('' for none), missing} with numbers as strings (Lua numbers
-# would come back truncated to integers).
+# KEYS: one per op. ARGV[1]: the ops, `;`-separated, each `r,cost,limit,period_s,check(1/0)` or
+# `s,amount,cap,ttl_s,seed` ('' for none). Returns `applied|cell;cell;...`, a cell being
+# `ok,value,reset_s,retry_s,missing`. One argument and one string back: redis-py spends about
+# half as much CPU on them as on fifteen arguments and a nested reply (measured: 62 us against 100+).
 APPLY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ops = {}
+for spec in string.gmatch(ARGV[1], '[^;]+') do
+  local f = {}
+  for v in string.gmatch(spec .. ',', '([^,]*),') do f[#f + 1] = v end
+  ops[#ops + 1] = f
+end
 local applied = 1
 local cells = {}
 local writes = {}
 for i = 1, #KEYS do
-  local j = (i - 1) * 5
-  local kind = ARGV[j + 1]
-  if kind == 'r' then
-    local cost, limit, period = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4])
-    local check = ARGV[j + 5] == '1'
+  local f = ops[i]
+  if f[1] == 'r' then
+    local cost, limit, period = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
+    local check = f[5] == '1'
     local interval = period / limit
     local base = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
     local new = base + cost * interval
@@ -51,28 +55,28 @@ for i = 1, #KEYS do
       applied = 0
       local retry = ''
       if cost <= limit then retry = string.format('%.6f', new - now - period) end
-      cells[i] = {0, string.format('%.6f', math.max(0, (now + period - base) / interval)),
-                  string.format('%.6f', base - now), retry, 0}
+      local left = math.max(0, (now + period - base) / interval)
+      cells[i] = string.format('0,%.6f,%.6f,%s,0', left, base - now, retry)
     else
-      cells[i] = {1, string.format('%.6f', math.max(0, (now + period - new) / interval)),
-                  string.format('%.6f', math.max(0, new - now)), '', 0}
+      local left = math.max(0, (now + period - new) / interval)
+      cells[i] = string.format('1,%.6f,%.6f,,0', left, math.max(0, new - now))
       writes[i] = {'r', string.format('%.6f', new), math.ceil(math.max(0.001, new - now) * 1000) + 1000}
     end
   else
-    local amount, cap, ttl, seed = tonumber(ARGV[j + 2]), ARGV[j + 3], ARGV[j + 4], ARGV[j + 5]
+    local amount, cap, ttl, seed = tonumber(f[2]), f[3], f[4], f[5]
     local current = redis.call('GET', KEYS[i])
     if current == false and seed == '' then
       if amount ~= 0 then applied = 0 end
-      cells[i] = {amount == 0 and 1 or 0, '0', '0', '', 1}
+      cells[i] = (amount == 0 and '1' or '0') .. ',0,0,,1'
     else
       local fresh = current == false
       local value = tonumber(current or seed)
       local total = value + amount
       if cap ~= '' and amount > 0 and total > tonumber(cap) then
         applied = 0
-        cells[i] = {0, string.format('%.0f', value), '0', '', 0}
+        cells[i] = string.format('0,%.0f,0,,0', value)
       else
-        cells[i] = {1, string.format('%.0f', total), '0', '', 0}
+        cells[i] = string.format('1,%.0f,0,,0', total)
         if fresh then
           writes[i] = {'new', string.format('%.0f', total), ttl}
         elseif amount ~= 0 then
@@ -98,9 +102,7 @@ if applied == 1 then
     end
   end
 end
-local out = {applied}
-for i = 1, #KEYS do out[i + 1] = cells[i] end
-return out
+return applied .. '|' .. table.concat(cells, ';')
 """
 
 # No CLIENT SETINFO round trips on every new connection.
@@ -112,27 +114,26 @@ def _opt(value: object | None) -> str:
     return "" if value is None else str(value)
 
 
-def _args(ops: Sequence[Op]) -> list[str]:
-    args: list[str] = []
+def _encode(ops: Sequence[Op]) -> str:
+    specs = []
     for op in ops:
         if isinstance(op, Rate):
-            args += [
-                "r",
-                repr(float(op.cost)),
-                str(op.limit),
-                repr(float(op.period_s)),
-                "1" if op.check else "0",
-            ]
+            specs.append(f"r,{float(op.cost)!r},{op.limit},{float(op.period_s)!r},{1 if op.check else 0}")
         else:
-            args += ["s", str(op.amount), _opt(op.cap), _opt(op.ttl_s), _opt(op.seed)]
-    return args
+            specs.append(f"s,{op.amount},{_opt(op.cap)},{_opt(op.ttl_s)},{_opt(op.seed)}")
+    return ";".join(specs)
 
 
-def _cell(raw: list[Any]) -> Cell:
-    ok, value, reset, retry, missing = (x.decode() if isinstance(x, bytes) else x for x in raw)
-    return Cell(
-        bool(int(ok)), float(value), float(reset), float(retry) if retry != "" else None, bool(int(missing))
-    )
+def _decode(raw: bytes | str) -> Outcome:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    applied, _, rest = text.partition("|")
+    cells = []
+    for spec in rest.split(";") if rest else ():
+        ok, value, reset, retry, missing = spec.split(",")
+        cells.append(
+            Cell(ok == "1", float(value), float(reset), float(retry) if retry else None, missing == "1")
+        )
+    return Outcome(applied == "1", tuple(cells))
 
 
 class RedisState:
@@ -166,12 +167,11 @@ class RedisState:
     async def apply(self, ops: Sequence[Op]) -> Outcome:
         if not ops:
             return Outcome(True, ())
-        try:
-            async with asyncio.timeout(self.timeout_s * 2):
-                raw = await self.script(keys=[self.key(op.key) for op in ops], args=_args(ops))
+        try:  # bounded by the socket timeouts (no asyncio.timeout: it costs CPU on every call)
+            raw = await self.script(keys=[self.key(op.key) for op in ops], args=[_encode(ops)])
         except _FAILURES as exc:
             raise SharedStateDown(f"{type(exc).__name__}: {exc}") from exc
-        return Outcome(bool(int(raw[0])), tuple(_cell(c) for c in raw[1:]))
+        return _decode(raw)
 
     async def ping(self) -> bool:
         """Whether the server answers; it also (re)loads the script, so that a burst of calls
