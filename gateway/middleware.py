@@ -6,6 +6,7 @@ It is the outermost layer of the app, so every response (errors and 404s include
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -116,6 +117,9 @@ class RequestContext:
                 log.warning("request failed after its response started: %s", exc.message)
                 return
             status = exc.status
+            if state.policy is not None and not state.admitted:  # refused before the chat counted it
+                with contextlib.suppress(GatewayError):
+                    await admit(services_of(scope).limits, state)
             await send_error(send_wrapper, exc, redact=self.redact)
         except Exception:
             if started:

@@ -129,25 +129,25 @@ def test_a_key_uses_only_its_models(fake, gateway):
 
 
 def test_own_limits_and_headers_on_every_answer(fake, gateway):
-    gw = gateway(_settings(fake, rate_limit_rpm=100))
-    key = create(gw, rpm=3, tpm=1000)["key"]
+    gw = gateway(_settings(fake, rate_limit_rpm=100, max_body_bytes=1000))
+    key = create(gw, rpm=4, tpm=1000)["key"]
     answers = [chat(gw, key) for _ in range(2)]
-    assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
-    assert answers[1].headers["x-ratelimit-remaining-requests"] == "1"
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "4"
+    assert answers[1].headers["x-ratelimit-remaining-requests"] == "2"
     assert answers[1].headers["x-ratelimit-limit-tokens"] == "1000"
     assert answers[1].headers["x-ratelimit-reset-requests"].endswith("s")
     # a bad request is an answer too
-    bad = httpx.post(
-        gw.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {key}"}
-    )
+    auth = {"Authorization": f"Bearer {key}"}
+    bad = httpx.post(gw.url + "/v1/chat/completions", content=b"{", headers=auth)
     assert_openai_error(bad, 400, "invalid_json")
-    assert bad.headers["x-ratelimit-remaining-requests"] == "0"
+    assert bad.headers["x-ratelimit-remaining-requests"] == "1"
+    # refused by its content-length before the chat endpoint is reached: counted all the same
+    huge = httpx.post(gw.url + "/v1/chat/completions", content=b" " * 2000, headers=auth)
+    assert huge.status_code == 413 and huge.headers["x-ratelimit-remaining-requests"] == "0"
     limited = chat(gw, key)
     assert_openai_error(limited, 429, "rate_limit_exceeded")
-    assert (
-        limited.headers["x-ratelimit-remaining-requests"] == "0"
-        and 1 <= int(limited.headers["retry-after"]) <= 20
-    )
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(limited.headers["retry-after"]) <= 15
     unlimited = create(gw, rpm=0, tpm=0)["key"]
     free = chat(gw, unlimited)
     assert free.status_code == 200 and "x-ratelimit-limit-requests" not in free.headers
