@@ -4,8 +4,9 @@ by side against direct calls to a fake upstream in alternating rounds, on this m
 
 Each limited call goes through the whole path: a virtual key with its own RPM, TPM and a daily
 budget; the middleware's admission (one request, the tokens and the budget read for the headers),
-the chat's reservation (tokens and estimated cost, both or neither) and, after the answer, the
-settlement. With Valkey that is two round trips before the upstream and one after.
+the chat's admission with its tokens, the budget's reservation and, after the answer, the
+settlement. With Valkey that is two round trips before the upstream and one after; a key without a
+budget ("rpm/tpm only") needs one before.
 
   python bench/limits.py                 # about 1 minute: c=1 and c=32
   python bench/limits.py --n1 3000 --n32 20000
@@ -94,10 +95,12 @@ async def side_by_side(targets: dict[str, Target], n: int, c: int, rounds: int =
     return results
 
 
-def new_key(port: int) -> str:
+def new_key(port: int, budget: bool = True) -> str:
     import urllib.request
 
-    body = {"owner": "bench", "rpm": 100_000_000, "tpm": 2_000_000_000, "budget_day_usd": 1_000_000}
+    body: dict[str, Any] = {"owner": "bench", "rpm": 100_000_000, "tpm": 2_000_000_000}
+    if budget:
+        body["budget_day_usd"] = 1_000_000
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/keys",
         data=orjson.dumps(body),
@@ -149,15 +152,20 @@ def main() -> None:
                 "no limits": (url(plain), {}, plain.pid),
                 "in-process": (url(local), {"Authorization": f"Bearer {new_key(local.port)}"}, local.pid),
                 "redis": (url(shared), {"Authorization": f"Bearer {new_key(shared.port)}"}, shared.pid),
+                "redis, rpm/tpm only": (
+                    url(shared),
+                    {"Authorization": f"Bearer {new_key(shared.port, budget=False)}"},
+                    shared.pid,
+                ),
             }
             for c, n in ((1, args.n1), (32, args.n32)):
                 res = {k: v.summary() for k, v in asyncio.run(side_by_side(targets, n, c)).items()}
                 report[f"c{c}"] = res
                 d = res["direct"]
-                for name in ("no limits", "in-process", "redis"):
+                for name in ("no limits", "in-process", "redis", "redis, rpm/tpm only"):
                     g = res[name]
                     line = (
-                        f"c={c:<2} {name:<10} p50 {g['p50_ms']:7.3f} p99 {g['p99_ms']:7.3f}  added p50 "
+                        f"c={c:<2} {name:<19} p50 {g['p50_ms']:7.3f} p99 {g['p99_ms']:7.3f}  added p50 "
                         f"{g['p50_ms'] - d['p50_ms']:6.3f}  rps {g['rps']:7.1f}  "
                         f"CPU {g.get('cpu_ms_per_request', 0):.3f} ms/req  errors {g['errors']}"
                     )
