@@ -103,7 +103,7 @@ class RequestContext:
                     # reset a limit).
                     client = scope.get("client") or ("unknown", 0)
                     verified = caller is not None and caller.verified
-                    state.limit_id = caller.id if caller is not None and verified else f"ip:{client[0]}"
+                    state.limit_id = caller.id if caller and verified else f"ip:{client[0]}"
                     state.policy = policy
                     if not (scope["method"] == "POST" and scope["path"] in CHAT_PATHS):
                         await admit(services.limits, state)  # chat: with its tokens, once read
