@@ -267,8 +267,10 @@ class ChatCall:
         self.state.mark_overhead(result.upstream_ms)
         headers = self._headers(upstream_model, result.attempts)
         headers.append((b"content-type", b"application/json"))
-        await send_bytes(self.send, 200, payload, headers)
+        # Recorded before it is sent: a client that rates the call the moment it has the answer
+        # finds it (in the recorder's queue at least).
         self._finish()
+        await send_bytes(self.send, 200, payload, headers)
 
     async def stream(self, include_usage: bool) -> None:
         opened: OpenStream = await self._upstream(
