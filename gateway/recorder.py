@@ -149,8 +149,12 @@ class Recorder:
         while True:
             if not self.queue:
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation
+                # that arrives as the wake-up does (a record written during shutdown), and the
+                # recorder then never stops.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 continue
             # Let a burst gather into one batch.
             if len(self.queue) < self.batch_size:

@@ -81,3 +81,22 @@ def test_nul_characters_are_stored(fake, gateway, dsn):
         == 200
     )
     assert gw.services.recorder.dropped == 0
+
+
+async def test_the_recorder_stops_when_cancelled_as_a_record_wakes_it():
+    """A record written during shutdown wakes the recorder just as the lifespan cancels it: the
+    cancellation must not be lost (on Python 3.11, asyncio.wait_for lost it, and the gateway
+    never finished shutting down). Every interleaving of the two in the first loop turns."""
+    for turns in range(6):
+        recorder = Recorder(MemoryStore(), batch_size=10)
+        await recorder.__aenter__()
+        await asyncio.sleep(0.01)  # the recorder waits for work
+        recorder.record(rec(f"r{turns}"))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task = recorder._task
+        assert task is not None
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done, f"the recorder ignored its cancellation ({turns} turns after the record)"
+        await recorder.aclose()
