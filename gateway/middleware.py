@@ -16,7 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
-from gateway.auth import PROTECTED, Keys
+from gateway.auth import KEY_HEADERS, PROTECTED, Keys, presented
 from gateway.context import STATE_KEY, RequestState
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.limits import RateLimits
@@ -54,7 +54,7 @@ class RequestContext:
         t0 = time.perf_counter()
         request_id: str | None = None
         content_length: int | None = None
-        auth: bytes | None = None
+        auth: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
@@ -63,8 +63,8 @@ class RequestContext:
                     content_length = int(value)
                 except ValueError:
                     content_length = None
-            elif name == b"authorization":
-                auth = value
+            elif name in KEY_HEADERS:
+                auth.setdefault(name, value)
         state = RequestState(t0)
         scope.setdefault("state", {})[STATE_KEY] = state
         if self.in_flight is not None:
@@ -93,7 +93,7 @@ class RequestContext:
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            state.caller = self.keys.caller(scope["path"], auth)
+            state.caller = self.keys.caller(scope["path"], presented(auth))
             if self.limits is not None and scope["path"].startswith(PROTECTED):
                 # By key; without keys, by address (a made-up bearer token must not reset a limit).
                 client = scope.get("client") or ("unknown", 0)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.asgi import dump_json
-from gateway.auth import require_admin
+from gateway.auth import presented, require_admin
 from gateway.services import Services, services_of
 
 
@@ -24,7 +24,8 @@ def services(request: Request) -> Services:
 def admin_only(request: Request, *, open_without_keys: bool = False) -> Services:
     """The services, for an admin caller only (see `gateway.auth.require_admin`)."""
     found = services(request)
-    require_admin(
-        found.settings, request.headers.get("authorization", ""), open_without_keys=open_without_keys
-    )
+    headers: dict[bytes, bytes] = {}
+    for name, value in request.headers.raw:
+        headers.setdefault(name, value)
+    require_admin(found.settings, presented(headers), open_without_keys=open_without_keys)
     return found
