@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, ops, records
+from gateway.api import chat, embeddings, ops, records, responses
 from gateway.auth import Keys
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
@@ -36,6 +36,7 @@ from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
+from gateway.probes import LocalProbes
 from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.providers.replay import ReplayData, ReplayProvider, load
@@ -89,30 +90,8 @@ PROVIDERS: dict[str, ProviderFactory] = {
 
 def missing_key(settings: Settings, spec: ModelSpec) -> str | None:
     if spec.provider in ("openai", "openrouter") and not settings.api_key_for(spec):
-        return f"{spec.api_key_env} is not set"
+        return f"{spec.api_key_env} is not set: set it in .env or the environment, then restart"
     return None
-
-
-async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> None:
-    """Warn at start about local upstreams (Ollama, vLLM) that do not answer."""
-
-    async def probe(spec: ModelSpec) -> None:
-        assert spec.base_url is not None
-        url = spec.base_url.rstrip("/") + "/models"
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status >= 500:
-                    log.warning("model %s: %s answered HTTP %d", spec.name, url, resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "model %s: %s is unreachable (%s); requests for it will get 503 until it answers",
-                spec.name,
-                spec.base_url,
-                type(exc).__name__,
-            )
-
-    local = [m for m in settings.models if m.provider in ("ollama", "vllm")]
-    await asyncio.gather(*(probe(m) for m in local))
 
 
 async def _load_embedder(settings: Settings) -> Embedder | None:
@@ -235,7 +214,15 @@ def create_app(
                 embedder=the_embedder,
             )
             metrics.add_state(lambda: ops.gauges(services))
-            probe = asyncio.create_task(_probe_local(settings, session))
+            # Local upstreams (Ollama, vLLM) are probed before the first call, then periodically.
+            probes = LocalProbes(
+                [m for m in settings.models if m.name in upstreams.providers],
+                upstreams.health,
+                session,
+                interval_s=settings.local_probe_interval_s,
+            )
+            await probes.round()
+            probe = asyncio.create_task(probes.run())
             if not settings.gateway_api_keys:
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
@@ -256,11 +243,18 @@ def create_app(
             log.info("gateway stopped in %.2f s", time.perf_counter() - t)
 
     chat_endpoint = chat.ChatCompletions()
+    responses_endpoint = responses.Responses()
     routes = [
         Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
         Route("/chat/completions", chat_endpoint, methods=["POST"]),
+        Route("/v1/responses", responses_endpoint, methods=["POST"]),
+        Route("/responses", responses_endpoint, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/models", ops.list_models, methods=["GET"]),
         Route("/models", ops.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", ops.get_model, methods=["GET"]),
+        Route("/models/{model:path}", ops.get_model, methods=["GET"]),
         Route("/live", ops.live, methods=["GET"]),
         Route("/ready", ops.ready, methods=["GET"]),
         Route("/health", ops.health, methods=["GET"]),

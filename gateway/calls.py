@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gateway.attempts import Attempt
 from gateway.catalogue import ModelSpec
 from gateway.context import RequestState
 from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
-from gateway.upstreams import Attempt
 
 
 class Meter(Protocol):
@@ -105,6 +105,7 @@ class Calls:
         record.error = str(exc)
         if isinstance(exc, GatewayError):
             record.http_status, record.upstream_ms = exc.status, exc.upstream_ms
+            record.attempts = exc.attempts
         else:
             record.http_status, record.upstream_ms = 500, None
         state.mark_overhead(record.upstream_ms or 0.0)

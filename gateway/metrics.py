@@ -115,7 +115,7 @@ class Metrics:
         self.tokens = Counter("llm_router_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
         self.cost = Counter(
             "llm_router_cost_usd",
-            "USD spent by model and call kind (call, duel, judge)",
+            "USD spent by model and call kind (call, duel, judge, embeddings)",
             ["model", "kind"],
             registry=r,
         )
@@ -153,6 +153,14 @@ class Metrics:
             self.tokens.labels(model, "completion").inc(rec.completion_tokens)
         if rec.cost_usd:
             self.cost.labels(model, rec.kind).inc(rec.cost_usd)
+
+    def embedded(self, model: str, status: int, tokens: int, cost_usd: float) -> None:
+        """An embeddings call (metered, not recorded: there is no answer to rate)."""
+        self.requests.labels(model, "embeddings", "none", str(status)).inc()
+        if tokens:
+            self.tokens.labels(model, "prompt").inc(tokens)
+        if cost_usd:
+            self.cost.labels(model, "embeddings").inc(cost_usd)
 
     def rated(self, model: str | None, source: str, score: float, pairs: int) -> None:
         self.feedback.labels(model or "none", source).observe(score)

@@ -415,7 +415,11 @@ def check(reply: Reply, *, allowed: tuple[int, ...] | None = None) -> dict[str, 
         assert reply.status in allowed, where
     ctype = reply.headers.get("content-type", "")
     if reply.status == 200:
-        if ctype.startswith("text/event-stream"):
+        if ctype.startswith("text/event-stream") and reply.body.startswith(b"event: response."):
+            ends = (b"event: response.completed\n", b"event: response.incomplete\n")
+            assert any(end in reply.body for end in ends), where  # the Responses API's stream
+            assert b"event: error\n" not in reply.body, where
+        elif ctype.startswith("text/event-stream"):
             assert reply.body.endswith(b"data: [DONE]\n\n"), where
             assert b'"stream_interrupted"' not in reply.body, where
         else:
@@ -518,8 +522,12 @@ class Harness:
 
 @pytest.fixture
 def harness(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
-    """After the test: the gateway is up, serves a normal call end to end, recorded every call it
-    answered, and logged nothing at ERROR level."""
+    yield from harnessed(gw, caplog)
+
+
+def harnessed(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
+    """A harness; after the test: the gateway is up, serves a normal call end to end, recorded
+    every call it answered, and logged nothing at ERROR level."""
     caplog.set_level(logging.WARNING)
     h = Harness(gw, caplog)
     yield h

@@ -191,7 +191,9 @@ def test_feedback_right_after_the_call_finds_it(fake, gateway, dsn):
     )
     gw = gateway(settings)
     gw.call(_stop_writer(gw.services.recorder))
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
     assert gw.services.recorder.has(rid)
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}).status_code == 200
 
@@ -290,7 +292,9 @@ def test_feedback_while_the_database_is_down_is_503(fake, gateway, tmp_path):
     embedded = EmbeddedPostgres(tmp_path, database="llm_router")
     dsn = run_async(embedded.start())
     gw = gateway(make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn))
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
     deadline = time.monotonic() + 5
     while gw.services.recorder.depth and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -301,7 +305,7 @@ def test_feedback_while_the_database_is_down_is_503(fake, gateway, tmp_path):
     assert resp.json()["error"]["code"] == "store_unavailable"
     ready = httpx.get(gw.url + "/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unreachable")
-    chat = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER})
+    chat = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER})
     assert chat.status_code == 200  # calls go on; their records wait for the database
 
 
@@ -309,7 +313,9 @@ def test_embedded_database_is_the_default_and_persists(fake, gateway, tmp_path):
     settings = make_settings([model("alpha", fake.url())], enable_persistence=True, data_dir=tmp_path)
     assert settings.database_dsn() is None
     gw = gateway(settings)
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 0.5}).status_code == 200
     gw.__exit__()
     assert (tmp_path / "pg" / "PG_VERSION").is_file()

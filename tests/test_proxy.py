@@ -153,7 +153,7 @@ def test_raw_stream_is_sse_ending_with_done(gw):
 
 
 def test_same_route_without_v1_prefix(gw):
-    resp = httpx.post(gw.url + "/chat/completions", json={"messages": USER})
+    resp = httpx.post(gw.url + "/chat/completions", json={"model": "auto", "messages": USER})
     assert resp.status_code == 200
     assert resp.json()["model"] == "alpha"  # `model` may be left out: it means auto
 
@@ -167,7 +167,7 @@ def test_models_list(gw):
 def test_request_id_is_accepted_and_echoed(gw):
     resp = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={"X-Request-ID": "req-2026.11:abc_1"},
     )
     assert resp.status_code == 200
@@ -178,7 +178,7 @@ def test_request_id_is_accepted_and_echoed(gw):
 def test_bad_request_ids_are_refused(gw, bad):
     resp = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={"X-Request-ID": bad.encode("utf-8")},
     )
     assert resp.status_code == 400

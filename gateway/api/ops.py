@@ -1,4 +1,5 @@
-"""Models list, probes and figures: GET /v1/models, /live, /ready, /health, /metrics, /v1/stats."""
+"""Models, probes and figures: GET /v1/models, /v1/models/{id}, /live, /ready, /health, /metrics,
+/v1/stats."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from starlette.responses import Response
 
 from gateway.api import admin_only, json_response, services
 from gateway.domain import utcnow
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, NotFound
 from gateway.metrics import ArmGauge, Gauges
 from gateway.routing.policies import POLICIES
 from gateway.services import Services
@@ -27,7 +28,11 @@ async def readiness(s: Services) -> dict[str, str]:
     except Exception as exc:
         checks["store"] = f"unreachable: {type(exc).__name__}"
     available = [m.name for m in s.settings.models if s.upstreams.is_available(m.name)]
-    checks["models"] = "ok" if available else "no model available"
+    if available:
+        checks["models"] = "ok"
+    else:  # say why: a key to set, a local server to start (the probes keep this true)
+        why = "; ".join(f"{m.name}: {s.upstreams.why_unavailable(m.name)}" for m in s.settings.models)
+        checks["models"] = f"no model available: {why}" if why else "no model configured"
     if POLICIES[s.settings.router_policy].needs_embedding:
         checks["embedder"] = "ok" if s.embedder is not None else "unavailable: routing without context"
     return checks
@@ -43,32 +48,49 @@ def gauges(s: Services) -> Gauges:
     return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms)
 
 
-async def list_models(request: Request) -> Response:
-    gw = services(request)
-    data: list[dict[str, Any]] = []
-    for name in gw.settings.virtual_model_names:
+def model_entry(gw: Services, name: str) -> dict[str, Any] | None:
+    """A model (catalogue or virtual) in OpenAI's shape, with what the gateway knows of it."""
+    m = gw.settings.model(name)
+    if m is None:
+        if name not in gw.settings.virtual_model_names:
+            return None
         entry: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "llm-router"}
         constraints = gw.settings.virtual_models.get(name)
         if constraints is not None:
             entry["router"] = constraints.model_dump(exclude_defaults=True)
-        data.append(entry)
-    for m in gw.settings.models:
-        data.append(
-            {
-                "id": m.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": m.provider,
-                "context_window": m.context_window,
-                "pricing": {
-                    "input_usd_per_mtok": m.input_usd_per_mtok,
-                    "output_usd_per_mtok": m.output_usd_per_mtok,
-                },
-                "capabilities": sorted(m.capabilities),
-                "available": gw.upstreams.is_available(m.name),
-            }
+        return entry
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": m.provider,
+        "context_window": m.context_window,
+        "pricing": {
+            "input_usd_per_mtok": m.input_usd_per_mtok,
+            "output_usd_per_mtok": m.output_usd_per_mtok,
+        },
+        "capabilities": sorted(m.capabilities),
+        "available": gw.upstreams.is_available(m.name),
+    }
+
+
+async def list_models(request: Request) -> Response:
+    gw = services(request)
+    names = [*gw.settings.virtual_model_names, *(m.name for m in gw.settings.models)]
+    return json_response({"object": "list", "data": [model_entry(gw, name) for name in names]})
+
+
+async def get_model(request: Request) -> Response:
+    """GET /v1/models/{id}: `auto`, a virtual model or a catalogue model (ids may hold '/')."""
+    name = request.path_params["model"]
+    entry = model_entry(services(request), name)
+    if entry is None:
+        raise NotFound(
+            f"The model '{name}' does not exist; GET /v1/models lists the models and virtual models",
+            param="model",
+            code="model_not_found",
         )
-    return json_response({"object": "list", "data": data})
+    return json_response(entry)
 
 
 async def live(request: Request) -> Response:

@@ -68,6 +68,8 @@ class Router:
         self.clock = clock
         self.knobs = Knobs.from_settings(settings)
         self.specs = {m.name: m for m in settings.models}
+        # The arms `auto` may choose: models that chat (not an embeddings-only model).
+        self.chat_models = [m.name for m in settings.models if "chat" in m.capabilities]
         self.arms = ArmStatsCache(settings.models, self.knobs, store)
         self.policy: RoutingPolicy = POLICIES[settings.router_policy](
             PolicyDeps(
@@ -169,7 +171,7 @@ class Router:
         named = self.settings.policies.get(policy_name) if policy_name else None
         strategy = c.strategy or (named.strategy if named else None) or "bandit"
         arms = eligible(
-            list(named.models) if named else list(self.specs),
+            list(named.models) if named else self.chat_models,
             ctx,
             c,
             self.specs,

@@ -1,0 +1,364 @@
+"""A routed call, whatever API the client speaks (chat completions, the Responses API): admission
+(size limits, routing constraints, rate limits, the router's decision), the trip upstream (the
+deadline, the client going away, fallbacks) and the book-keeping (`gateway.calls`) however it ends.
+
+What differs between the APIs is the endpoint's `Dialect`: what each model of the chain is sent
+(its API and body), and how its answer, or its stream, goes back to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from gateway.asgi import Headers, send_bytes, send_stream, until_disconnect
+from gateway.attempts import Attempt
+from gateway.calls import account, answered
+from gateway.catalogue import ModelSpec, RouterConstraints
+from gateway.context import RequestState
+from gateway.domain import CallRecord, text_of
+from gateway.errors import (
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.providers import Api, ProviderError
+from gateway.routing import Decision, RouteContext
+from gateway.services import Services
+from gateway.upstreams import OpenStream
+from gateway.wire import Completion, tokens_of
+
+T = TypeVar("T")
+
+_HEADER_CONSTRAINTS = {
+    b"x-router-strategy": "strategy",
+    b"x-router-policy": "policy",
+    b"x-router-max-cost-usd": "max_cost_usd",
+    b"x-router-max-latency-ms": "max_latency_ms",
+    b"x-router-min-quality": "min_quality",
+    b"x-router-capability": "capability",
+    b"x-router-models": "models",
+}
+SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def header_constraints(scope: Scope) -> RouterConstraints | None:
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        field = _HEADER_CONSTRAINTS.get(name)
+        if field is not None:
+            found[field] = value.decode("latin-1")
+    if not found:
+        return None
+    try:
+        return RouterConstraints.model_validate(found)
+    except ValueError as exc:
+        first = exc.errors(include_url=False)[0]  # type: ignore[attr-defined]
+        header = "X-Router-" + str(first["loc"][0]).replace("_", "-").title()
+        raise InvalidRequest(
+            f"invalid {header} header: {first['msg']}", param=header, code="invalid_value"
+        ) from exc
+
+
+def measure(services: Services, messages: list[dict[str, Any]]) -> int:
+    """Refuses what MAX_MESSAGES and MAX_INPUT_CHARS do not allow; returns the prompt's estimated
+    tokens."""
+    settings = services.settings
+    if len(messages) > settings.max_messages:
+        raise InvalidRequest(
+            f"too many messages: {len(messages)}, at most {settings.max_messages}",
+            param="messages",
+            code="too_many_messages",
+        )
+    lengths = [len(text_of(m.get("content"))) for m in messages]
+    chars = sum(lengths)
+    if chars > settings.max_input_chars:
+        raise InvalidRequest(
+            f"the messages hold {chars} characters, at most {settings.max_input_chars}",
+            param="messages",
+            code="input_too_long",
+        )
+    return tokens_of(lengths)
+
+
+def constraints_of(
+    services: Services, scope: Scope, model: str, router: RouterConstraints | None
+) -> RouterConstraints:
+    """The routing constraints: the virtual model's, overridden by the body's, then the headers'."""
+    settings = services.settings
+    spec = settings.model(model)
+    if model != "auto" and model not in settings.virtual_models and spec is None:
+        raise NotFound(
+            f"The model '{model}' does not exist; GET /v1/models lists the models and virtual models",
+            param="model",
+            code="model_not_found",
+        )
+    if spec is not None and "chat" not in spec.capabilities:
+        raise InvalidRequest(
+            f"the model '{model}' does not chat (its capabilities: {', '.join(sorted(spec.capabilities))})",
+            param="model",
+            code="model_not_supported",
+        )
+    constraints = settings.virtual_models.get(model) or RouterConstraints()
+    if router is not None:
+        constraints = constraints.merged(router)
+    from_headers = header_constraints(scope)
+    if from_headers is not None:
+        constraints = constraints.merged(from_headers)
+    return constraints
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a client asks for, as the router sees it (chat-shaped, whatever API it came in)."""
+
+    model: str
+    router: RouterConstraints | None
+    messages: list[dict[str, Any]]
+    needs: frozenset[str]
+    max_tokens: int | None
+
+
+async def admit(
+    services: Services, state: RequestState, scope: Scope, ask: Ask
+) -> tuple[RouteContext, Decision]:
+    """Size limits, constraints, the rate-limit reservation and the router's decision."""
+    prompt_tokens = measure(services, ask.messages)
+    constraints = constraints_of(services, scope, ask.model, ask.router)
+    if state.limit_id is not None:
+        state.reservation = services.limits.reserve(state.limit_id, prompt_tokens)
+    ctx = RouteContext(
+        request_id=state.request_id,
+        requested_model=ask.model,
+        messages=ask.messages,
+        constraints=constraints,
+        needs=ask.needs,
+        prompt_tokens=prompt_tokens,
+        max_tokens=ask.max_tokens,
+    )
+    return ctx, await services.router.decide(ctx)
+
+
+async def within_deadline(services: Services, state: RequestState, work: Awaitable[T]) -> T:
+    """`work`, within what is left of the call's REQUEST_TIMEOUT_S (counted from its arrival)."""
+    limit = services.settings.request_timeout_s
+    try:
+        async with asyncio.timeout(limit - state.elapsed_ms() / 1000):
+            return await work
+    except TimeoutError:
+        error = UpstreamTimeout(
+            f"no answer within the request deadline ({limit:g} s; REQUEST_TIMEOUT_S sets it)",
+            code="deadline_exceeded",
+        )
+        error.upstream_ms = state.elapsed_ms()
+        raise error from None
+
+
+def refused(services: Services, state: RequestState, exc: GatewayError) -> None:
+    """A call refused before any model was chosen: counted all the same, its tokens given back."""
+    services.metrics.refused(exc.status)
+    if state.reservation is not None:
+        state.reservation.release()
+
+
+class StreamCodec(Protocol):
+    """How an upstream stream goes back to the client, and what it said (for the record)."""
+
+    def add(self, event: dict[str, Any]) -> bytes | None: ...
+
+    def end(self, ok: bool) -> bytes:
+        """What closes the stream (`ok`: the upstream's stream ended well; otherwise after an
+        error event)."""
+        ...
+
+    def error(self, exc: GatewayError) -> bytes: ...
+
+    def said(self) -> Completion: ...
+
+
+class Dialect(Protocol):
+    """The API a client speaks: what each model is sent, and how its answer goes back."""
+
+    def plan(self, spec: ModelSpec) -> tuple[Api, dict[str, Any]]: ...
+
+    def answer(
+        self, api: Api, spec: ModelSpec, data: dict[str, Any]
+    ) -> tuple[dict[str, Any], Completion]: ...
+
+    def codec(self, api: Api, spec: ModelSpec) -> StreamCodec: ...
+
+
+@dataclass
+class RoutedCall:
+    """One routed call on its way upstream and back (what uvicorn's cycle object is to a request):
+    everything `complete` and `stream` share. `duel_body` is the chat body a duel may resend
+    (None: no duel)."""
+
+    services: Services
+    state: RequestState
+    receive: Receive
+    send: Send
+    ctx: RouteContext
+    decision: Decision
+    dialect: Dialect
+    duel_body: dict[str, Any] | None
+    record: CallRecord
+
+    async def _upstream(self, work: Awaitable[T]) -> T:
+        """`work` (reaching an upstream), within the deadline and until the client goes away;
+        a failure is recorded before it is raised."""
+        try:
+            result: T = await until_disconnect(self.receive, self._within_deadline(work))
+            return result
+        except ClientDisconnected:
+            self.services.calls.cancelled(self.record, self.state)
+            raise
+        except Exception as exc:
+            self.services.calls.failed(self.record, self.state, exc)
+            raise
+
+    async def _within_deadline(self, work: Awaitable[T]) -> T:
+        return await within_deadline(self.services, self.state, work)
+
+    def _headers(self, upstream_model: str, attempts: list[Attempt]) -> Headers:
+        headers = [
+            (b"x-router-model", (self.record.model or "").encode()),
+            (b"x-router-upstream-model", upstream_model.encode("utf-8", "replace")),
+            (b"x-router-layer", self.decision.layer.encode()),
+            (b"x-router-attempts", str(len(attempts)).encode()),
+        ]
+        if self.decision.strategy:
+            headers.append((b"x-router-strategy", self.decision.strategy.encode()))
+        if self.record.cost_usd is not None:
+            headers.append((b"x-router-cost-usd", f"{self.record.cost_usd:.8f}".encode()))
+        return headers
+
+    def _finish(self) -> None:
+        self.services.calls.finish(self.record, self.state)
+        if self.record.status == "ok" and self.duel_body is not None:
+            self.services.duels.maybe_start(self.record, self.decision, self.duel_body)
+
+    async def complete(self) -> None:
+        services, record = self.services, self.record
+        result = await self._upstream(services.upstreams.answer(self.decision.chain, self.dialect.plan))
+        spec = result.spec
+        data, answer = self.dialect.answer(result.api, spec, result.data)
+        upstream_model = answer.upstream_model or spec.upstream_id
+        record.response = answer.text
+        account(record, spec, answer.usage, self.ctx.prompt_tokens)
+        answered(record, spec, upstream_model, result.attempts)
+        record.synthetic = answer.synthetic
+        record.status, record.http_status = "ok", 200
+        record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
+        payload = orjson.dumps(data)
+        self.state.mark_overhead(result.upstream_ms)
+        headers = self._headers(upstream_model, result.attempts)
+        headers.append((b"content-type", b"application/json"))
+        await send_bytes(self.send, 200, payload, headers)
+        self._finish()
+
+    async def stream(self) -> None:
+        opened: OpenStream = await self._upstream(
+            self.services.upstreams.open(self.decision.chain, self.dialect.plan)
+        )
+        relay = StreamRelay(self, opened, self.dialect.codec(opened.api, opened.spec))
+        outcome = "cancelled"
+        try:
+            head = relay.codec.add(opened.first)
+            upstream_model = relay.codec.said().upstream_model or opened.spec.upstream_id
+            answered(self.record, opened.spec, upstream_model, opened.attempts)
+            self.record.ttft_ms = opened.ttft_ms
+            self.state.mark_overhead(opened.upstream_ms)
+            headers = self._headers(upstream_model, opened.attempts) + SSE_HEADERS
+            await send_stream(self.receive, self.send, headers, relay.events(head))
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            await relay.finish(outcome)  # when the stream never started; otherwise already done
+
+
+class StreamRelay:
+    """Relays an open upstream stream to the client, event by event (through the dialect's codec),
+    and records the call exactly once however the stream ends (done, deadline, upstream broke off,
+    client gone)."""
+
+    def __init__(self, call: RoutedCall, opened: OpenStream, codec: StreamCodec) -> None:
+        self.call = call
+        self.opened = opened
+        self.codec = codec
+        self.t_stream = time.perf_counter()
+        self.finished = False
+
+    async def finish(self, status: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        call, record, opened = self.call, self.call.record, self.opened
+        record.status = status
+        record.http_status = {"cancelled": 499, "error": 502}.get(status, 200)
+        if status == "cancelled" and record.error is None:
+            record.error = "client disconnected"
+        record.upstream_ms = opened.ttft_ms + (time.perf_counter() - self.t_stream) * 1000
+        said = self.codec.said()
+        record.response = said.text
+        record.synthetic = said.synthetic
+        account(record, opened.spec, said.usage, call.ctx.prompt_tokens)
+        call._finish()  # recorded before closing: a cancellation cannot lose it
+        await opened.aclose()
+
+    async def events(self, head: bytes | None) -> AsyncGenerator[bytes, None]:
+        """The client's stream: `head` (the first event, encoded), then the rest as it comes."""
+        call, record, opened = self.call, self.call.record, self.opened
+        settings = call.services.settings
+        status = "cancelled"
+        try:
+            if head:
+                yield head
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + settings.request_timeout_s - call.state.elapsed_ms() / 1000
+            rest = aiter(opened.rest)
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(rest)
+                except StopAsyncIteration:
+                    break
+                chunk = self.codec.add(event)
+                if chunk:
+                    yield chunk
+            status = "ok"
+        except TimeoutError:  # the deadline, not the model's fault: no breaker failure
+            status = "interrupted"
+            record.error = f"the stream exceeded the request deadline ({settings.request_timeout_s:g} s)"
+            yield self.codec.error(
+                UpstreamTimeout(record.error + "; REQUEST_TIMEOUT_S sets it", code="deadline_exceeded")
+            )
+        except Exception as exc:  # the upstream broke off (or sent what we cannot read)
+            broken = (
+                exc if isinstance(exc, ProviderError) else ProviderError("stream", f"{type(exc).__name__}")
+            )
+            status = "interrupted"
+            call.services.upstreams.stream_failed(opened.spec.name, broken)
+            record.error = broken.message
+            yield self.codec.error(
+                UpstreamError(f"the upstream stream broke off: {broken.message}", code="stream_interrupted")
+            )
+        finally:
+            await self.finish(status)
+        tail = self.codec.end(status == "ok")
+        if tail:
+            yield tail
