@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api import chat, embeddings, ops, records, responses
+from gateway.api.routed import RoutedEndpoint
 from gateway.auth import Keys
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
@@ -242,8 +243,8 @@ def create_app(
                 log.info("gateway shutting down")
             log.info("gateway stopped in %.2f s", time.perf_counter() - t)
 
-    chat_endpoint = chat.ChatCompletions()
-    responses_endpoint = responses.Responses()
+    chat_endpoint = RoutedEndpoint(chat.read)
+    responses_endpoint = RoutedEndpoint(responses.read)
     routes = [
         Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
         Route("/chat/completions", chat_endpoint, methods=["POST"]),

@@ -93,23 +93,20 @@ class TranslatedStream:
             out.append(self._part("response.content_part.added", ""))
         item = self.items[self.text_at]
         item["content"][0]["text"] += delta
-        out.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=item["id"],
-                output_index=self.text_at,
-                content_index=0,
-                delta=delta,
-                logprobs=[],
-            )
-        )
+        out.append(self._on("response.output_text.delta", self.text_at, delta=delta, logprobs=[]))
         return out
+
+    def _on(self, kind: str, at: int, **fields: Any) -> bytes:
+        """An event about output item `at` (of its text part, for a message)."""
+        item = self.items[at]
+        if item["type"] == "message":
+            fields["content_index"] = 0
+        return self._event(kind, item_id=item["id"], output_index=at, **fields)
 
     def _part(self, kind: str, text: str) -> bytes:
         assert self.text_at is not None
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        item_id = self.items[self.text_at]["id"]
-        return self._event(kind, item_id=item_id, output_index=self.text_at, content_index=0, part=part)
+        return self._on(kind, self.text_at, part=part)
 
     def _call(self, delta: dict[str, Any]) -> list[bytes]:
         out = []
@@ -127,14 +124,7 @@ class TranslatedStream:
         item = self.items[at]
         if fn.get("arguments"):
             item["arguments"] += fn["arguments"]
-            out.append(
-                self._event(
-                    "response.function_call_arguments.delta",
-                    item_id=item["id"],
-                    output_index=at,
-                    delta=fn["arguments"],
-                )
-            )
+            out.append(self._on("response.function_call_arguments.delta", at, delta=fn["arguments"]))
         return out
 
     def end(self, ok: bool) -> bytes:
@@ -145,26 +135,12 @@ class TranslatedStream:
             item["status"] = "completed"
             if item["type"] == "message":
                 text = item["content"][0]["text"]
-                out.append(
-                    self._event(
-                        "response.output_text.done",
-                        item_id=item["id"],
-                        output_index=at,
-                        content_index=0,
-                        text=text,
-                        logprobs=[],
-                    )
-                )
+                out.append(self._on("response.output_text.done", at, text=text, logprobs=[]))
                 out.append(self._part("response.content_part.done", text))
             else:
+                args = item["arguments"]
                 out.append(
-                    self._event(
-                        "response.function_call_arguments.done",
-                        item_id=item["id"],
-                        output_index=at,
-                        name=item["name"],
-                        arguments=item["arguments"],
-                    )
+                    self._on("response.function_call_arguments.done", at, name=item["name"], arguments=args)
                 )
             out.append(self._event("response.output_item.done", output_index=at, item=item))
         response = self._response()

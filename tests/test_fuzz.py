@@ -452,6 +452,9 @@ def gw(fake, gateway, dsn) -> GatewayServer:
                 fake.url(answer="Bonjour."),
                 capabilities=["chat", "streaming", "tools", "json", "vision"],
             ),
+            # for tests/test_fuzz_apis.py: a model that speaks the Responses API, an embeddings model
+            model("m3", fake.url(answer="Native."), capabilities=["chat", "streaming", "tools", "responses"]),
+            model("e1", fake.url(), capabilities=["embeddings"]),
         ],
         default_model="m1",
         enable_persistence=True,
@@ -522,12 +525,8 @@ class Harness:
 
 @pytest.fixture
 def harness(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
-    yield from harnessed(gw, caplog)
-
-
-def harnessed(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
-    """A harness; after the test: the gateway is up, serves a normal call end to end, recorded
-    every call it answered, and logged nothing at ERROR level."""
+    """After the test: the gateway is up, serves a normal call end to end, recorded every call it
+    answered, and logged nothing at ERROR level."""
     caplog.set_level(logging.WARNING)
     h = Harness(gw, caplog)
     yield h

@@ -7,26 +7,23 @@ through) and one that does not (translated)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import GatewayServer, make_settings, model
+from tests import test_fuzz as fuzz
 from tests.test_fuzz import (
     FUZZ,
     MAX_BODY,
     NASTY_TEXT,
-    Harness,
     Reply,
     any_text,
     encode,
     from_httpx,
-    harnessed,
     json_values,
     nested_list,
     nested_object,
@@ -40,32 +37,10 @@ RESPONSES_PATHS = ("/v1/responses", "/responses")
 EMBEDDINGS_PATHS = ("/v1/embeddings", "/embeddings")
 
 
-@pytest.fixture
-def gw(fake, gateway, dsn) -> GatewayServer:
-    settings = make_settings(
-        [
-            model("m1", fake.url()),
-            model("m3", fake.url(answer="Native."), capabilities=["chat", "streaming", "tools", "responses"]),
-            model("e1", fake.url(), capabilities=["embeddings"]),
-        ],
-        default_model="m1",
-        enable_persistence=True,
-        database_url=dsn,
-        max_body_bytes=MAX_BODY,
-        upstream_retries=0,
-    )
-    return gateway(settings)
-
-
-@pytest.fixture
-def client(gw: GatewayServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gw.url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture
-def harness(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
-    yield from harnessed(gw, caplog)
+# The gateway (with m1 and the models m3 and e1), the client and the harness of tests/test_fuzz.py.
+gw = fuzz.gw
+client = fuzz.client
+harness = fuzz.harness
 
 
 # --- strategies

@@ -10,59 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
-
-from gateway.api.routed import Ask, RoutedCall, admit, refused
-from gateway.asgi import read_body
-from gateway.calls import open_record
+from gateway.api.admission import Ask
+from gateway.api.routed import Admitted
 from gateway.catalogue import ModelSpec
-from gateway.context import request_state
+from gateway.context import RequestState
 from gateway.errors import GatewayError
 from gateway.providers import CHAT, Api
-from gateway.schemas import ChatRequest, parse_json_object, require_model, validate
-from gateway.services import services_of
+from gateway.schemas import ChatRequest, validate
 from gateway.wire import SSE_DONE, Completion, StreamAccumulator, needs_of, sse
 
 
-class ChatCompletions:
-    """The ASGI endpoint (raw ASGI, to keep the hot path short)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = services_of(scope)
-        state = request_state(scope)
-        try:
-            data = parse_json_object(await read_body(receive))
-            require_model(data)
-            req: ChatRequest = validate(ChatRequest, data)
-            messages: list[dict[str, Any]] = data["messages"]
-            ask = Ask(
-                req.model,
-                req.router,
-                messages,
-                needs_of(data, messages),
-                req.max_completion_tokens or req.max_tokens,
-            )
-            ctx, decision = await admit(services, state, scope, ask)
-        except GatewayError as exc:
-            refused(services, state, exc)
-            raise
-        body = {k: v for k, v in data.items() if k != "router"}
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        call = RoutedCall(
-            services,
-            state,
-            receive,
-            send,
-            ctx,
-            decision,
-            ChatDialect(body, include_usage),
-            duel_body=body,
-            record=open_record(state, messages, req.model, decision, stream=req.stream),
-        )
-        if req.stream:
-            await call.stream()
-        else:
-            await call.complete()
+def read(data: dict[str, Any], state: RequestState) -> Admitted:
+    req: ChatRequest = validate(ChatRequest, data)
+    messages: list[dict[str, Any]] = data["messages"]
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    ask = Ask(req.model, req.router, messages, needs_of(data, messages), max_tokens)
+    body = {k: v for k, v in data.items() if k != "router"}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Admitted(ask, ChatDialect(body, include_usage), duel_body=body, stream=req.stream)
 
 
 @dataclass

@@ -14,19 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
-
-from gateway.api.routed import Ask, RoutedCall, StreamCodec, admit, refused
-from gateway.asgi import read_body
-from gateway.calls import open_record
+from gateway.api.admission import Ask
+from gateway.api.routed import Admitted, StreamCodec
 from gateway.catalogue import ModelSpec
-from gateway.context import request_state
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.context import RequestState
+from gateway.errors import InvalidRequest
 from gateway.providers import CHAT, RESPONSES, Api
 from gateway.responses_stream import NativeStream, TranslatedStream
 from gateway.responses_wire import Translated, said_of, to_chat, to_response
-from gateway.schemas import ResponsesRequest, parse_json_object, require_model, validate
-from gateway.services import services_of
+from gateway.schemas import ResponsesRequest, validate
 from gateway.wire import Completion, needs_of
 
 _STATEFUL = {
@@ -55,41 +51,16 @@ def stateless(data: dict[str, Any], req: ResponsesRequest) -> None:
             )
 
 
-class Responses:
-    """The ASGI endpoint."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = services_of(scope)
-        state = request_state(scope)
-        try:
-            data = parse_json_object(await read_body(receive))
-            require_model(data)
-            req: ResponsesRequest = validate(ResponsesRequest, data)
-            stateless(data, req)
-            request = {k: v for k, v in data.items() if k != "router"}
-            chat = to_chat(request)
-            # What chat completions cannot express needs a model that speaks the Responses API.
-            needs = needs_of(chat.body, chat.messages) | ({"responses"} if chat.problems else set())
-            ask = Ask(req.model, req.router, chat.messages, needs, req.max_output_tokens)
-            ctx, decision = await admit(services, state, scope, ask)
-        except GatewayError as exc:
-            refused(services, state, exc)
-            raise
-        call = RoutedCall(
-            services,
-            state,
-            receive,
-            send,
-            ctx,
-            decision,
-            ResponsesDialect(request, chat, f"resp_{state.request_id}", int(time.time())),
-            duel_body=None if chat.problems else chat.body,
-            record=open_record(state, chat.messages, req.model, decision, stream=req.stream),
-        )
-        if req.stream:
-            await call.stream()
-        else:
-            await call.complete()
+def read(data: dict[str, Any], state: RequestState) -> Admitted:
+    req: ResponsesRequest = validate(ResponsesRequest, data)
+    stateless(data, req)
+    request = {k: v for k, v in data.items() if k != "router"}
+    chat = to_chat(request)
+    # What chat completions cannot express needs a model that speaks the Responses API.
+    needs = needs_of(chat.body, chat.messages) | ({"responses"} if chat.problems else set())
+    ask = Ask(req.model, req.router, chat.messages, needs, req.max_output_tokens)
+    dialect = ResponsesDialect(request, chat, f"resp_{state.request_id}", int(time.time()))
+    return Admitted(ask, dialect, duel_body=None if chat.problems else chat.body, stream=req.stream)
 
 
 @dataclass

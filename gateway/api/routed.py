@@ -1,6 +1,6 @@
-"""A routed call, whatever API the client speaks (chat completions, the Responses API): admission
-(size limits, routing constraints, rate limits, the router's decision), the trip upstream (the
-deadline, the client going away, fallbacks) and the book-keeping (`gateway.calls`) however it ends.
+"""A routed call, whatever API the client speaks (chat completions, the Responses API): the
+endpoint, admission (`gateway.api.admission`), the trip upstream (the deadline, the client going
+away, fallbacks) and the book-keeping (`gateway.calls`) however it ends.
 
 What differs between the APIs is the endpoint's `Dialect`: what each model of the chain is sent
 (its API and body), and how its answer, or its stream, goes back to the client.
@@ -10,146 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi import Headers, send_bytes, send_stream, until_disconnect
+from gateway.api.admission import Ask, admit, refused
+from gateway.asgi import Headers, read_body, send_bytes, send_stream, until_disconnect
 from gateway.attempts import Attempt
-from gateway.calls import account, answered
-from gateway.catalogue import ModelSpec, RouterConstraints
-from gateway.context import RequestState
-from gateway.domain import CallRecord, text_of
-from gateway.errors import (
-    ClientDisconnected,
-    GatewayError,
-    InvalidRequest,
-    NotFound,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from gateway.calls import account, answered, open_record
+from gateway.catalogue import ModelSpec
+from gateway.context import RequestState, request_state
+from gateway.domain import CallRecord
+from gateway.errors import ClientDisconnected, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.providers import Api, ProviderError
 from gateway.routing import Decision, RouteContext
-from gateway.services import Services
+from gateway.schemas import parse_json_object, require_model
+from gateway.services import Services, services_of
 from gateway.upstreams import OpenStream
-from gateway.wire import Completion, tokens_of
+from gateway.wire import Completion
 
 T = TypeVar("T")
 
-_HEADER_CONSTRAINTS = {
-    b"x-router-strategy": "strategy",
-    b"x-router-policy": "policy",
-    b"x-router-max-cost-usd": "max_cost_usd",
-    b"x-router-max-latency-ms": "max_latency_ms",
-    b"x-router-min-quality": "min_quality",
-    b"x-router-capability": "capability",
-    b"x-router-models": "models",
-}
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-def header_constraints(scope: Scope) -> RouterConstraints | None:
-    found: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        field = _HEADER_CONSTRAINTS.get(name)
-        if field is not None:
-            found[field] = value.decode("latin-1")
-    if not found:
-        return None
-    try:
-        return RouterConstraints.model_validate(found)
-    except ValueError as exc:
-        first = exc.errors(include_url=False)[0]  # type: ignore[attr-defined]
-        header = "X-Router-" + str(first["loc"][0]).replace("_", "-").title()
-        raise InvalidRequest(
-            f"invalid {header} header: {first['msg']}", param=header, code="invalid_value"
-        ) from exc
-
-
-def measure(services: Services, messages: list[dict[str, Any]]) -> int:
-    """Refuses what MAX_MESSAGES and MAX_INPUT_CHARS do not allow; returns the prompt's estimated
-    tokens."""
-    settings = services.settings
-    if len(messages) > settings.max_messages:
-        raise InvalidRequest(
-            f"too many messages: {len(messages)}, at most {settings.max_messages}",
-            param="messages",
-            code="too_many_messages",
-        )
-    lengths = [len(text_of(m.get("content"))) for m in messages]
-    chars = sum(lengths)
-    if chars > settings.max_input_chars:
-        raise InvalidRequest(
-            f"the messages hold {chars} characters, at most {settings.max_input_chars}",
-            param="messages",
-            code="input_too_long",
-        )
-    return tokens_of(lengths)
-
-
-def constraints_of(
-    services: Services, scope: Scope, model: str, router: RouterConstraints | None
-) -> RouterConstraints:
-    """The routing constraints: the virtual model's, overridden by the body's, then the headers'."""
-    settings = services.settings
-    spec = settings.model(model)
-    if model != "auto" and model not in settings.virtual_models and spec is None:
-        raise NotFound(
-            f"The model '{model}' does not exist; GET /v1/models lists the models and virtual models",
-            param="model",
-            code="model_not_found",
-        )
-    if spec is not None and "chat" not in spec.capabilities:
-        raise InvalidRequest(
-            f"the model '{model}' does not chat (its capabilities: {', '.join(sorted(spec.capabilities))})",
-            param="model",
-            code="model_not_supported",
-        )
-    constraints = settings.virtual_models.get(model) or RouterConstraints()
-    if router is not None:
-        constraints = constraints.merged(router)
-    from_headers = header_constraints(scope)
-    if from_headers is not None:
-        constraints = constraints.merged(from_headers)
-    return constraints
-
-
-@dataclass(frozen=True)
-class Ask:
-    """What a client asks for, as the router sees it (chat-shaped, whatever API it came in)."""
-
-    model: str
-    router: RouterConstraints | None
-    messages: list[dict[str, Any]]
-    needs: frozenset[str]
-    max_tokens: int | None
-
-
-async def admit(
-    services: Services, state: RequestState, scope: Scope, ask: Ask
-) -> tuple[RouteContext, Decision]:
-    """Size limits, constraints, the rate-limit reservation and the router's decision."""
-    prompt_tokens = measure(services, ask.messages)
-    constraints = constraints_of(services, scope, ask.model, ask.router)
-    if state.limit_id is not None:
-        state.reservation = services.limits.reserve(state.limit_id, prompt_tokens)
-    ctx = RouteContext(
-        request_id=state.request_id,
-        requested_model=ask.model,
-        messages=ask.messages,
-        constraints=constraints,
-        needs=ask.needs,
-        prompt_tokens=prompt_tokens,
-        max_tokens=ask.max_tokens,
-    )
-    return ctx, await services.router.decide(ctx)
 
 
 async def within_deadline(services: Services, state: RequestState, work: Awaitable[T]) -> T:
@@ -165,13 +54,6 @@ async def within_deadline(services: Services, state: RequestState, work: Awaitab
         )
         error.upstream_ms = state.elapsed_ms()
         raise error from None
-
-
-def refused(services: Services, state: RequestState, exc: GatewayError) -> None:
-    """A call refused before any model was chosen: counted all the same, its tokens given back."""
-    services.metrics.refused(exc.status)
-    if state.reservation is not None:
-        state.reservation.release()
 
 
 class StreamCodec(Protocol):
@@ -199,6 +81,53 @@ class Dialect(Protocol):
     ) -> tuple[dict[str, Any], Completion]: ...
 
     def codec(self, api: Api, spec: ModelSpec) -> StreamCodec: ...
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What an endpoint reads from a request: what the router sees, the dialect of the answer,
+    the chat body a duel may resend (None: no duel), and whether the answer streams."""
+
+    ask: Ask
+    dialect: Dialect
+    duel_body: dict[str, Any] | None
+    stream: bool
+
+
+class RoutedEndpoint:
+    """The ASGI endpoint of a routed API (raw ASGI, to keep the hot path short): the body is read
+    and turned into an `Admitted` by `read` (the API's own validation), admitted, and called."""
+
+    def __init__(self, read: Callable[[dict[str, Any], RequestState], Admitted]) -> None:
+        self.read = read
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = services_of(scope)
+        state = request_state(scope)
+        try:
+            data = parse_json_object(await read_body(receive))
+            require_model(data)
+            admitted = self.read(data, state)
+            ctx, decision = await admit(services, state, scope, admitted.ask)
+        except GatewayError as exc:
+            refused(services, state, exc)
+            raise
+        ask = admitted.ask
+        call = RoutedCall(
+            services,
+            state,
+            receive,
+            send,
+            ctx,
+            decision,
+            admitted.dialect,
+            admitted.duel_body,
+            open_record(state, ask.messages, ask.model, decision, stream=admitted.stream),
+        )
+        if admitted.stream:
+            await call.stream()
+        else:
+            await call.complete()
 
 
 @dataclass
