@@ -14,7 +14,7 @@ from gateway.config import Settings
 from gateway.errors import AuthenticationError, PermissionDenied
 
 # Paths that need a client key when GATEWAY_API_KEYS is set (health and metrics stay open for probes).
-PROTECTED = ("/v1/", "/chat/", "/models", "/feedback", "/requests/", "/metrics/")
+PROTECTED = ("/v1/", "/chat/", "/responses", "/embeddings", "/models", "/feedback", "/requests/", "/metrics/")
 
 
 def key_id(key: str) -> str:

@@ -301,6 +301,8 @@ def test_x_api_key_and_api_key_headers_are_accepted(fake, gateway):
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
     missing = httpx.post(url, json=body)
     assert missing.status_code == 401 and "x-api-key" in missing.json()["error"]["message"]
+    for path in ("/responses", "/v1/responses", "/embeddings", "/v1/embeddings", "/models/auto"):
+        assert httpx.post(gw.url + path, json={"model": "auto", "input": "hi"}).status_code == 401, path
     # An SDK that sends a placeholder bearer token and the real key in x-api-key gets in.
     sdk = openai.OpenAI(
         base_url=gw.url + "/v1", api_key="unused", default_headers={"x-api-key": "sk-good"}, max_retries=0
