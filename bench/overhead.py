@@ -13,6 +13,9 @@ and one JSON line. Scenarios:
                c=1 and c=32 (knn_ts, a neighbour query per arm), with the per-stage breakdown
                read back from the call records; then at c=1 knn_ts with one global neighbour
                query (NEIGHBOURS_PER_ARM=0) and lin_ts (the default policy: no query per request)
+  responses    POST /v1/responses, an explicit model: translated to chat completions (against a
+               direct chat call), streamed too, and passed through to a model that speaks the
+               Responses API (against a direct /v1/responses call); c=1
 
   python bench/overhead.py                  # everything (about 4 minutes; the first run also
                                             # builds the 100k-call table, about 2 more)
@@ -165,12 +168,13 @@ async def one(
                     if first is None:
                         first = time.perf_counter()
                     buf += chunk
-                ok = resp.status == 200 and bytes(buf).rstrip().endswith(b"data: [DONE]")
+                end = bytes(buf).rstrip()
+                ok = resp.status == 200 and (end.endswith(b"data: [DONE]") or b"response.completed" in end)
                 t1 = time.perf_counter()
             else:
                 raw = await resp.read()
                 t1 = time.perf_counter()
-                ok = resp.status == 200 and b'"choices"' in raw
+                ok = resp.status == 200 and (b'"choices"' in raw or b'"output"' in raw)
                 buf = bytearray(raw)
             if res is None:
                 return
@@ -265,6 +269,23 @@ def chat_body(model: str, stream: bool = False, text: Callable[[int], str] | Non
                 {"role": "user", "content": content},
             ],
             "max_tokens": 32,
+        }
+        if stream:
+            body["stream"] = True
+        return orjson.dumps(body)
+
+    return make
+
+
+def responses_body(model: str, stream: bool = False) -> Body:
+    """The Responses API's form of `chat_body`'s request."""
+
+    def make(i: int) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "instructions": "You are a helpful assistant.",
+            "input": "Say hello in one short sentence.",
+            "max_output_tokens": 32,
         }
         if stream:
             body["stream"] = True
@@ -490,7 +511,7 @@ def report_pair(title: str, res: dict[str, Result], table: list[str]) -> dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["proxy", "persistence", "routing"], action="append")
+    ap.add_argument("--only", choices=["proxy", "persistence", "routing", "responses"], action="append")
     ap.add_argument("--n1", type=int, default=1200, help="requests per target at concurrency 1")
     ap.add_argument("--n32", type=int, default=6000, help="requests per target at concurrency 32")
     ap.add_argument("--calls", type=int, default=100_000, help="rated calls in the routing scenario's table")
@@ -499,7 +520,7 @@ def main() -> None:
     )
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args()
-    only = set(args.only or ["proxy", "persistence", "routing"])
+    only = set(args.only or ["proxy", "persistence", "routing", "responses"])
     work = Path(tempfile.mkdtemp(prefix="llm-router-bench-"))
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     table: list[str] = []
@@ -667,6 +688,40 @@ def main() -> None:
                     report[f"{key}_c1"]["startup_s"] = startup
                     note = f" (started in {startup} s; {args.calls} rated calls in the table)"
                     add_stages(report[f"{key}_c1"], dsn, res, f"{key} c=1", table, note)
+        if "responses" in only:
+            print("responses: POST /v1/responses, translated and passed through, explicit model", flush=True)
+            native = {**models[0], "name": "native", "capabilities": ["chat", "streaming", "responses"]}
+            with gateway("responses", {**base, "models": [*models, native]}, work) as gw:
+                url = f"http://127.0.0.1:{gw.port}/v1/responses"
+                for key, title, direct_pair, model, stream in (
+                    (
+                        "responses_translated_c1",
+                        "responses, translated c=1",
+                        (direct, chat_body("m0")),
+                        "m0",
+                        False,
+                    ),
+                    (
+                        "responses_translated_stream_c1",
+                        "responses, translated, stream c=1",
+                        (direct, chat_body("m0", True)),
+                        "m0",
+                        True,
+                    ),
+                    (
+                        "responses_native_c1",
+                        "responses, passed through c=1",
+                        (direct.replace("/chat/completions", "/responses"), responses_body("m0")),
+                        "native",
+                        False,
+                    ),
+                ):
+                    pair = {
+                        "direct": (*direct_pair, None),
+                        "gateway": (url, responses_body(model, stream), gw.pid),
+                    }
+                    res = asyncio.run(side_by_side(pair, args.n1, 1, stream))
+                    report[key] = report_pair(title, res, table)
     finally:
         upstream.stop()
         if pg is not None:

@@ -261,14 +261,21 @@ def test_what_chat_cannot_express_goes_to_a_native_model(gw, fake):
     assert "responses" in nobody.value.message
 
 
-def test_responses_count_against_the_rate_limits(fake, gateway):
-    gw = gateway(make_settings([model("chatty", fake.url())], rate_limit_tpm=400))
+def test_responses_and_embeddings_count_against_the_rate_limits(fake, gateway):
+    emb = model("emb", fake.url(), capabilities=["embeddings"])
+    gw = gateway(make_settings([model("chatty", fake.url()), emb], rate_limit_tpm=400))
     c = client(gw)
     with pytest.raises(openai.RateLimitError) as limited:
         c.responses.create(model="auto", input="word " * 2000)
     assert "larger than the limit of 400 tokens" in limited.value.message
     raw = c.responses.with_raw_response.create(model="auto", input="hi")
     assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 400
+    with pytest.raises(openai.RateLimitError):
+        c.embeddings.create(model="emb", input=["word " * 1000])
+    before = int(raw.headers["x-ratelimit-remaining-tokens"])
+    embedded = c.embeddings.with_raw_response.create(model="emb", input=["word " * 60])
+    # charged the upstream's count (60), less what the bucket refilled meanwhile (400 a minute)
+    assert int(embedded.headers["x-ratelimit-remaining-tokens"]) <= before - 30
 
 
 # --- a request must name its model; the key may come in other headers

@@ -74,10 +74,11 @@ async def embeddings(request: Request) -> Response:
     try:
         work = gw.upstreams.answer([spec.name], lambda _: (EMBEDDINGS, body))
         result = await until_disconnect(request.receive, within_deadline(gw, state, work))
-    except GatewayError as exc:
+    except Exception as exc:  # an error, or the client gone (ClientDisconnected): nothing was used
         if state.reservation is not None:
             state.reservation.release()
-        gw.metrics.embedded(spec.name, exc.status, 0, 0.0)
+        status = exc.status if isinstance(exc, GatewayError) else 499
+        gw.metrics.embedded(spec.name, status, 0, 0.0)
         raise
     reported = (result.data.get("usage") or {}).get("prompt_tokens")
     used = reported if isinstance(reported, int) else tokens
