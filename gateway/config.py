@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     circuit_breaker_cooldown_s: float = Field(default=30.0, gt=0)
     # Local upstreams (Ollama, vLLM, loopback) are probed (GET {base_url}/models) at start and then
     # every this many seconds, so that one that is not running is known to be down before a call
-    # fails on it; 0: at start only. At least 1 s: a probe is a request to the model's server.
-    local_probe_interval_s: float = Field(default=10.0, ge=0)
+    # fails on it, and one that starts is routed to again. At least 1 s: a probe is a request.
+    local_probe_interval_s: float = Field(default=10.0, ge=1)
 
     # --- routing (names as the original proxy documented them)
     # lin_ts: linear Thompson sampling on the embedding (the default: best in the lab, see README);
@@ -179,13 +179,6 @@ class Settings(BaseSettings):
     judge_model: str | None = None
     dpo_min_margin: float = Field(default=0.2, ge=0, le=1)
     dpo_similarity: float = Field(default=0.97, ge=0, le=1)
-
-    @field_validator("local_probe_interval_s")
-    @classmethod
-    def _probe_cadence(cls, value: float) -> float:
-        if 0 < value < 1:
-            raise ValueError("LOCAL_PROBE_INTERVAL_S must be 0 (at start only) or at least 1 s")
-        return value
 
     _parse_lists = field_validator("cors_origins", "gateway_api_keys", "llm_models", mode="before")(
         classmethod(lambda cls, v: _comma_list(v))

@@ -70,7 +70,7 @@ class LocalProbes:
 
     async def run(self) -> None:
         """Probes every `interval_s` (the first round is the caller's, at start), until cancelled."""
-        if not self.specs or self.interval_s <= 0:
+        if not self.specs:
             return
         while True:
             await asyncio.sleep(self.interval_s)
