@@ -61,7 +61,7 @@ def to_chat(request: dict[str, Any]) -> Translated:
     out.body["messages"] = messages
     if request.get("tools"):
         out.body["tools"] = [_tool(t, f"tools.{n}", out.problems) for n, t in enumerate(request["tools"])]
-    if "tool_choice" in request:
+    if request.get("tool_choice") is not None:
         out.body["tool_choice"] = _tool_choice(request["tool_choice"], out.problems)
     if request.get("max_output_tokens") is not None:
         out.body["max_tokens"] = request["max_output_tokens"]
