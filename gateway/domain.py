@@ -73,6 +73,7 @@ class CallRecord:
     kind: str = "call"  # call | duel | judge
     duel_of: str | None = None
     synthetic: bool = False  # the response is a placeholder no model wrote (replay data without text)
+    trace_id: str | None = None  # the OpenTelemetry trace of the call (32 hex digits), when traced
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:

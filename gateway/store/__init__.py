@@ -29,6 +29,7 @@ from gateway.domain import (
     StoredCall,
     UsageRow,
 )
+from gateway.insights import BucketRow, CallQuery, CallRow, LatencySummary, PairBucket, Window
 
 
 class CallStore(Protocol):
@@ -93,8 +94,39 @@ class ExportStore(Protocol):
     def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]: ...
 
 
+class CallInsights(Protocol):
+    """The dashboard's reads of calls (gateway/ui): a filtered page, and aggregates over time."""
+
+    async def list_calls(self, query: CallQuery) -> list[CallRow]:
+        """Newest first (created_at, then id, descending), at most `query.limit`."""
+        ...
+
+    async def call_buckets(self, window: Window) -> list[BucketRow]:
+        """One row per (bucket, model) that has calls, in time order."""
+        ...
+
+    async def latency(self, window: Window) -> LatencySummary: ...
+
+
+class PairInsights(Protocol):
+    async def pair_buckets(self, window: Window) -> list[PairBucket]: ...
+
+    async def pairs_of(self, request_id: str) -> list[DPOPair]:
+        """The DPO pairs a call is in (as chosen or rejected), oldest update first."""
+        ...
+
+
 class Store(
-    CallStore, FeedbackStore, RatingStore, NeighbourStore, StatsStore, PairStore, ExportStore, Protocol
+    CallStore,
+    FeedbackStore,
+    RatingStore,
+    NeighbourStore,
+    StatsStore,
+    PairStore,
+    ExportStore,
+    CallInsights,
+    PairInsights,
+    Protocol,
 ):
     async def aclose(self) -> None: ...
 

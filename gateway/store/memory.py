@@ -31,6 +31,7 @@ from gateway.domain import (
     utcnow,
 )
 from gateway.errors import NotFound
+from gateway.store.memory_insights import InsightQueries
 
 
 class _Index:
@@ -81,7 +82,7 @@ class _Call:
         self.score_at: datetime | None = None
 
 
-class MemoryStore:
+class MemoryStore(InsightQueries):
     def __init__(self, max_calls: int = 100_000) -> None:
         self.max_calls = max_calls
         self.calls: OrderedDict[str, _Call] = OrderedDict()

@@ -30,6 +30,7 @@ from gateway.domain import (
 )
 from gateway.errors import NotFound
 from gateway.store.pg import clean, make_engine, retrying
+from gateway.store.postgres_insights import InsightQueries
 from gateway.store.postgres_pairs import PairQueries
 from gateway.store.schema import arm_stats, calls, feedback
 
@@ -65,7 +66,7 @@ CROSS JOIN LATERAL (
 """
 
 
-class PostgresStore(PairQueries):
+class PostgresStore(PairQueries, InsightQueries):
     # --- calls
     @staticmethod
     def _row(rec: CallRecord) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import orjson
-from sqlalchemy import delete, func, select, text, tuple_
+from sqlalchemy import RowMapping, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -14,6 +14,26 @@ from gateway.domain import Comparison, DPOPair, RatedCall
 from gateway.errors import StoreUnavailable
 from gateway.store.pg import PgBase, is_unavailable, unreachable
 from gateway.store.schema import calls, dpo_pairs
+
+
+def pair_of(r: RowMapping) -> DPOPair:
+    """A `dpo_pairs` row as a DPOPair."""
+    return DPOPair(
+        prompt_hash=r["prompt_hash"],
+        messages=r["messages"],
+        chosen_id=r["chosen_id"],
+        chosen_model=r["chosen_model"],
+        chosen=r["chosen"],
+        chosen_score=r["chosen_score"],
+        rejected_id=r["rejected_id"],
+        rejected_model=r["rejected_model"],
+        rejected=r["rejected"],
+        rejected_score=r["rejected_score"],
+        similarity=r["similarity"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        id=r["id"],
+    )
 
 
 class PairQueries(PgBase):
@@ -193,22 +213,7 @@ class PairQueries(PgBase):
             async with self.engine.connect() as conn:
                 result = await conn.stream(stmt.execution_options(yield_per=500))
                 async for r in result.mappings():
-                    yield DPOPair(
-                        prompt_hash=r["prompt_hash"],
-                        messages=r["messages"],
-                        chosen_id=r["chosen_id"],
-                        chosen_model=r["chosen_model"],
-                        chosen=r["chosen"],
-                        chosen_score=r["chosen_score"],
-                        rejected_id=r["rejected_id"],
-                        rejected_model=r["rejected_model"],
-                        rejected=r["rejected"],
-                        rejected_score=r["rejected_score"],
-                        similarity=r["similarity"],
-                        created_at=r["created_at"],
-                        updated_at=r["updated_at"],
-                        id=r["id"],
-                    )
+                    yield pair_of(r)
         except Exception as exc:
             if is_unavailable(exc):
                 raise StoreUnavailable(unreachable(exc)) from exc

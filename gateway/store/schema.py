@@ -64,7 +64,10 @@ calls = Table(
     Column("score_at", DateTime(timezone=True)),
     # A response no model wrote (the replay provider's placeholder): never part of a DPO pair.
     Column("synthetic", Boolean, nullable=False, server_default=text("false")),
+    Column("trace_id", Text),  # the call's OpenTelemetry trace, when traced
     Index("calls_created_at_idx", "created_at"),
+    Index("calls_caller_created_at_idx", "caller", "created_at"),
+    Index("calls_trace_id_idx", "trace_id", postgresql_where=text("trace_id IS NOT NULL")),
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
     Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
@@ -128,4 +131,6 @@ dpo_pairs = Table(
     UniqueConstraint("call_a", "call_b", name="dpo_pairs_calls_key"),
     CheckConstraint("call_a < call_b", name="dpo_pairs_ordered"),
     Index("dpo_pairs_updated_at_idx", "updated_at", "id"),
+    Index("dpo_pairs_call_b_idx", "call_b"),
+    Index("dpo_pairs_created_at_idx", "created_at"),
 )
