@@ -27,7 +27,7 @@ from gateway.api import chat, ops, records
 from gateway.auth import Keys
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
-from gateway.config import Settings
+from gateway.config import Settings, environ
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
@@ -44,6 +44,8 @@ from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
 from gateway.services import SERVICES_KEY, Services
 from gateway.store import Store
+from gateway.tracing import tracing_from_env
+from gateway.ui import ui_routes
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
@@ -195,8 +197,12 @@ def create_app(
             upstreams = _upstreams(settings, factories, BuildContext(settings, session), redactor)
             upstreams.on_fallback = metrics.fallback
             stack.push_async_callback(upstreams.aclose)
+            tracing = tracing_from_env(environ(), settings.models)  # off unless OTEL_* configures it
+            stack.push_async_callback(tracing.aclose)
             recorder = Recorder(
-                the_store, max_queue=settings.recorder_queue_size, batch_size=settings.recorder_batch_size
+                tracing.wrap(the_store),
+                max_queue=settings.recorder_queue_size,
+                batch_size=settings.recorder_batch_size,
             )
             await stack.enter_async_context(recorder)
             the_embedder = embedder
@@ -226,13 +232,14 @@ def create_app(
                 upstreams=upstreams,
                 router=router,
                 recorder=recorder,
-                calls=Calls(metrics, recorder, redactor),
+                calls=Calls(metrics, recorder, redactor, tracing),
                 learner=learner,
                 duels=duels,
                 metrics=metrics,
                 limits=limits,
                 redact=redactor,
                 embedder=the_embedder,
+                tracing=tracing,
             )
             metrics.add_state(lambda: ops.gauges(services))
             probe = asyncio.create_task(_probe_local(settings, session))
@@ -271,6 +278,7 @@ def create_app(
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
+        *ui_routes(),  # the dashboard (/ui) and its JSON API (/ui/api/...)
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
     # every response, errors included.

@@ -12,6 +12,7 @@ from gateway.context import RequestState
 from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
+from gateway.tracing import NoTracing, Tracing
 from gateway.upstreams import Attempt
 
 
@@ -39,6 +40,8 @@ def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_e
 
 def decision_dict(decision: Decision) -> dict[str, Any]:
     out: dict[str, Any] = {"fallbacks": decision.fallbacks}
+    if decision.explored:
+        out["explored"] = True
     if decision.rule:
         out["rule"] = decision.rule
     if decision.candidates:
@@ -72,6 +75,7 @@ def open_record(
         decision=decision_dict(decision),
         stream=stream,
         caller=state.caller,
+        trace_id=state.trace.trace_id_hex if state.trace is not None else None,
     )
     state.record = record
     return record
@@ -84,10 +88,17 @@ def answered(record: CallRecord, spec: ModelSpec, upstream_model: str, attempts:
 
 
 class Calls:
-    def __init__(self, metrics: Meter, recorder: Sink, redact: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        metrics: Meter,
+        recorder: Sink,
+        redact: Callable[[str], str] = str,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.metrics = metrics
         self.recorder = recorder
         self.redact = redact
+        self.tracing = tracing or NoTracing()
 
     def finish(self, record: CallRecord, state: RequestState) -> None:
         """A call ended (any way): settle its tokens, meter it, record it."""
@@ -98,6 +109,8 @@ class Calls:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
         self.recorder.record(record)
+        if state.trace is not None:
+            self.tracing.end(state.trace, record, state.t0)
 
     def failed(self, record: CallRecord, state: RequestState, exc: Exception) -> None:
         """The call failed before any answer: its record says how, and how long upstreams took."""
@@ -105,6 +118,7 @@ class Calls:
         record.error = str(exc)
         if isinstance(exc, GatewayError):
             record.http_status, record.upstream_ms = exc.status, exc.upstream_ms
+            record.attempts = exc.attempts or record.attempts
         else:
             record.http_status, record.upstream_ms = 500, None
         state.mark_overhead(record.upstream_ms or 0.0)

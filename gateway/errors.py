@@ -15,6 +15,8 @@ class GatewayError(Exception):
     code = "internal_error"
     # Time spent on upstreams before the call failed (retries and fallbacks), for its record.
     upstream_ms: float | None = None
+    # The upstream attempts that failed (Attempt.as_dict() each), for its record and its trace.
+    attempts: list[dict[str, Any]] | None = None
 
     def __init__(
         self,

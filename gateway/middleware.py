@@ -148,6 +148,8 @@ class RequestContext:
         }
         if rec is not None:
             extra.update(model=rec.model, layer=rec.layer, stream=rec.stream)
+            if rec.trace_id:
+                extra["trace_id"] = rec.trace_id
             if rec.strategy:
                 extra["strategy"] = rec.strategy
             extra.update(

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.recorder import Recorder
     from gateway.routing.router import Router
     from gateway.store import Store
+    from gateway.tracing import Tracing
     from gateway.upstreams import Upstreams
 
 SERVICES_KEY = "services"
@@ -39,6 +40,7 @@ class Services:
     limits: RateLimits
     redact: Redactor
     embedder: Embedder | None
+    tracing: Tracing
 
 
 def services_of(scope: MutableMapping[str, Any]) -> Services:

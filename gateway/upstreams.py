@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalogue import ModelSpec
@@ -34,6 +34,7 @@ class Attempt:
     error: str | None = None
     status: int | None = None
     kind: str | None = None
+    at: float = field(default_factory=time.time)  # when it started (epoch seconds): a trace's timeline
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -193,13 +194,13 @@ class Upstreams:
 
         try:
             for i in range(self.settings.upstream_retries + 1):
-                t0 = time.perf_counter()
+                at, t0 = time.time(), time.perf_counter()
                 try:
                     result = await call()
                 except ProviderError as exc:
                     ms = (time.perf_counter() - t0) * 1000
                     self._redact(exc)
-                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
+                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind, at))
                     health.requests += 1
                     if exc.is_client_error:
                         raise
@@ -215,7 +216,7 @@ class Upstreams:
                     await self.sleep(min(delay, 5.0))
                     continue
                 ms = (time.perf_counter() - t0) * 1000
-                attempts.append(Attempt(name, "ok", ms))
+                attempts.append(Attempt(name, "ok", ms, at=at))
                 health.requests += 1
                 health.observe_latency(ms)
                 breaker.success()
@@ -357,6 +358,7 @@ def final_error(attempts: list[Attempt], upstream_ms: float = 0.0) -> GatewayErr
     """The error a client sees when no attempt succeeded (`upstream_ms`: time spent trying)."""
     error = _final_error(attempts)
     error.upstream_ms = upstream_ms
+    error.attempts = [a.as_dict() for a in attempts]
     return error
 
 

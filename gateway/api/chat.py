@@ -118,6 +118,8 @@ class ChatCompletions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = services_of(scope)
         state = request_state(scope)
+        if services.tracing.enabled:
+            state.trace = services.tracing.begin(scope["headers"])
         try:
             data = parse_json_object(await read_body(receive))
             req: ChatRequest = validate(ChatRequest, data)

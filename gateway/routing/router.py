@@ -28,7 +28,7 @@ from gateway.config import Settings
 from gateway.domain import ArmStats
 from gateway.embedder import Embedder, routing_text
 from gateway.routing import Decision, RouteContext
-from gateway.routing.bandit import Choice, Knobs
+from gateway.routing.bandit import ArmView, Choice, Knobs
 from gateway.routing.eligibility import Availability, eligible
 from gateway.routing.policies import POLICIES, PolicyDeps, PolicyStore, RoutingPolicy, pinned
 from gateway.routing.rules import KeywordRules, SemanticRoutes
@@ -179,13 +179,16 @@ class Router:
             availability=self.availability,
         )
         choice: Choice
+        views: list[ArmView] = []
         if target is not None and target.model is not None and target.model in arms:
-            choice = pinned(target.model, self.arms.views(arms, ctx), self.knobs)
+            views = self.arms.views(arms, ctx)
+            choice = pinned(target.model, views, self.knobs)
             layer = target.layer
         elif strategy == "bandit":
             if embedding is None and "embed_ms" not in timings and self.policy.needs_embedding:
                 embedding = await self._timed_embed(text, timings)
-            choice = await self.policy.choose(self.arms.views(arms, ctx), embedding, timings)
+            views = self.arms.views(arms, ctx)
+            choice = await self.policy.choose(views, embedding, timings)
             layer = target.layer if target else self.policy.layer
         else:
             choice = self._fixed(strategy, arms, ctx)
@@ -202,6 +205,8 @@ class Router:
             propensity=choice.propensity,
             embedding=embedding,
             timings=timings,
+            explored=choice.explored,
+            arms=views,
         )
 
     def _fixed(self, strategy: str, arms: list[str], ctx: RouteContext) -> Choice:
