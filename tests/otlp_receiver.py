@@ -2,7 +2,8 @@
 (ExportTraceServiceRequest, protobuf, gzip or not) with opentelemetry-proto and keeps the spans.
 
 In tests: `OtlpReceiver().start()`, point OTEL_EXPORTER_OTLP_ENDPOINT at `.url`, read `.spans`.
-Standalone (the overhead bench): `python -m tests.otlp_receiver --port 4318` counts spans.
+Standalone (the overhead bench): `python -m tests.otlp_receiver --port 4318` keeps the spans and
+answers `GET /` with how many have arrived.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ class OtlpReceiver:
                 out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def do_GET(self) -> None:
+                out = f'{{"spans": {len(receiver.spans)}, "requests": {receiver.requests}}}'.encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(out)))
                 self.end_headers()
                 self.wfile.write(out)

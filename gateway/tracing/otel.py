@@ -105,8 +105,19 @@ class OtelTracing:
         return CallTrace(self.ids.generate_trace_id())
 
     def end(self, trace_: CallTrace, record: CallRecord, arrived: float) -> None:
+        now = time.time_ns()
+        start = now - int((time.perf_counter() - arrived) * 1e9)
         try:
-            self._spans(trace_, record, arrived)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._spans_safely(trace_, record, start, now)
+            return
+        # After what the caller is doing now: a stream's last bytes go out before its spans are made.
+        loop.call_soon(self._spans_safely, trace_, record, start, now)
+
+    def _spans_safely(self, trace_: CallTrace, record: CallRecord, start: int, now: int) -> None:
+        try:
+            self._spans(trace_, record, start, now)
         except Exception:  # a trace is never worth a call
             log.exception("tracing: cannot make the spans of call %s", record.id)
 
@@ -120,9 +131,7 @@ class OtelTracing:
             log.warning("tracing: spans not exported within 5 s at shutdown were dropped")
 
     # --- spans
-    def _spans(self, trace_: CallTrace, record: CallRecord, arrived: float) -> None:
-        now = time.time_ns()
-        start = now - int((time.perf_counter() - arrived) * 1e9)
+    def _spans(self, trace_: CallTrace, record: CallRecord, start: int, now: int) -> None:
         self.ids.next_trace_id = None if trace_.parent is not None else trace_.trace_id
         root = self.tracer.start_span(
             f"chat {record.requested_model}",
