@@ -17,7 +17,7 @@ and one JSON line. Scenarios:
                span), persistence off, c=1: an explicit model, a streamed one (time to first byte),
                and `auto` through a keyword rule (its `route` span); the spans received are counted
 
-  python bench/overhead.py                  # everything (about 4 minutes; the first run also
+  python bench/overhead.py                  # everything (about 7 minutes; the first run also
                                             # builds the 100k-call table, about 2 more)
   python bench/overhead.py --only proxy     # one scenario
 """
