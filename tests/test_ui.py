@@ -236,7 +236,9 @@ def test_overview_numbers_match_the_database(page, site):
     beta = key_id(BETA)
     page.fill("#overview-caller", beta)
     page.click("#overview-filter button")
-    page.wait_for_function("k => (document.querySelector('#view h1')?.textContent || '').includes(k)", arg=beta)
+    page.wait_for_function(
+        "k => (document.querySelector('#view h1')?.textContent || '').includes(k)", arg=beta
+    )
     ready(page)
     assert kpi(page, "requests") == one(dsn, f"SELECT count(*) FROM calls WHERE {week} AND caller = $1", beta)
 

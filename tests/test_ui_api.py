@@ -29,11 +29,14 @@ def admin(**kw: Any) -> dict[str, str]:
 
 
 @pytest.fixture
-def gw(fake, gateway):
+def gw(fake, gateway, dsn):
+    """On PostgreSQL: what reaches SQL is what must not break it (a NUL, quotes, wildcards)."""
     settings = make_settings(
         [model("m1", fake.url(), input_usd_per_mtok=1.0), model("m2", fake.url())],
         admin_api_key=ADMIN,
         gateway_api_keys=[CLIENT],
+        enable_persistence=True,
+        database_url=dsn,
     )
     return gateway(settings)
 
