@@ -89,7 +89,10 @@ class Duels:
 
     def _keep(self, rec: CallRecord) -> None:
         self.metrics.observe_call(rec)
-        self.recorder.record(rec)
+        try:
+            self.recorder.record(rec)
+        except GatewayError as exc:  # no room: a duel is extra, the caller's answer is not at stake
+            log.warning("duel record %s not kept: %s", rec.id, exc.message)
 
     async def _duel(self, parent: CallRecord, model: str, body: dict[str, Any]) -> None:
         try:
@@ -133,6 +136,7 @@ class Duels:
             layer="judge",
             kind="judge",
             duel_of=first.id,
+            caller=first.caller,
         )
         await self._call(judge_model, {"messages": messages, "temperature": 0, "max_tokens": 16}, rec)
         verdict = dpo.parse_verdict(rec.response) if rec.status == "ok" else None
@@ -142,5 +146,9 @@ class Duels:
             log.warning("judge %s gave no strict verdict for %s; nothing recorded", judge_model, first.id)
             return None
         for request_id, score in order.scores(verdict).items():
-            await self.learn(Feedback(request_id, score, f"judge {judge_model}: {verdict}", source="judge"))
+            await self.learn(
+                Feedback(
+                    request_id, score, f"judge {judge_model}: {verdict}", source="judge", caller=first.caller
+                )
+            )
         return verdict

@@ -94,6 +94,7 @@ class RequestContext:
                     code="invalid_request_id",
                 )
             state.caller = self.keys.caller(scope["path"], auth)
+            state.tenant = (state.caller or "") if self.keys.keys else ""
             if self.limits is not None and scope["path"].startswith(PROTECTED):
                 # By key; without keys, by address (a made-up bearer token must not reset a limit).
                 client = scope.get("client") or ("unknown", 0)
