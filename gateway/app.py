@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from gateway.api import chat, ops, records
 from gateway.auth import Keys
+from gateway.auth_failures import AuthFailures
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings
@@ -174,6 +175,7 @@ def create_app(
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
     limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    auth_failures = AuthFailures(settings.auth_failures_per_minute)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -259,7 +261,7 @@ def create_app(
                 embedder=the_embedder,
                 probes=Probes(lambda: ops.readiness(services), settings.health_cache_s),
             )
-            metrics.add_state(lambda: ops.gauges(services))
+            metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
             probe = asyncio.create_task(_probe_local(settings, session))
             if not settings.gateway_api_keys:
                 log.warning(
@@ -319,6 +321,7 @@ def create_app(
             redact=redactor,
             in_flight=metrics.in_flight,
             log_prompts=settings.log_prompts,
+            auth_failures=auth_failures,
         )
     )
     return Starlette(

@@ -52,22 +52,19 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
+    from gateway.server import uvicorn_config
 
     settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     app = create_app(settings, redact=redact)
-    uvicorn.run(
+    config = uvicorn_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        access_log=False,
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        server_header=False,
     )
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -96,7 +96,7 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
         )
         await conn.execute(text("ANALYZE calls"))
     pool = await store._hot()
-    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50)
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50, "")
     plan = "\n".join(r[0] for r in rows)
     assert "Index Scan using calls_embedding_hnsw_idx" in plan, plan
     assert "Order By: (embedding <=>" in plan

@@ -64,7 +64,8 @@ async def test_write_and_read_back_a_call(store):
         ],
     )
     await store.write_calls([rec])
-    stored = await store.get_call("c1")
+    assert await store.get_call("", "c1") is None  # another tenant's call (the key is (caller, id))
+    stored = await store.get_call("key_abc", "c1")
     assert stored is not None
     got = stored.record
     assert got.messages == rec.messages
@@ -79,13 +80,13 @@ async def test_write_and_read_back_a_call(store):
     assert as_json["messages"] == rec.messages and as_json["embedding"] == pytest.approx(
         emb.tolist(), abs=1e-6
     )
-    assert await store.get_call("nope") is None
+    assert await store.get_call("", "nope") is None
 
 
 async def test_a_reused_request_id_keeps_the_first_record(store):
     await store.write_calls([call("dup", model="m1")])
     await store.write_calls([call("dup", model="m2")])
-    assert (await store.get_call("dup")).record.model == "m1"
+    assert (await store.get_call("", "dup")).record.model == "m1"
     stats = await store.arm_stats()
     assert stats["m1"].calls == 1 and "m2" not in stats
 
@@ -121,7 +122,7 @@ async def test_feedback_latest_wins_and_moves_the_arm(store):
     stats = (await store.arm_stats())["m1"]
     assert stats.rated == 2  # two rated calls, not three feedbacks
     assert stats.mean_score == pytest.approx((0.9 + 0.5) / 2)
-    got = await store.get_call("a")
+    got = await store.get_call("", "a")
     assert got.score == 0.9
     assert [f.score for f in got.feedback] == [0.2, 0.9]
     assert got.feedback[0].feedback_text == "meh"
@@ -132,7 +133,7 @@ async def test_a_judge_never_overrides_a_human(store):
     await store.add_feedback(Feedback("h", 1.0, source="user"))
     judged = await store.add_feedback(Feedback("h", 0.0, source="judge"))
     assert not judged.applied and judged.score == 1.0
-    assert (await store.get_call("h")).score == 1.0
+    assert (await store.get_call("", "h")).score == 1.0
     await store.add_feedback(Feedback("j", 0.3, source="judge"))
     human = await store.add_feedback(Feedback("j", 0.8, source="user"))
     assert human.applied and human.previous == 0.3
@@ -169,10 +170,10 @@ async def test_neighbours_are_rated_recent_nearest_then_thresholded(store):
 
 async def test_set_embedding_fills_in_only_a_missing_one(store):
     await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
-    await store.set_embedding("x", unit(1, 0))
-    await store.set_embedding("y", unit(1, 0))
-    assert np.allclose((await store.get_call("x")).record.embedding, unit(1, 0), atol=1e-6)
-    assert np.allclose((await store.get_call("y")).record.embedding, unit(0, 1), atol=1e-6)
+    await store.set_embedding("", "x", unit(1, 0))
+    await store.set_embedding("", "y", unit(1, 0))
+    assert np.allclose((await store.get_call("", "x")).record.embedding, unit(1, 0), atol=1e-6)
+    assert np.allclose((await store.get_call("", "y")).record.embedding, unit(0, 1), atol=1e-6)
 
 
 async def test_usage_stats_over_a_window(store):
@@ -199,7 +200,7 @@ async def test_usage_stats_over_a_window(store):
 async def test_memory_store_is_bounded():
     store = MemoryStore(max_calls=3)
     await store.write_calls([call(str(i)) for i in range(5)])
-    assert await store.get_call("0") is None and await store.get_call("4") is not None
+    assert await store.get_call("", "0") is None and await store.get_call("", "4") is not None
     assert (await store.arm_stats())["m1"].calls == 5  # statistics outlive evicted calls
 
 
@@ -232,14 +233,14 @@ async def test_pair_candidates_are_real_rated_answers_of_other_models(store):
     )
     for cid in ("me", "other", "same-model", "placeholder", "failed", "empty", "near", "far"):
         await store.add_feedback(Feedback(cid, 0.5))
-    me, others = await store.pair_candidates("me", similarity=0.99)
+    me, others = await store.pair_candidates("", "me", similarity=0.99)
     assert me is not None and me.response == "answer one" and me.score == 0.5
     assert {o.id for o in others} == {"other", "near"}
     assert next(o for o in others if o.id == "near").similarity == pytest.approx(
         float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5
     )
-    assert (await store.pair_candidates("placeholder", 0.99)) == (None, [])
-    assert (await store.pair_candidates("unrated", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "placeholder", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "unrated", 0.99)) == (None, [])
 
 
 def pair(a: str, b: str, sa: float, sb: float) -> DPOPair:
@@ -271,7 +272,7 @@ async def test_pairs_are_saved_once_updated_deleted_and_paged(store):
     after = (first[0].updated_at, first[0].id)
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0, after=after)] == ["c"]
     assert [p async for p in store.iter_pairs(utcnow() + DAY, 0.0)] == []
-    assert await store.delete_pair("a", "b") is True and await store.delete_pair("b", "a") is False
+    assert await store.delete_pair("", "a", "b") is True and await store.delete_pair("", "b", "a") is False
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0)] == ["c"]
 
 

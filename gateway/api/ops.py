@@ -42,14 +42,14 @@ async def readiness(s: Services) -> dict[str, str]:
     return checks
 
 
-def gauges(s: Services) -> Gauges:
+def gauges(s: Services, auth_failures: int = 0) -> Gauges:
     """What /metrics reads at scrape time."""
     arms = {}
     for m in s.settings.models:
         stats = s.router.stats.get(m.name)
         arms[m.name] = ArmGauge(s.router.quality(m.name), stats.rated if stats else 0)
     cache = s.embedder.cache_stats() if s.embedder is not None else None
-    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms)
+    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms, auth_failures)
 
 
 async def list_models(request: Request) -> Response:

@@ -305,8 +305,10 @@ class PostgresStore(PairQueries):
 
 
 @contextlib.asynccontextmanager
-async def postgres_store(dsn: str, *, ssl: str | None = None) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(make_engine(dsn, ssl=ssl), ssl=ssl)
+async def postgres_store(
+    dsn: str, *, ssl: str | None = None, timeout_s: float = 5.0
+) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(make_engine(dsn, ssl=ssl, timeout_s=timeout_s), ssl=ssl, timeout_s=timeout_s)
     try:
         await store._hot()  # open the hot-path pool now, not under a request's 250 ms budget
         yield store
