@@ -261,6 +261,7 @@ def create_app(
                 embedder=the_embedder,
                 probes=Probes(lambda: ops.readiness(services), settings.health_cache_s),
             )
+            stack.push_async_callback(services.calls.drain)  # before the recorder closes
             metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
             probe = asyncio.create_task(_probe_local(settings, session))
             if not settings.gateway_api_keys:

@@ -5,6 +5,8 @@ last byte."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -95,10 +97,28 @@ class Calls:
         self.metrics = metrics
         self.recorder = recorder
         self.redact = redact
+        self.open = 0  # calls opened and not finished yet
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+
+    def opened(self, record: CallRecord) -> CallRecord:
+        self.open += 1
+        self._none_open.clear()
+        return record
+
+    async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a shutdown bound
+        """At shutdown, before the recorder closes: the calls uvicorn cancelled finish (and are
+        recorded) in their own tasks a moment later; wait for them."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), timeout)
 
     async def finish(self, record: CallRecord, state: RequestState) -> None:
         """A call ended (any way): settle its tokens, meter it, keep its record. Raises
         RecorderUnavailable when the record cannot be kept: then the answer must not go out."""
+        self.open -= 1
+        if self.open <= 0:
+            self.open = 0
+            self._none_open.set()
         record.overhead_ms = state.overhead_ms
         if state.reservation is not None:
             state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))

@@ -189,6 +189,8 @@ class Recorder:
         try:
             async with asyncio.timeout(timeout):
                 while (caller, request_id) in self.pending:
+                    if self.failing_since is not None:
+                        raise TimeoutError  # the store is down: no point waiting
                     self._wake.set()
                     self._progress.clear()
                     await self._progress.wait()
@@ -199,10 +201,9 @@ class Recorder:
             ) from None
 
     async def flush(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-        """Waits until everything recorded so far is in the store."""
-        target = self._last_seq
+        """Waits until everything recorded (also while it waits) is in the store."""
         async with asyncio.timeout(timeout):
-            while self.written_seq < target:
+            while self.written_seq < self._last_seq:
                 self._wake.set()
                 self._progress.clear()
                 await self._progress.wait()

@@ -168,7 +168,9 @@ class ChatCompletions:
             ctx,
             decision,
             body={k: v for k, v in data.items() if k != "router"},
-            record=open_record(state, messages, req.model, decision, stream=req.stream),
+            record=services.calls.opened(
+                open_record(state, messages, req.model, decision, stream=req.stream)
+            ),
         )
         if req.stream:
             await call.stream(bool(req.stream_options and req.stream_options.include_usage))
