@@ -314,3 +314,36 @@ async def test_neighbours_per_model_keep_every_arm_in_view(store):
         "a0",
         "a1",
     }
+
+
+async def test_tenants_have_their_own_ids_ratings_neighbours_and_pairs(store):
+    same = [{"role": "user", "content": "the same question"}]
+    a = call("x", model="m1", caller="key_a", embedding=unit(1, 0), messages=same, response="a says")
+    b = call("x", model="m2", caller="key_b", embedding=unit(1, 0), messages=same, response="b says")
+    b2 = call("y", model="m3", caller="key_b", embedding=unit(1, 0), messages=same, response="b again")
+    assert await store.write_calls([a, b, b2]) == 3  # one id, two tenants: two calls
+    assert await store.write_calls([b]) == 0
+    assert (await store.get_call("key_a", "x")).record.model == "m1"
+    assert (await store.get_call("key_b", "x")).record.model == "m2"
+    assert (await store.get_call(None, "x")) is not None  # the admin: any tenant's
+    with pytest.raises(NotFound):
+        await store.add_feedback(Feedback("y", 0.5, caller="key_a"))  # b's id, a's key
+    await store.add_feedback(Feedback("x", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("x", 0.1, caller="key_b"))
+    await store.add_feedback(Feedback("y", 0.8, caller="key_b"))
+    assert (await store.get_call("key_b", "x")).score == 0.1
+    assert (await store.get_call("key_a", "x")).score == 0.9
+    ratings = await store.tenant_ratings()
+    assert ratings["m1"] == {"key_a": (1, 0.9)} and ratings["m2"] == {"key_b": (1, 0.1)}
+    since = utcnow() - 30 * DAY
+    near = await store.neighbours(unit(1, 0), 10, since, 0.0, caller="key_a")
+    assert [(n.request_id, n.model) for n in near] == [("x", "m1")]
+    assert len(await store.neighbours(unit(1, 0), 10, since, 0.0, ["m1", "m2", "m3"], "key_b")) == 2
+    embeddings = await store.embeddings_of([("key_a", "x"), ("key_b", "y"), ("key_c", "x")])
+    assert set(embeddings) == {("key_a", "x"), ("key_b", "y")}
+    me, others = await store.pair_candidates("key_b", "x", 0.97)
+    assert me is not None and [o.id for o in others] == ["y"]  # not a's "x", though the same prompt
+    me, others = await store.pair_candidates("key_a", "x", 0.97)
+    assert me is not None and others == []
+    rated = {r.key for r in await store.rated_since(since, 100)}
+    assert rated == {("key_a", "x"), ("key_b", "x"), ("key_b", "y")}
