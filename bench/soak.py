@@ -319,6 +319,8 @@ class Load:
             name = type(exc).__name__
             t.no_response[rid] = name
             t.count(f"client {name}", f"{rid}: {exc}")
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                await asyncio.sleep(0.2)  # the gateway is down (--chaos): do not spin
             return
         t.in_flight.discard(rid)
         if got != rid:

@@ -50,7 +50,13 @@ class Gateway:
     def start(self) -> None:
         self.starts += 1
         log = open(self.work / f"gateway-{self.starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "LOG_FORMAT": "json", "DATA_DIR": str(self.work / "data")}
+        # PYTHONPATH: the gateway of this checkout, whatever is installed.
+        env = {
+            **os.environ,
+            "LOG_FORMAT": "json",
+            "DATA_DIR": str(self.work / "data"),
+            "PYTHONPATH": str(ROOT),
+        }
         args = ["serve", "--config", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
