@@ -34,13 +34,28 @@ def upgrade() -> None:
     op.drop_constraint("calls_pkey", "calls", type_="primary")
     op.create_primary_key("calls_pkey", "calls", ["id", "caller"])
     op.create_foreign_key(
-        "feedback_call_fkey", "feedback", "calls", ["request_id", "caller"], ["id", "caller"], ondelete="CASCADE"
+        "feedback_call_fkey",
+        "feedback",
+        "calls",
+        ["request_id", "caller"],
+        ["id", "caller"],
+        ondelete="CASCADE",
     )
     op.create_foreign_key(
-        "dpo_pairs_call_a_fkey", "dpo_pairs", "calls", ["call_a", "caller"], ["id", "caller"], ondelete="CASCADE"
+        "dpo_pairs_call_a_fkey",
+        "dpo_pairs",
+        "calls",
+        ["call_a", "caller"],
+        ["id", "caller"],
+        ondelete="CASCADE",
     )
     op.create_foreign_key(
-        "dpo_pairs_call_b_fkey", "dpo_pairs", "calls", ["call_b", "caller"], ["id", "caller"], ondelete="CASCADE"
+        "dpo_pairs_call_b_fkey",
+        "dpo_pairs",
+        "calls",
+        ["call_b", "caller"],
+        ["id", "caller"],
+        ondelete="CASCADE",
     )
     op.create_unique_constraint("dpo_pairs_calls_key", "dpo_pairs", ["caller", "call_a", "call_b"])
     op.drop_index("feedback_request_id_idx", table_name="feedback")
@@ -71,9 +86,15 @@ def downgrade() -> None:
     op.drop_constraint("calls_pkey", "calls", type_="primary")
     op.create_primary_key("calls_pkey", "calls", ["id"])
     op.create_unique_constraint("dpo_pairs_calls_key", "dpo_pairs", ["call_a", "call_b"])
-    op.create_foreign_key("feedback_request_id_fkey", "feedback", "calls", ["request_id"], ["id"], ondelete="CASCADE")
-    op.create_foreign_key("dpo_pairs_call_a_fkey", "dpo_pairs", "calls", ["call_a"], ["id"], ondelete="CASCADE")
-    op.create_foreign_key("dpo_pairs_call_b_fkey", "dpo_pairs", "calls", ["call_b"], ["id"], ondelete="CASCADE")
+    op.create_foreign_key(
+        "feedback_request_id_fkey", "feedback", "calls", ["request_id"], ["id"], ondelete="CASCADE"
+    )
+    op.create_foreign_key(
+        "dpo_pairs_call_a_fkey", "dpo_pairs", "calls", ["call_a"], ["id"], ondelete="CASCADE"
+    )
+    op.create_foreign_key(
+        "dpo_pairs_call_b_fkey", "dpo_pairs", "calls", ["call_b"], ["id"], ondelete="CASCADE"
+    )
     for table in ("dpo_pairs", "feedback"):
         op.drop_column(table, "caller")
     op.alter_column("calls", "caller", nullable=True, server_default=None)
