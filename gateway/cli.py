@@ -124,6 +124,7 @@ def export_dpo(args: argparse.Namespace) -> int:
                     specs={m.name: m for m in settings.models},
                     correct=args.correct,
                     incorrect=args.incorrect,
+                    caller=args.caller,
                 ):
                     out.write(orjson.dumps(record, default=str) + b"\n")
                     n += 1
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="trl",
         help="trl: TRL's conversational preference format; jsonl: everything, with models and scores",
     )
+    p.add_argument("--caller", help="one tenant's pairs (a client key id, key_...); default: all")
     p.add_argument("--correct", type=float, default=0.7, help="routes: a score at or above this is correct")
     p.add_argument(
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"
