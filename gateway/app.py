@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from gateway.api import chat, ops, records
 from gateway.auth import Keys
+from gateway.auth_failures import AuthFailures
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings, environ
@@ -36,6 +37,7 @@ from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
+from gateway.probes import Probes
 from gateway.providers import Provider
 from gateway.providers.http import HTTPProvider
 from gateway.providers.replay import ReplayData, ReplayProvider, load
@@ -43,6 +45,7 @@ from gateway.recorder import Recorder
 from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
 from gateway.services import SERVICES_KEY, Services
+from gateway.spool import Spool
 from gateway.store import Store
 from gateway.tracing import tracing_from_env
 from gateway.ui import ui_routes
@@ -174,6 +177,7 @@ def create_app(
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
     limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    auth_failures = AuthFailures(settings.auth_failures_per_minute)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -181,15 +185,31 @@ def create_app(
         # calls in flight SHUTDOWN_TIMEOUT_S: duels drain, the recorder flushes, the upstream
         # connection pool closes, the database closes last.
         async with AsyncExitStack() as stack:
+            # The spool first: it is this process's (a lock), and holds what a previous run left.
+            spool = None
+            if settings.enable_persistence:
+                spool = Spool(
+                    settings.spool_path,
+                    max_bytes=settings.spool_max_bytes,
+                    fsync=settings.spool_fsync,
+                    fsync_interval_ms=settings.spool_fsync_interval_ms,
+                )
+                await asyncio.to_thread(spool.open)
+                stack.callback(spool.close)
             if store is None:
                 from gateway.store.factory import open_store
 
                 the_store = await stack.enter_async_context(open_store(settings))
             else:
                 the_store = store
+            # A bounded pool: past UPSTREAM_POOL_SIZE connections, calls wait for one (within
+            # their deadline) rather than opening sockets without limit.
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+                    limit=settings.upstream_pool_size,
+                    limit_per_host=0,
+                    keepalive_timeout=30,
+                    ttl_dns_cache=300,
                 ),
                 auto_decompress=True,
             )
@@ -201,8 +221,12 @@ def create_app(
             stack.push_async_callback(tracing.aclose)
             recorder = Recorder(
                 tracing.wrap(the_store),
-                max_queue=settings.recorder_queue_size,
+                spool,
+                queue_bytes=settings.recorder_queue_bytes,
                 batch_size=settings.recorder_batch_size,
+                batch_bytes=settings.recorder_batch_bytes,
+                stall_s=settings.recorder_stall_s,
+                write_timeout_s=2 * settings.store_timeout_s,
             )
             await stack.enter_async_context(recorder)
             the_embedder = embedder
@@ -240,8 +264,10 @@ def create_app(
                 redact=redactor,
                 embedder=the_embedder,
                 tracing=tracing,
+                probes=Probes(lambda: ops.readiness(services), settings.health_cache_s),
             )
-            metrics.add_state(lambda: ops.gauges(services))
+            stack.push_async_callback(services.calls.drain)  # before the recorder closes
+            metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
             probe = asyncio.create_task(_probe_local(settings, session))
             if not settings.gateway_api_keys:
                 log.warning(
@@ -302,6 +328,7 @@ def create_app(
             redact=redactor,
             in_flight=metrics.in_flight,
             log_prompts=settings.log_prompts,
+            auth_failures=auth_failures,
         )
     )
     return Starlette(

@@ -21,6 +21,9 @@ class RequestState:
     t0: float  # time.perf_counter() at arrival
     request_id: str = ""
     caller: str | None = None  # the caller's key id
+    # The tenant whose request ids, ratings and pairs these are: the key id on a gateway with
+    # client keys, "" on an open one (one tenant: anyone may read and rate any call).
+    tenant: str = ""
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
     reservation: Reservation | None = None  # prompt tokens held for the call
     overhead_ms: float | None = None

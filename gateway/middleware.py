@@ -17,8 +17,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
 from gateway.auth import PROTECTED, Keys
+from gateway.auth_failures import AuthFailures
 from gateway.context import STATE_KEY, RequestState
-from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import (
+    AuthenticationError,
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from gateway.limits import RateLimits
 
 log = logging.getLogger("gateway.access")
@@ -38,8 +45,10 @@ class RequestContext:
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
         log_prompts: bool = False,
+        auth_failures: AuthFailures | None = None,
     ) -> None:
         self.app = app
+        self.auth_failures = auth_failures
         self.keys = keys
         self.limits = limits if limits is not None and limits.enabled else None
         self.redact = redact
@@ -93,7 +102,8 @@ class RequestContext:
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            state.caller = self.keys.caller(scope["path"], auth)
+            state.caller = self._caller(scope, auth)
+            state.tenant = (state.caller or "") if self.keys.keys else ""
             if self.limits is not None and scope["path"].startswith(PROTECTED):
                 # By key; without keys, by address (a made-up bearer token must not reset a limit).
                 client = scope.get("client") or ("unknown", 0)
@@ -123,6 +133,18 @@ class RequestContext:
             if self.in_flight is not None:
                 self.in_flight.dec()
             self._log(scope, state, status)
+
+    def _caller(self, scope: Scope, auth: bytes | None) -> str | None:
+        """The caller's key id; failed authentications are counted per address (and limited)."""
+        if self.auth_failures is None or not self.keys.keys or not scope["path"].startswith(PROTECTED):
+            return self.keys.caller(scope["path"], auth)
+        address = (scope.get("client") or ("unknown", 0))[0]
+        self.auth_failures.check(address)
+        try:
+            return self.keys.caller(scope["path"], auth)
+        except AuthenticationError:
+            self.auth_failures.failed(address)
+            raise
 
     def _headers(self, state: RequestState) -> list[tuple[bytes, bytes]]:
         out = []

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gateway.limits import RateLimits
     from gateway.logs import Redactor
     from gateway.metrics import Metrics
+    from gateway.probes import Probes
     from gateway.recorder import Recorder
     from gateway.routing.router import Router
     from gateway.store import Store
@@ -41,6 +42,7 @@ class Services:
     redact: Redactor
     embedder: Embedder | None
     tracing: Tracing
+    probes: Probes
 
 
 def services_of(scope: MutableMapping[str, Any]) -> Services:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import fields
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings
 from gateway.errors import (
@@ -24,6 +26,11 @@ from gateway.errors import (
 )
 from gateway.health import CircuitBreaker, Clock, ModelHealth, ModelStatus
 from gateway.providers import Provider, ProviderError
+
+# URLs and socket addresses in error texts: what /health and 503 bodies must not show.
+_URL = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+|\(?'?\d{1,3}(?:\.\d{1,3}){3}'?,\s*\d+\)?|\[[0-9a-f:]+\]:\d+"
+)
 
 
 @dataclass
@@ -142,10 +149,14 @@ class Upstreams:
         return out
 
     # --- calling
+    def output_cap(self, spec: ModelSpec) -> int | None:
+        """The most output tokens a call to `spec` may ask for: its own cap, else MAX_OUTPUT_TOKENS."""
+        return spec.max_output_tokens or self.settings.max_output_tokens or None
+
     def _payload(self, spec: ModelSpec, body: dict[str, Any], stream: bool) -> dict[str, Any]:
-        payload = dict(body)
+        payload = fields.for_model(spec, body)
         payload["model"] = spec.upstream_id
-        cap = spec.max_output_tokens
+        cap = self.output_cap(spec)
         if cap is not None:
             asked = [k for k in ("max_completion_tokens", "max_tokens") if payload.get(k) is not None]
             for key in asked:
@@ -263,10 +274,11 @@ class Upstreams:
         return True
 
     def _redact(self, exc: ProviderError) -> None:
-        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-...")."""
-        exc.message = self.redact(exc.message)
+        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-..."),
+        and name internal addresses (a connection error's URL): neither reaches a client."""
+        exc.message = _URL.sub("<upstream>", self.redact(exc.message))
         if exc.body and isinstance(exc.body.get("message"), str):
-            exc.body["message"] = self.redact(exc.body["message"])
+            exc.body["message"] = _URL.sub("<upstream>", self.redact(exc.body["message"]))
 
     def stream_failed(self, name: str, exc: ProviderError) -> None:
         """A stream broke after its first chunk: that counts against the model."""

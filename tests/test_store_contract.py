@@ -65,7 +65,8 @@ async def test_write_and_read_back_a_call(store):
         ],
     )
     await store.write_calls([rec])
-    stored = await store.get_call("c1")
+    assert await store.get_call("", "c1") is None  # another tenant's call (the key is (caller, id))
+    stored = await store.get_call("key_abc", "c1")
     assert stored is not None
     got = stored.record
     assert got.messages == rec.messages
@@ -80,13 +81,13 @@ async def test_write_and_read_back_a_call(store):
     assert as_json["messages"] == rec.messages and as_json["embedding"] == pytest.approx(
         emb.tolist(), abs=1e-6
     )
-    assert await store.get_call("nope") is None
+    assert await store.get_call("", "nope") is None
 
 
 async def test_a_reused_request_id_keeps_the_first_record(store):
     await store.write_calls([call("dup", model="m1")])
     await store.write_calls([call("dup", model="m2")])
-    assert (await store.get_call("dup")).record.model == "m1"
+    assert (await store.get_call("", "dup")).record.model == "m1"
     stats = await store.arm_stats()
     assert stats["m1"].calls == 1 and "m2" not in stats
 
@@ -122,7 +123,7 @@ async def test_feedback_latest_wins_and_moves_the_arm(store):
     stats = (await store.arm_stats())["m1"]
     assert stats.rated == 2  # two rated calls, not three feedbacks
     assert stats.mean_score == pytest.approx((0.9 + 0.5) / 2)
-    got = await store.get_call("a")
+    got = await store.get_call("", "a")
     assert got.score == 0.9
     assert [f.score for f in got.feedback] == [0.2, 0.9]
     assert got.feedback[0].feedback_text == "meh"
@@ -133,7 +134,7 @@ async def test_a_judge_never_overrides_a_human(store):
     await store.add_feedback(Feedback("h", 1.0, source="user"))
     judged = await store.add_feedback(Feedback("h", 0.0, source="judge"))
     assert not judged.applied and judged.score == 1.0
-    assert (await store.get_call("h")).score == 1.0
+    assert (await store.get_call("", "h")).score == 1.0
     await store.add_feedback(Feedback("j", 0.3, source="judge"))
     human = await store.add_feedback(Feedback("j", 0.8, source="user"))
     assert human.applied and human.previous == 0.3
@@ -170,10 +171,10 @@ async def test_neighbours_are_rated_recent_nearest_then_thresholded(store):
 
 async def test_set_embedding_fills_in_only_a_missing_one(store):
     await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
-    await store.set_embedding("x", unit(1, 0))
-    await store.set_embedding("y", unit(1, 0))
-    assert np.allclose((await store.get_call("x")).record.embedding, unit(1, 0), atol=1e-6)
-    assert np.allclose((await store.get_call("y")).record.embedding, unit(0, 1), atol=1e-6)
+    await store.set_embedding("", "x", unit(1, 0))
+    await store.set_embedding("", "y", unit(1, 0))
+    assert np.allclose((await store.get_call("", "x")).record.embedding, unit(1, 0), atol=1e-6)
+    assert np.allclose((await store.get_call("", "y")).record.embedding, unit(0, 1), atol=1e-6)
 
 
 async def test_usage_stats_over_a_window(store):
@@ -200,7 +201,7 @@ async def test_usage_stats_over_a_window(store):
 async def test_memory_store_is_bounded():
     store = MemoryStore(max_calls=3)
     await store.write_calls([call(str(i)) for i in range(5)])
-    assert await store.get_call("0") is None and await store.get_call("4") is not None
+    assert await store.get_call("", "0") is None and await store.get_call("", "4") is not None
     assert (await store.arm_stats())["m1"].calls == 5  # statistics outlive evicted calls
 
 
@@ -233,14 +234,14 @@ async def test_pair_candidates_are_real_rated_answers_of_other_models(store):
     )
     for cid in ("me", "other", "same-model", "placeholder", "failed", "empty", "near", "far"):
         await store.add_feedback(Feedback(cid, 0.5))
-    me, others = await store.pair_candidates("me", similarity=0.99)
+    me, others = await store.pair_candidates("", "me", similarity=0.99)
     assert me is not None and me.response == "answer one" and me.score == 0.5
     assert {o.id for o in others} == {"other", "near"}
     assert next(o for o in others if o.id == "near").similarity == pytest.approx(
         float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5
     )
-    assert (await store.pair_candidates("placeholder", 0.99)) == (None, [])
-    assert (await store.pair_candidates("unrated", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "placeholder", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "unrated", 0.99)) == (None, [])
 
 
 def pair(a: str, b: str, sa: float, sb: float) -> DPOPair:
@@ -272,7 +273,7 @@ async def test_pairs_are_saved_once_updated_deleted_and_paged(store):
     after = (first[0].updated_at, first[0].id)
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0, after=after)] == ["c"]
     assert [p async for p in store.iter_pairs(utcnow() + DAY, 0.0)] == []
-    assert await store.delete_pair("a", "b") is True and await store.delete_pair("b", "a") is False
+    assert await store.delete_pair("", "a", "b") is True and await store.delete_pair("", "b", "a") is False
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0)] == ["c"]
 
 
@@ -401,9 +402,9 @@ async def seeded(store) -> datetime:
             call("old", created_at=t - 5 * DAY, caller="key_a", cost_usd=7.0),
         ]
     )
-    await store.add_feedback(Feedback("a1", 0.9))
-    await store.add_feedback(Feedback("a3", 0.2))
-    await store.add_feedback(Feedback("a3", 0.4))  # re-rated: the latest counts
+    await store.add_feedback(Feedback("a1", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("a3", 0.2, caller="key_b"))
+    await store.add_feedback(Feedback("a3", 0.4, caller="key_b"))  # re-rated: the latest counts
     return t
 
 
@@ -495,6 +496,40 @@ async def test_pair_buckets_and_a_calls_pairs(store):
         minute=0, second=0, microsecond=0
     )
     assert await store.pair_buckets(Window(now + HOUR, now + 2 * HOUR)) == []
-    assert [(p.chosen_id, p.rejected_id) for p in await store.pairs_of("a")] == [("a", "b"), ("c", "a")]
-    assert [p.chosen_id for p in await store.pairs_of("d")] == ["c"]
-    assert await store.pairs_of("nobody") == []
+    assert [(p.chosen_id, p.rejected_id) for p in await store.pairs_of("", "a")] == [("a", "b"), ("c", "a")]
+    assert [p.chosen_id for p in await store.pairs_of("", "d")] == ["c"]
+    assert await store.pairs_of("", "nobody") == []
+    assert await store.pairs_of("key_other", "a") == []  # another tenant's "a" has no pairs
+
+
+async def test_tenants_have_their_own_ids_ratings_neighbours_and_pairs(store):
+    same = [{"role": "user", "content": "the same question"}]
+    a = call("x", model="m1", caller="key_a", embedding=unit(1, 0), messages=same, response="a says")
+    b = call("x", model="m2", caller="key_b", embedding=unit(1, 0), messages=same, response="b says")
+    b2 = call("y", model="m3", caller="key_b", embedding=unit(1, 0), messages=same, response="b again")
+    assert await store.write_calls([a, b, b2]) == 3  # one id, two tenants: two calls
+    assert await store.write_calls([b]) == 0
+    assert (await store.get_call("key_a", "x")).record.model == "m1"
+    assert (await store.get_call("key_b", "x")).record.model == "m2"
+    assert (await store.get_call(None, "x")) is not None  # the admin: any tenant's
+    with pytest.raises(NotFound):
+        await store.add_feedback(Feedback("y", 0.5, caller="key_a"))  # b's id, a's key
+    await store.add_feedback(Feedback("x", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("x", 0.1, caller="key_b"))
+    await store.add_feedback(Feedback("y", 0.8, caller="key_b"))
+    assert (await store.get_call("key_b", "x")).score == 0.1
+    assert (await store.get_call("key_a", "x")).score == 0.9
+    ratings = await store.tenant_ratings()
+    assert ratings["m1"] == {"key_a": (1, 0.9)} and ratings["m2"] == {"key_b": (1, 0.1)}
+    since = utcnow() - 30 * DAY
+    near = await store.neighbours(unit(1, 0), 10, since, 0.0, caller="key_a")
+    assert [(n.request_id, n.model) for n in near] == [("x", "m1")]
+    assert len(await store.neighbours(unit(1, 0), 10, since, 0.0, ["m1", "m2", "m3"], "key_b")) == 2
+    embeddings = await store.embeddings_of([("key_a", "x"), ("key_b", "y"), ("key_c", "x")])
+    assert set(embeddings) == {("key_a", "x"), ("key_b", "y")}
+    me, others = await store.pair_candidates("key_b", "x", 0.97)
+    assert me is not None and [o.id for o in others] == ["y"]  # not a's "x", though the same prompt
+    me, others = await store.pair_candidates("key_a", "x", 0.97)
+    assert me is not None and others == []
+    rated = {r.key for r in await store.rated_since(since, 100)}
+    assert rated == {("key_a", "x"), ("key_b", "x"), ("key_b", "y")}

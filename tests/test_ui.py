@@ -59,7 +59,8 @@ def _history(now: Any) -> tuple[list[CallRecord], list[Feedback]]:
             )
         )
         if ok and rng.random() < 0.45:
-            ratings.append(Feedback(f"hist-{i:03d}", round(rng.uniform(0, 1), 2)))
+            whose = records[-1].caller or ""
+            ratings.append(Feedback(f"hist-{i:03d}", round(rng.uniform(0, 1), 2), caller=whose))
     return records, ratings
 
 

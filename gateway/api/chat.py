@@ -8,6 +8,7 @@ model that answered; the upstream's own model string is in the `x-router-upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Any, TypeVar
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi import Headers, read_body, send_bytes, send_stream, until_disconnect
+from gateway import fields
+from gateway.asgi import Headers, header_value, read_body, send_bytes, send_stream, until_disconnect
 from gateway.calls import account, answered, open_record
 from gateway.catalogue import RouterConstraints
 from gateway.context import RequestState, request_state
@@ -93,6 +95,19 @@ def measure(services: Services, messages: list[dict[str, Any]]) -> int:
     return tokens_of(lengths)
 
 
+def output_tokens(services: Services, req: ChatRequest) -> int:
+    """The output tokens a call may use at most, all choices together (what its token reservation
+    holds beside the prompt): n x (max_tokens cut to MAX_OUTPUT_TOKENS, or MAX_OUTPUT_TOKENS)."""
+    settings = services.settings
+    n = req.n or 1
+    if n > settings.max_n:
+        raise InvalidRequest(f"n is {n}, at most {settings.max_n} (MAX_N)", param="n", code="invalid_value")
+    asked = req.max_completion_tokens or req.max_tokens
+    cap = settings.max_output_tokens
+    each = min(asked, cap) if asked and cap else (asked or cap)
+    return n * each
+
+
 def constraints_of(services: Services, scope: Scope, req: ChatRequest) -> RouterConstraints:
     """The routing constraints: the virtual model's, overridden by the body's, then the headers'."""
     settings = services.settings
@@ -121,13 +136,16 @@ class ChatCompletions:
         if services.tracing.enabled:
             state.trace = services.tracing.begin(scope["headers"])
         try:
-            data = parse_json_object(await read_body(receive))
+            data = parse_json_object(await read_body(receive), services.settings.max_json_elements)
             req: ChatRequest = validate(ChatRequest, data)
+            fields.check(data, services.settings.models)
             messages: list[dict[str, Any]] = data["messages"]
             prompt_tokens = measure(services, messages)
+            most = prompt_tokens + output_tokens(services, req)
             constraints = constraints_of(services, scope, req)
+            services.recorder.admit()  # no room to record the call: refuse it before it costs
             if state.limit_id is not None:
-                state.reservation = services.limits.reserve(state.limit_id, prompt_tokens)
+                state.reservation = services.limits.reserve(state.limit_id, most)
             ctx = RouteContext(
                 request_id=state.request_id,
                 requested_model=req.model,
@@ -136,6 +154,7 @@ class ChatCompletions:
                 needs=needs_of(data, messages),
                 prompt_tokens=prompt_tokens,
                 max_tokens=req.max_completion_tokens or req.max_tokens,
+                tenant=state.tenant,
             )
             decision = await services.router.decide(ctx)
         except GatewayError as exc:  # refused before any model was chosen: count it all the same
@@ -151,7 +170,9 @@ class ChatCompletions:
             ctx,
             decision,
             body={k: v for k, v in data.items() if k != "router"},
-            record=open_record(state, messages, req.model, decision, stream=req.stream),
+            record=services.calls.opened(
+                open_record(state, messages, req.model, decision, stream=req.stream)
+            ),
         )
         if req.stream:
             await call.stream(bool(req.stream_options and req.stream_options.include_usage))
@@ -180,10 +201,10 @@ class ChatCall:
             result: T = await until_disconnect(self.receive, self._within_deadline(work))
             return result
         except ClientDisconnected:
-            self.services.calls.cancelled(self.record, self.state)
+            await self.services.calls.cancelled(self.record, self.state)
             raise
         except Exception as exc:
-            self.services.calls.failed(self.record, self.state, exc)
+            await self.services.calls.failed(self.record, self.state, exc)
             raise
 
     async def _within_deadline(self, work: Awaitable[T]) -> T:
@@ -203,7 +224,7 @@ class ChatCall:
     def _headers(self, upstream_model: str, attempts: list[Attempt]) -> Headers:
         headers = [
             (b"x-router-model", (self.record.model or "").encode()),
-            (b"x-router-upstream-model", upstream_model.encode("utf-8", "replace")),
+            (b"x-router-upstream-model", header_value(upstream_model)),
             (b"x-router-layer", self.decision.layer.encode()),
             (b"x-router-attempts", str(len(attempts)).encode()),
         ]
@@ -213,30 +234,36 @@ class ChatCall:
             headers.append((b"x-router-cost-usd", f"{self.record.cost_usd:.8f}".encode()))
         return headers
 
-    def _finish(self) -> None:
-        self.services.calls.finish(self.record, self.state)
+    async def _finish(self) -> None:
+        """Keeps the record (on disk) before the last byte; raises RecorderUnavailable if it cannot."""
+        await self.services.calls.finish(self.record, self.state)
         if self.record.status == "ok":
             self.services.duels.maybe_start(self.record, self.decision, self.body)
 
     async def complete(self) -> None:
         services, record = self.services, self.record
         result = await self._upstream(services.upstreams.chat(self.decision.chain, self.body))
-        spec, data = result.spec, result.data
-        answer = Completion.of(data)
-        upstream_model = answer.upstream_model or spec.upstream_id
-        data["model"] = spec.name
-        record.response = answer.text
-        account(record, spec, answer.usage, self.ctx.prompt_tokens)
-        answered(record, spec, upstream_model, result.attempts)
-        record.synthetic = answer.synthetic
-        record.status, record.http_status = "ok", 200
-        record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
-        payload = orjson.dumps(data)
-        self.state.mark_overhead(result.upstream_ms)
-        headers = self._headers(upstream_model, result.attempts)
-        headers.append((b"content-type", b"application/json"))
+        try:
+            spec, data = result.spec, result.data
+            answer = Completion.of(data)
+            upstream_model = answer.upstream_model or spec.upstream_id
+            data["model"] = spec.name
+            record.response = answer.text
+            account(record, spec, answer.usage, self.ctx.prompt_tokens)
+            answered(record, spec, upstream_model, result.attempts)
+            record.synthetic = answer.synthetic
+            record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
+            payload = orjson.dumps(data)
+            self.state.mark_overhead(result.upstream_ms)
+            headers = self._headers(upstream_model, result.attempts)
+            headers.append((b"content-type", b"application/json"))
+            record.status, record.http_status = "ok", 200
+        except Exception as exc:  # the answer cannot be sent: the call is recorded as failed all the same
+            await services.calls.failed(record, self.state, exc)
+            raise
+        # The record is on disk before the answer goes out (a 503 instead when it cannot be).
+        await self._finish()
         await send_bytes(self.send, 200, payload, headers)
-        self._finish()
 
     async def stream(self, include_usage: bool) -> None:
         opened: OpenStream = await self._upstream(
@@ -257,7 +284,8 @@ class ChatCall:
             outcome = "error"
             raise
         finally:
-            await relay.finish(outcome)  # when the stream never started; otherwise already done
+            with contextlib.suppress(GatewayError):  # logged; the client has its error already
+                await relay.finish(outcome)  # when the stream never started; otherwise already done
 
 
 class StreamRelay:
@@ -273,6 +301,7 @@ class StreamRelay:
         self.finished = False
 
     async def finish(self, status: str) -> None:
+        """Records the call, once; raises RecorderUnavailable if its record cannot be kept."""
         if self.finished:
             return
         self.finished = True
@@ -285,8 +314,10 @@ class StreamRelay:
         record.response = self.acc.text()
         record.synthetic = self.acc.synthetic
         account(record, opened.spec, self.acc.usage or {}, call.ctx.prompt_tokens)
-        call._finish()  # recorded before closing: a cancellation cannot lose it
-        await opened.aclose()
+        try:
+            await call._finish()  # recorded before closing: a cancellation cannot lose it
+        finally:
+            await opened.aclose()
 
     def encode(self, event: dict[str, Any]) -> bytes | None:
         if not self.include_usage:
@@ -335,5 +366,12 @@ class StreamRelay:
                 f"the upstream stream broke off: {broken.message}", code="stream_interrupted"
             ).sse()
         finally:
+            refusal = await self._kept(status)  # on disk before [DONE]
+        yield SSE_DONE if refusal is None else refusal.sse()
+
+    async def _kept(self, status: str) -> GatewayError | None:
+        try:
             await self.finish(status)
-        yield SSE_DONE
+        except GatewayError as exc:
+            return exc
+        return None

@@ -22,6 +22,7 @@ class RouteContext:
     needs: frozenset[str] = frozenset()
     prompt_tokens: int = 0
     max_tokens: int | None = None
+    tenant: str = ""  # whose request: its arm statistics and contextual evidence are its own view
 
 
 @dataclass

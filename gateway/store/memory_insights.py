@@ -87,8 +87,8 @@ def _pct(values: list[float], q: float) -> float | None:
 class InsightQueries:
     """Mixed into MemoryStore, whose calls (oldest first) and pairs it reads."""
 
-    calls: Mapping[str, _Held]
-    pairs: Mapping[tuple[str, str], DPOPair]
+    calls: Mapping[tuple[str, str], _Held]  # by (caller, id)
+    pairs: Mapping[tuple[str, str, str], DPOPair]  # by (caller, call a, call b)
 
     async def list_calls(self, query: CallQuery) -> list[CallRow]:
         found: list[_Held] = [held for held in self.calls.values() if _matches(held, query)]
@@ -149,6 +149,8 @@ class InsightQueries:
                 counts[b] = counts.get(b, 0) + 1
         return [PairBucket(b, n) for b, n in sorted(counts.items())]
 
-    async def pairs_of(self, request_id: str) -> list[DPOPair]:
-        found: Iterable[DPOPair] = (p for (a, b), p in self.pairs.items() if request_id in (a, b))
+    async def pairs_of(self, caller: str, request_id: str) -> list[DPOPair]:
+        found: Iterable[DPOPair] = (
+            p for (c, a, b), p in self.pairs.items() if c == caller and request_id in (a, b)
+        )
         return sorted(found, key=lambda p: (p.updated_at, p.id))

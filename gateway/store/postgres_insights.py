@@ -206,11 +206,11 @@ class InsightQueries(PgBase):
 
         return await self._run(q)
 
-    async def pairs_of(self, request_id: str) -> list[DPOPair]:
+    async def pairs_of(self, caller: str, request_id: str) -> list[DPOPair]:
         p = dpo_pairs.c
         stmt = (
             select(dpo_pairs)
-            .where(or_(p.call_a == request_id, p.call_b == request_id))
+            .where(p.caller == caller, or_(p.call_a == request_id, p.call_b == request_id))
             .order_by(p.updated_at, p.id)
         )
 

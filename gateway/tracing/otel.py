@@ -289,13 +289,16 @@ class _TracedCalls:
         self.tracing = tracing
         self.system = "postgresql" if type(store).__name__.startswith("Postgres") else "memory"
 
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(self, records: Sequence[CallRecord]) -> Any:
         start = time.time_ns()
-        await self.store.write_calls(records)  # a failed batch is retried: spans for the write that lands
+        written = await self.store.write_calls(
+            records
+        )  # a failed batch is retried: spans for the write that lands
         try:
             self.tracing.recorded(records, start, time.time_ns(), self.system)
         except Exception:
             log.exception("tracing: cannot make the record spans")
+        return written
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)

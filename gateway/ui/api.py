@@ -12,11 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import gateway
-from gateway.api import admin_only, json_response
+from gateway.api import admin_only, bounded, json_response
+from gateway.api.records import stored_call
 from gateway.domain import DPOPair
-from gateway.errors import NotFound
 from gateway.insights import BucketRow, Window, bucket_width, floor_time
-from gateway.schemas import CALL_ID
 from gateway.ui.params import call_query, checked, cursor_text, window
 
 LAYERS = ("explicit", "keyword", "semantic", "bandit", "strategy", "default")
@@ -134,16 +133,12 @@ async def call(request: Request) -> Response:
     """One call: everything recorded about it, its ratings, and the DPO pairs it is in."""
     gw = admin_only(request)
     request_id = request.path_params["request_id"]
-    if not CALL_ID.fullmatch(request_id):
-        raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
-    if gw.recorder.has(request_id):
-        await gw.recorder.flush()
-    stored = await gw.store.get_call(request_id)
-    if stored is None:
-        raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
+    # A call id is unique within its tenant; `?caller=` says whose (else any tenant's).
+    stored = await bounded(gw, stored_call(gw, request.query_params.get("caller") or None, request_id))
     body = stored.as_dict()
     body["has_embedding"] = body.pop("embedding") is not None
-    body["pairs"] = [_pair(p, request_id) for p in await gw.store.pairs_of(request_id)]
+    pairs = await gw.store.pairs_of(stored.record.caller or "", request_id)
+    body["pairs"] = [_pair(p, request_id) for p in pairs]
     return json_response(body)
 
 

@@ -49,7 +49,7 @@ function timings(c) {
     h("span", { class: "num" }, fmt.ms(v)))));
 }
 
-function rateForm(c, reload, said) {
+function rateForm(c, reload, said, whose) {
   const out = h("p", { id: "rate-result", role: "status" }, said || "");
   const value = h("output", { id: "rate-value" }, Number(c.score ?? 0.5).toFixed(2));
   return h("form", { id: "rate-form", class: "rate",
@@ -60,7 +60,7 @@ function rateForm(c, reload, said) {
       if (f.feedback_text.value.trim()) body.feedback_text = f.feedback_text.value.trim();
       out.textContent = "Sending…";
       try {
-        const r = await api("/feedback", { method: "POST", body });
+        const r = await api(`/feedback${whose}`, { method: "POST", body });
         await reload(`Rated ${fmt.score(body.score)}${r.applied ? "" : " (kept; a human's score stands)"}; ${r.pairs} DPO pair(s) made or updated.`);
       } catch (err) {
         out.replaceChildren(errorBox(err));
@@ -75,9 +75,11 @@ function rateForm(c, reload, said) {
   out);
 }
 
-export default async function call({ view, arg, current }) {
+export default async function call({ view, arg, params, current }) {
+  // A call id is unique within its tenant: the key (caller) says whose call this is.
+  const whose = params.has("caller") ? `?caller=${encodeURIComponent(params.get("caller"))}` : "";
   const load = async (said) => {
-    const c = await api(`/ui/api/calls/${encodeURIComponent(arg)}`);
+    const c = await api(`/ui/api/calls/${encodeURIComponent(arg)}${whose}`);
     if (!current()) return;
     const candidates = (c.decision.candidates || []).map((x, i) => h("tr", { class: i === 0 ? "chosen" : "" },
       h("td", {}, x.model), h("td", {}, i === 0 ? "picked" : "", x.model === c.model && i > 0 ? "answered (a fallback)" : ""),
@@ -92,7 +94,7 @@ export default async function call({ view, arg, current }) {
       h("td", { class: "num" }, fmt.score(f.score)), h("td", {}, f.source), h("td", {}, fmt.text(f.feedback_text))));
     const pairs = c.pairs.map((p) => {
       const other = p.role === "chosen" ? [p.rejected_id, p.rejected_model, p.rejected_score] : [p.chosen_id, p.chosen_model, p.chosen_score];
-      return h("tr", {}, h("td", {}, p.role), h("td", {}, h("a", { href: `#/call/${encodeURIComponent(other[0])}` }, other[0])),
+      return h("tr", {}, h("td", {}, p.role), h("td", {}, h("a", { href: `#/call/${encodeURIComponent(other[0])}${whose}` }, other[0])),
         h("td", {}, other[1]), h("td", { class: "num" }, fmt.score(other[2])), h("td", { class: "num" }, fmt.score(p.margin)),
         h("td", { class: "num" }, fmt.score(p.similarity)), h("td", {}, fmt.time(p.updated_at)));
     });
@@ -102,7 +104,7 @@ export default async function call({ view, arg, current }) {
       c.error ? h("div", { class: "error-box", id: "call-error" }, c.error) : null,
       h("div", { class: "grid2" },
         panel("Facts", facts(c)),
-        panel("Rate it", rateForm(c, load, said), h("h3", {}, "Ratings"),
+        panel("Rate it", rateForm(c, load, said, whose), h("h3", {}, "Ratings"),
           feedback.length ? table(["time", "#score", "source", "text"], feedback, { id: "feedback-table" })
             : h("p", { class: "muted", id: "feedback-none" }, "Not rated yet."))),
       panel("Messages", messages(c.messages)),

@@ -49,7 +49,7 @@ export default async function calls({ view, params, meta, range, current }) {
   if (!current()) return;
   const rows = data.data.map((c) => h("tr", { dataset: { id: c.id } },
     h("td", { class: "nowrap" }, fmt.time(c.created_at)),
-    h("td", {}, h("a", { href: `#/call/${encodeURIComponent(c.id)}`, class: "call-link" }, c.id)),
+    h("td", {}, h("a", { href: `#/call/${encodeURIComponent(c.id)}?caller=${encodeURIComponent(c.caller ?? "")}`, class: "call-link" }, c.id)),
     h("td", {}, c.caller ? h("a", { href: `#/calls${query({ ...filters, caller: c.caller })}` }, c.caller) : "–"),
     h("td", {}, c.requested_model === c.model ? fmt.text(c.model) : `${c.requested_model} → ${fmt.text(c.model)}`),
     h("td", {}, fmt.text(c.layer)),
