@@ -3,7 +3,8 @@ sees when none of them answered."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import (
@@ -25,6 +26,7 @@ class Attempt:
     error: str | None = None
     status: int | None = None
     kind: str | None = None
+    at: float = field(default_factory=time.time)  # when it started (epoch seconds): a trace's timeline
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -66,6 +66,8 @@ class ModelSpec(_Strict):
     # Replay provider: the replay file and the model's name inside it (default: upstream_model).
     replay_file: str | None = None
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    # Request body fields this model may receive beyond its provider kind's (gateway/fields.py).
+    extra_body_fields: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _defaults(self) -> ModelSpec:

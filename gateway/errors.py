@@ -14,10 +14,10 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
-    # Time spent on upstreams before the call failed (retries and fallbacks), and the attempts
-    # (`Attempt.as_dict()`), for its record.
+    # Time spent on upstreams before the call failed (retries and fallbacks), for its record.
     upstream_ms: float | None = None
-    attempts: list[dict[str, Any]] = []  # replaced per instance, never mutated
+    # The upstream attempts that failed (Attempt.as_dict() each), for its record and its trace.
+    attempts: list[dict[str, Any]] | None = None
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class Gauges:
     recorder: RecorderState
     cache: CacheStats | None
     arms: dict[str, ArmGauge]
+    auth_failures: int = 0
 
 
 class Metrics:
@@ -205,12 +206,31 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "llm_router_recorder_failing",
-            "1 while the store cannot be written",
+            "1 while the oldest record not yet stored has waited more than RECORDER_STALL_S",
             value=1.0 if rec.failing else 0.0,
         )
         yield CounterMetricFamily("llm_router_recorder_written", "Call records written", value=rec.written)
         yield CounterMetricFamily(
-            "llm_router_recorder_dropped", "Call records dropped (queue full)", value=rec.dropped
+            "llm_router_recorder_dropped", "Call records the store refused (invalid)", value=rec.dropped
+        )
+        yield CounterMetricFamily(
+            "llm_router_recorder_duplicates",
+            "Call records already stored (a reused request id, or a replay after a crash)",
+            value=rec.duplicates,
+        )
+        yield GaugeMetricFamily(
+            "llm_router_recorder_oldest_seconds",
+            "Age of the oldest record not yet stored",
+            value=rec.oldest_s,
+        )
+        if rec.spool is not None:
+            yield GaugeMetricFamily(
+                "llm_router_spool_bytes", "Bytes in the spool on disk", value=rec.spool.bytes
+            )
+        yield CounterMetricFamily(
+            "llm_router_auth_failures",
+            "Failed authentications (a missing or wrong key)",
+            value=s.auth_failures,
         )
         cache = s.cache
         if cache is not None:

@@ -20,6 +20,7 @@ import aiohttp
 
 from gateway.catalogue import ModelSpec
 from gateway.health import ModelHealth
+from gateway.logs import hide_addresses
 from gateway.providers.http import refused
 
 log = logging.getLogger("gateway.probes")
@@ -63,7 +64,8 @@ class LocalProbes:
             log.warning("model %s is down: %s; routing leaves it out until it answers", spec.name, reason)
         elif reason is None and health.down is not None:
             log.info("model %s answers again", spec.name)
-        health.down = reason
+        # What /health and error bodies show: no internal address (the log line above has it).
+        health.down = None if reason is None else hide_addresses(reason)
 
     async def round(self) -> None:
         await asyncio.gather(*(self.probe(s) for s in self.specs))

@@ -161,13 +161,16 @@ class TranslatedStream:
 
 @dataclass
 class NativeStream:
-    """A Responses API stream relayed as it comes, `model` renamed to the catalogue's name."""
+    """A Responses API stream relayed as it comes, `model` renamed to the catalogue's name; its
+    terminal event (response.completed...) is held back and sent by `end`, once the call's record
+    is kept (a record that cannot be kept turns it into an error event)."""
 
     model: str
     parts: list[str] = field(default_factory=list)
     final: dict[str, Any] | None = None  # the Response of the terminal event
     upstream_model: str | None = None
     seq: int = 0
+    held: bytes = b""  # the terminal event, encoded
 
     def add(self, event: dict[str, Any]) -> bytes | None:
         response = event.get("response")
@@ -181,10 +184,14 @@ class NativeStream:
             self.parts.append(str(event.get("delta") or ""))
         if isinstance(event.get("sequence_number"), int):
             self.seq = event["sequence_number"] + 1
-        return sse_event(event)
+        if event.get("type") in RESPONSES.terminal:
+            self.held = sse_event(event)
+            return None
+        out, self.held = self.held + sse_event(event), b""  # (nothing should follow a terminal event)
+        return out
 
     def end(self, ok: bool) -> bytes:
-        return b""
+        return self.held if ok else b""
 
     def error(self, exc: GatewayError) -> bytes:
         return error_event(exc, self.seq)

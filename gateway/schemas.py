@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from gateway.catalogue import RouterConstraints
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, PayloadTooLarge
 
 # The id of a call record: a request id (at most 128 characters, see the middleware) or the id of
 # a duel's second answer, `{request id}:duel`.
@@ -113,9 +113,26 @@ class FeedbackRequest(BaseModel):
     source: Literal["user", "app"] = "user"
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+# A JSON string (the unrolled form: runs of plain characters, then one escape at a time).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _elements(raw: bytes) -> int:
+    """At least how many values the body holds: its commas and brackets outside strings. Counting
+    bytes is a few ms for 8 MiB; only when that count is over the budget are strings taken out."""
+    return raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+
+
+def parse_json_object(raw: bytes, max_elements: int = 100_000) -> dict[str, Any]:
+    """The body as a JSON object. Refused before parsing when it holds more than `max_elements`
+    values (8 MiB of `{}` took orjson 0.7 s of the event loop to build and free)."""
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    if _elements(raw) > max_elements and _elements(_STRING.sub(b'""', raw)) > max_elements:
+        raise PayloadTooLarge(
+            f"the request body holds more than {max_elements} JSON values (MAX_JSON_ELEMENTS)",
+            code="too_many_json_values",
+        )
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import fields
 from gateway.attempts import Attempt, client_error, final_error
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings
 from gateway.health import CircuitBreaker, Clock, ModelHealth, ModelStatus, Unavailable
+from gateway.logs import hide_addresses
 from gateway.providers import CHAT, Api, ApiProvider, Provider, ProviderError
 
 # What each model of a chain is sent: the API it is asked in, and the body (before `model` and the
@@ -139,10 +141,14 @@ class Upstreams:
         return out
 
     # --- calling
+    def output_cap(self, spec: ModelSpec) -> int | None:
+        """The most output tokens a call to `spec` may ask for: its own cap, else MAX_OUTPUT_TOKENS."""
+        return spec.max_output_tokens or self.settings.max_output_tokens or None
+
     def _payload(self, spec: ModelSpec, api: Api, body: dict[str, Any], stream: bool) -> dict[str, Any]:
-        payload = dict(body)
+        payload = fields.for_model(spec, body, api)
         payload["model"] = spec.upstream_id
-        cap = spec.max_output_tokens
+        cap = self.output_cap(spec)
         if cap is not None and api.token_caps:
             asked = [k for k in api.token_caps if payload.get(k) is not None]
             for key in asked:
@@ -191,13 +197,13 @@ class Upstreams:
 
         try:
             for i in range(self.settings.upstream_retries + 1):
-                t0 = time.perf_counter()
+                at, t0 = time.time(), time.perf_counter()
                 try:
                     result = await call()
                 except ProviderError as exc:
                     ms = (time.perf_counter() - t0) * 1000
                     self._redact(exc)
-                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
+                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind, at))
                     health.requests += 1
                     if exc.is_client_error:
                         raise
@@ -216,7 +222,7 @@ class Upstreams:
                     await self.sleep(min(delay, 5.0))
                     continue
                 ms = (time.perf_counter() - t0) * 1000
-                attempts.append(Attempt(name, "ok", ms))
+                attempts.append(Attempt(name, "ok", ms, at=at))
                 health.requests += 1
                 health.observe_latency(ms)
                 health.down = None
@@ -264,10 +270,11 @@ class Upstreams:
         return True
 
     def _redact(self, exc: ProviderError) -> None:
-        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-...")."""
-        exc.message = self.redact(exc.message)
+        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-..."),
+        and name internal addresses (a connection error's URL): neither reaches a client."""
+        exc.message = hide_addresses(self.redact(exc.message))
         if exc.body and isinstance(exc.body.get("message"), str):
-            exc.body["message"] = self.redact(exc.body["message"])
+            exc.body["message"] = hide_addresses(self.redact(exc.body["message"]))
 
     def stream_failed(self, name: str, exc: ProviderError) -> None:
         """A stream broke after its first chunk: that counts against the model."""

@@ -263,7 +263,9 @@ def test_what_chat_cannot_express_goes_to_a_native_model(gw, fake):
 
 def test_responses_and_embeddings_count_against_the_rate_limits(fake, gateway):
     emb = model("emb", fake.url(), capabilities=["embeddings"])
-    gw = gateway(make_settings([model("chatty", fake.url()), emb], rate_limit_tpm=400))
+    # No output cap: the reservations hold the input alone (see test_responses_reserve_their_output).
+    settings = make_settings([model("chatty", fake.url()), emb], rate_limit_tpm=400, max_output_tokens=0)
+    gw = gateway(settings)
     c = client(gw)
     with pytest.raises(openai.RateLimitError) as limited:
         c.responses.create(model="auto", input="word " * 2000)

@@ -96,7 +96,7 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
         )
         await conn.execute(text("ANALYZE calls"))
     pool = await store._hot()
-    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50)
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50, "")
     plan = "\n".join(r[0] for r in rows)
     assert "Index Scan using calls_embedding_hnsw_idx" in plan, plan
     assert "Order By: (embedding <=>" in plan
@@ -185,21 +185,29 @@ def test_feedback_errors(pg_gateway):
 
 
 def test_feedback_right_after_the_call_finds_it(fake, gateway, dsn):
-    # A recorder that never writes by itself: feedback must flush the queued call first.
-    settings = make_settings(
-        [model("alpha", fake.url())], enable_persistence=True, database_url=dsn, recorder_batch_size=10_000
-    )
+    # A recorder whose writer is held back: feedback waits for the call's record (within
+    # STORE_TIMEOUT_S) instead of answering 404.
+    settings = make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn)
     gw = gateway(settings)
-    gw.call(_stop_writer(gw.services.recorder))
+    recorder = gw.services.recorder
+    gw.call(_hold_writer(recorder, 0.5))
     rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
         "x-request-id"
     ]
-    assert gw.services.recorder.has(rid)
+    assert recorder.has("", rid)
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}).status_code == 200
 
 
-async def _stop_writer(recorder) -> None:
-    recorder._task.cancel()
+async def _hold_writer(recorder, seconds: float) -> None:
+    """The writer's next batch waits `seconds` (as if the database were slow)."""
+    write = recorder._write
+
+    async def slow(batch):
+        await asyncio.sleep(seconds)
+        recorder._write = write
+        await write(batch)
+
+    recorder._write = slow
 
 
 def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_path):

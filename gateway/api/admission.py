@@ -1,6 +1,6 @@
 """Admitting a routed call, whatever API it came in: the size limits, the routing constraints (a
-virtual model's, the body's `router`, the X-Router-* headers), the rate-limit reservation and the
-router's decision."""
+virtual model's, the body's `router`, the X-Router-* headers), room to record it, the rate-limit
+reservation (the prompt and the most output it may ask for) and the router's decision."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def measure(services: Services, messages: list[dict[str, Any]]) -> int:
     return tokens_of(lengths)
 
 
+def output_tokens(services: Services, n: int, asked: int | None) -> int:
+    """The output tokens a call may use at most, all choices together (what its token reservation
+    holds beside the prompt): n x (what it asks for cut to MAX_OUTPUT_TOKENS, or MAX_OUTPUT_TOKENS)."""
+    settings = services.settings
+    if n > settings.max_n:
+        raise InvalidRequest(f"n is {n}, at most {settings.max_n} (MAX_N)", param="n", code="invalid_value")
+    cap = settings.max_output_tokens
+    each = min(asked, cap) if asked and cap else (asked or cap)
+    return n * each
+
+
 def constraints_of(
     services: Services, scope: Scope, model: str, router: RouterConstraints | None
 ) -> RouterConstraints:
@@ -96,23 +107,28 @@ def constraints_of(
 
 @dataclass(frozen=True)
 class Ask:
-    """What a client asks for, as the router sees it (chat-shaped, whatever API it came in)."""
+    """What a client asks for, as the router sees it (chat-shaped, whatever API it came in):
+    `max_tokens` per choice (None: not said), `n` choices."""
 
     model: str
     router: RouterConstraints | None
     messages: list[dict[str, Any]]
     needs: frozenset[str]
     max_tokens: int | None
+    n: int = 1
 
 
 async def admit(
     services: Services, state: RequestState, scope: Scope, ask: Ask
 ) -> tuple[RouteContext, Decision]:
-    """Size limits, constraints, the rate-limit reservation and the router's decision."""
+    """Size limits, constraints, room to record the call, the rate-limit reservation and the
+    router's decision."""
     prompt_tokens = measure(services, ask.messages)
+    most = prompt_tokens + output_tokens(services, ask.n, ask.max_tokens)
     constraints = constraints_of(services, scope, ask.model, ask.router)
+    services.recorder.admit()  # no room to record the call: refuse it before it costs
     if state.limit_id is not None:
-        state.reservation = services.limits.reserve(state.limit_id, prompt_tokens)
+        state.reservation = services.limits.reserve(state.limit_id, most)
     ctx = RouteContext(
         request_id=state.request_id,
         requested_model=ask.model,
@@ -121,6 +137,7 @@ async def admit(
         needs=ask.needs,
         prompt_tokens=prompt_tokens,
         max_tokens=ask.max_tokens,
+        tenant=state.tenant,
     )
     return ctx, await services.router.decide(ctx)
 

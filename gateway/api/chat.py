@@ -24,7 +24,7 @@ def read(data: dict[str, Any], state: RequestState) -> Admitted:
     req: ChatRequest = validate(ChatRequest, data)
     messages: list[dict[str, Any]] = data["messages"]
     max_tokens = req.max_completion_tokens or req.max_tokens
-    ask = Ask(req.model, req.router, messages, needs_of(data, messages), max_tokens)
+    ask = Ask(req.model, req.router, messages, needs_of(data, messages), max_tokens, req.n or 1)
     body = {k: v for k, v in data.items() if k != "router"}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Admitted(ask, ChatDialect(body, include_usage), duel_body=body, stream=req.stream)

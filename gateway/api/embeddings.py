@@ -5,7 +5,8 @@ Embeddings are not routed: vectors from different models do not compare, so `aut
 models are refused with the list of embedding models, and a failing model does not fall back to
 another (it is retried, as any upstream). The call is rate-limited (its input tokens estimated,
 then settled with the upstream's count), metered in /metrics and logged; it is not recorded as a
-call, since there is no answer to rate or learn from.
+call (nor traced, nor refused when the recorder's spool is full), since there is no answer to rate
+or learn from. Its body fields are checked against the embeddings API's allowlist (`gateway.fields`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import fields
 from gateway.api import json_response, services
 from gateway.api.routed import within_deadline
-from gateway.asgi import until_disconnect
+from gateway.asgi import header_value, until_disconnect
 from gateway.catalogue import ModelSpec
 from gateway.context import request_state
 from gateway.errors import GatewayError, InvalidRequest, NotFound
@@ -57,9 +59,10 @@ def input_size(given: str | list[Any]) -> tuple[int, int]:
 async def embeddings(request: Request) -> Response:
     gw = services(request)
     state = request_state(request.scope)
-    data = parse_json_object(await request.body())
+    data = parse_json_object(await request.body(), gw.settings.max_json_elements)
     require_model(data)
     req: EmbeddingsRequest = validate(EmbeddingsRequest, data)
+    fields.check(data, gw.settings.models, EMBEDDINGS)
     spec = embedding_model(gw, req.model)
     chars, tokens = input_size(req.input)
     if chars > gw.settings.max_input_chars:
@@ -93,7 +96,7 @@ async def embeddings(request: Request) -> Response:
     result.data["model"] = spec.name
     headers = {
         "x-router-model": spec.name,
-        "x-router-upstream-model": upstream_model.encode("ascii", "replace").decode(),
+        "x-router-upstream-model": header_value(upstream_model).decode("latin-1"),
         "x-router-cost-usd": f"{cost:.8f}",
     }
     return json_response(result.data, headers=headers)

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api import admin_only, json_response, services
+from gateway.api import admin_only, bounded, json_response, services
 from gateway.domain import utcnow
 from gateway.errors import InvalidRequest, NotFound
 from gateway.metrics import ArmGauge, Gauges
@@ -22,9 +22,11 @@ from gateway.services import Services
 
 
 async def readiness(s: Services) -> dict[str, str]:
+    """What /ready and /health report (through `Services.readiness`, cached)."""
     checks: dict[str, str] = {}
     try:
-        checks["store"] = "ok" if await asyncio.wait_for(s.store.ping(), 2.0) else "unreachable"
+        bound = min(2.0, s.settings.store_timeout_s)
+        checks["store"] = "ok" if await asyncio.wait_for(s.store.ping(), bound) else "unreachable"
     except Exception as exc:
         checks["store"] = f"unreachable: {type(exc).__name__}"
     available = [m.name for m in s.settings.models if s.upstreams.is_available(m.name)]
@@ -35,17 +37,24 @@ async def readiness(s: Services) -> dict[str, str]:
         checks["models"] = f"no model available: {why}" if why else "no model configured"
     if POLICIES[s.settings.router_policy].needs_embedding:
         checks["embedder"] = "ok" if s.embedder is not None else "unavailable: routing without context"
+    rec = s.recorder.state()
+    if rec.spool is not None and rec.spool.bytes >= rec.spool.max_bytes:
+        checks["recorder"] = "full: new calls are refused until the database catches up"
+    elif rec.failing:
+        checks["recorder"] = f"failing: the oldest record has waited {rec.oldest_s:.0f} s for the database"
+    else:
+        checks["recorder"] = "ok"
     return checks
 
 
-def gauges(s: Services) -> Gauges:
+def gauges(s: Services, auth_failures: int = 0) -> Gauges:
     """What /metrics reads at scrape time."""
     arms = {}
     for m in s.settings.models:
         stats = s.router.stats.get(m.name)
         arms[m.name] = ArmGauge(s.router.quality(m.name), stats.rated if stats else 0)
     cache = s.embedder.cache_stats() if s.embedder is not None else None
-    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms)
+    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms, auth_failures)
 
 
 def model_entry(gw: Services, name: str) -> dict[str, Any] | None:
@@ -97,22 +106,27 @@ async def live(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
+def _cache_headers(gw: Services) -> dict[str, str]:
+    return {"cache-control": f"max-age={int(gw.settings.health_cache_s)}"}
+
+
 async def ready(request: Request) -> Response:
-    checks = await readiness(services(request))
-    ok = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+    gw = services(request)
+    r = await gw.readiness.get()
+    body = {"status": "ready" if r.ok else "not_ready", "checks": r.checks}
+    return json_response(body, 200 if r.ok else 503, _cache_headers(gw))
 
 
 async def health(request: Request) -> Response:
     gw = services(request)
-    checks = await readiness(gw)
+    r = await gw.readiness.get()
     body = {
-        "status": "ok" if all(v == "ok" for v in checks.values()) else "degraded",
-        "checks": checks,
+        "status": "ok" if r.ok else "degraded",
+        "checks": r.checks,
         "providers": gw.upstreams.snapshot(),
         "recorder": gw.recorder.state(),
     }
-    return json_response(body)
+    return json_response(body, headers=_cache_headers(gw))
 
 
 async def prometheus(request: Request) -> Response:
@@ -121,6 +135,7 @@ async def prometheus(request: Request) -> Response:
 
 _WINDOW = re.compile(r"^(\d+)([mhd])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+_MAX_WINDOW = timedelta(days=3650)
 
 
 async def stats(request: Request) -> Response:
@@ -128,11 +143,14 @@ async def stats(request: Request) -> Response:
     Admin only when the gateway has client keys: the figures cover every caller."""
     gw = admin_only(request, open_without_keys=True)
     window = request.query_params.get("window", "24h")
-    match = _WINDOW.match(window)
-    if not match or int(match.group(1)) == 0:
-        raise InvalidRequest("window must look like 15m, 24h or 7d", param="window", code="invalid_value")
-    since = utcnow() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    rows = await gw.store.usage_stats(since)
+    match = _WINDOW.fullmatch(window)
+    span = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))}) if match and len(window) <= 8 else None
+    if span is None or not timedelta(0) < span <= _MAX_WINDOW:
+        raise InvalidRequest(
+            "window must look like 15m, 24h or 7d, at most 3650d", param="window", code="invalid_value"
+        )
+    since = utcnow() - span
+    rows = await bounded(gw, gw.store.usage_stats(since))
     total = sum(r.requests for r in rows)
     models: list[dict[str, Any]] = [
         {**asdict(r), "share": round(r.requests / total, 4) if total else 0.0}

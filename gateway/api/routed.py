@@ -9,6 +9,7 @@ What differs between the APIs is the endpoint's `Dialect`: what each model of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,15 +18,16 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from gateway import fields
 from gateway.api.admission import Ask, admit, refused
-from gateway.asgi import Headers, read_body, send_bytes, send_stream, until_disconnect
+from gateway.asgi import Headers, header_value, read_body, send_bytes, send_stream, until_disconnect
 from gateway.attempts import Attempt
 from gateway.calls import account, answered, open_record
 from gateway.catalogue import ModelSpec
 from gateway.context import RequestState, request_state
 from gateway.domain import CallRecord
 from gateway.errors import ClientDisconnected, GatewayError, UpstreamError, UpstreamTimeout
-from gateway.providers import Api, ProviderError
+from gateway.providers import CHAT, Api, ProviderError
 from gateway.routing import Decision, RouteContext
 from gateway.schemas import parse_json_object, require_model
 from gateway.services import Services, services_of
@@ -63,7 +65,7 @@ class StreamCodec(Protocol):
 
     def end(self, ok: bool) -> bytes:
         """What closes the stream (`ok`: the upstream's stream ended well; otherwise after an
-        error event)."""
+        error event), sent once the call's record is kept: the last bytes of the stream."""
         ...
 
     def error(self, exc: GatewayError) -> bytes: ...
@@ -96,18 +98,23 @@ class Admitted:
 
 class RoutedEndpoint:
     """The ASGI endpoint of a routed API (raw ASGI, to keep the hot path short): the body is read
-    and turned into an `Admitted` by `read` (the API's own validation), admitted, and called."""
+    and turned into an `Admitted` by `read` (the API's own validation), its fields checked against
+    what `api` may carry (`gateway.fields`), admitted, and called."""
 
-    def __init__(self, read: Callable[[dict[str, Any], RequestState], Admitted]) -> None:
+    def __init__(self, read: Callable[[dict[str, Any], RequestState], Admitted], api: Api = CHAT) -> None:
         self.read = read
+        self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = services_of(scope)
         state = request_state(scope)
+        if services.tracing.enabled:
+            state.trace = services.tracing.begin(scope["headers"])
         try:
-            data = parse_json_object(await read_body(receive))
+            data = parse_json_object(await read_body(receive), services.settings.max_json_elements)
             require_model(data)
             admitted = self.read(data, state)
+            fields.check(data, services.settings.models, self.api)
             ctx, decision = await admit(services, state, scope, admitted.ask)
         except GatewayError as exc:
             refused(services, state, exc)
@@ -122,7 +129,9 @@ class RoutedEndpoint:
             decision,
             admitted.dialect,
             admitted.duel_body,
-            open_record(state, ask.messages, ask.model, decision, stream=admitted.stream),
+            services.calls.opened(
+                open_record(state, ask.messages, ask.model, decision, stream=admitted.stream)
+            ),
         )
         if admitted.stream:
             await call.stream()
@@ -153,10 +162,10 @@ class RoutedCall:
             result: T = await until_disconnect(self.receive, self._within_deadline(work))
             return result
         except ClientDisconnected:
-            self.services.calls.cancelled(self.record, self.state)
+            await self.services.calls.cancelled(self.record, self.state)
             raise
         except Exception as exc:
-            self.services.calls.failed(self.record, self.state, exc)
+            await self.services.calls.failed(self.record, self.state, exc)
             raise
 
     async def _within_deadline(self, work: Awaitable[T]) -> T:
@@ -165,7 +174,7 @@ class RoutedCall:
     def _headers(self, upstream_model: str, attempts: list[Attempt]) -> Headers:
         headers = [
             (b"x-router-model", (self.record.model or "").encode()),
-            (b"x-router-upstream-model", upstream_model.encode("utf-8", "replace")),
+            (b"x-router-upstream-model", header_value(upstream_model)),
             (b"x-router-layer", self.decision.layer.encode()),
             (b"x-router-attempts", str(len(attempts)).encode()),
         ]
@@ -175,29 +184,35 @@ class RoutedCall:
             headers.append((b"x-router-cost-usd", f"{self.record.cost_usd:.8f}".encode()))
         return headers
 
-    def _finish(self) -> None:
-        self.services.calls.finish(self.record, self.state)
+    async def _finish(self) -> None:
+        """Keeps the record (on disk) before the last byte; raises RecorderUnavailable if it cannot."""
+        await self.services.calls.finish(self.record, self.state)
         if self.record.status == "ok" and self.duel_body is not None:
             self.services.duels.maybe_start(self.record, self.decision, self.duel_body)
 
     async def complete(self) -> None:
         services, record = self.services, self.record
         result = await self._upstream(services.upstreams.answer(self.decision.chain, self.dialect.plan))
-        spec = result.spec
-        data, answer = self.dialect.answer(result.api, spec, result.data)
-        upstream_model = answer.upstream_model or spec.upstream_id
-        record.response = answer.text
-        account(record, spec, answer.usage, self.ctx.prompt_tokens)
-        answered(record, spec, upstream_model, result.attempts)
-        record.synthetic = answer.synthetic
-        record.status, record.http_status = "ok", 200
-        record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
-        payload = orjson.dumps(data)
-        self.state.mark_overhead(result.upstream_ms)
-        headers = self._headers(upstream_model, result.attempts)
-        headers.append((b"content-type", b"application/json"))
+        try:
+            spec = result.spec
+            data, answer = self.dialect.answer(result.api, spec, result.data)
+            upstream_model = answer.upstream_model or spec.upstream_id
+            record.response = answer.text
+            account(record, spec, answer.usage, self.ctx.prompt_tokens)
+            answered(record, spec, upstream_model, result.attempts)
+            record.synthetic = answer.synthetic
+            record.upstream_ms = result.attempts[-1].ms  # the answering model's own time (fallbacks aside)
+            payload = orjson.dumps(data)
+            self.state.mark_overhead(result.upstream_ms)
+            headers = self._headers(upstream_model, result.attempts)
+            headers.append((b"content-type", b"application/json"))
+            record.status, record.http_status = "ok", 200
+        except Exception as exc:  # the answer cannot be sent: the call is recorded as failed all the same
+            await services.calls.failed(record, self.state, exc)
+            raise
+        # The record is on disk before the answer goes out (a 503 instead when it cannot be).
+        await self._finish()
         await send_bytes(self.send, 200, payload, headers)
-        self._finish()
 
     async def stream(self) -> None:
         opened: OpenStream = await self._upstream(
@@ -217,7 +232,8 @@ class RoutedCall:
             outcome = "error"
             raise
         finally:
-            await relay.finish(outcome)  # when the stream never started; otherwise already done
+            with contextlib.suppress(GatewayError):  # logged; the client has its error already
+                await relay.finish(outcome)  # when the stream never started; otherwise already done
 
 
 class StreamRelay:
@@ -233,6 +249,7 @@ class StreamRelay:
         self.finished = False
 
     async def finish(self, status: str) -> None:
+        """Records the call, once; raises RecorderUnavailable if its record cannot be kept."""
         if self.finished:
             return
         self.finished = True
@@ -246,8 +263,10 @@ class StreamRelay:
         record.response = said.text
         record.synthetic = said.synthetic
         account(record, opened.spec, said.usage, call.ctx.prompt_tokens)
-        call._finish()  # recorded before closing: a cancellation cannot lose it
-        await opened.aclose()
+        try:
+            await call._finish()  # recorded before closing: a cancellation cannot lose it
+        finally:
+            await opened.aclose()
 
     async def events(self, head: bytes | None) -> AsyncGenerator[bytes, None]:
         """The client's stream: `head` (the first event, encoded), then the rest as it comes."""
@@ -287,7 +306,14 @@ class StreamRelay:
                 UpstreamError(f"the upstream stream broke off: {broken.message}", code="stream_interrupted")
             )
         finally:
-            await self.finish(status)
-        tail = self.codec.end(status == "ok")
+            refusal = await self._kept(status)  # on disk before the stream's last bytes
+        tail = self.codec.end(status == "ok") if refusal is None else self.codec.error(refusal)
         if tail:
             yield tail
+
+    async def _kept(self, status: str) -> GatewayError | None:
+        try:
+            await self.finish(status)
+        except GatewayError as exc:
+            return exc
+        return None
