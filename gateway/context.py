@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.domain import CallRecord, VirtualKey
 from gateway.limits import Policy, Quota, RateLimits, Reservation
+from gateway.tracing import CallTrace
 
 STATE_KEY = "request"
 
@@ -21,13 +22,18 @@ class RequestState:
     request_id: str = ""
     caller: str | None = None  # the caller's key id
     key: VirtualKey | None = None  # the caller's virtual key (models, limits, budgets)
+    # The tenant whose request ids, ratings, pairs and arm statistics these are: a virtual key's
+    # owner; an environment client key's id on a gateway that requires keys; "" otherwise (an open
+    # gateway: one tenant, anyone may read and rate its calls). See gateway.auth.Caller.
+    tenant: str = ""
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
     policy: Policy | None = None  # the limits that apply to limit_id (None: none)
     admitted: bool = False  # the request has been counted against `policy`
     quotas: list[Quota] = field(default_factory=list)  # what is left, for the x-ratelimit-* headers
-    reservation: Reservation | None = None  # prompt tokens and estimated cost held for the call
+    reservation: Reservation | None = None  # tokens (prompt, most output) and cost held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
+    trace: CallTrace | None = None  # its trace, when tracing is on
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000
@@ -55,8 +61,8 @@ def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
 
 
 async def admit(limits: RateLimits, state: RequestState, tokens: int | None = None) -> None:
-    """Counts the request against its caller's limits (once), holding `tokens` for a chat call:
-    the headers' figures go into `state`; a refusal is raised."""
+    """Counts the request against its caller's limits (once), holding `tokens` for a call that goes
+    upstream: the headers' figures go into `state`; a refusal is raised."""
     if state.policy is None or state.limit_id is None or state.admitted:
         return
     state.admitted = True
@@ -65,3 +71,16 @@ async def admit(limits: RateLimits, state: RequestState, tokens: int | None = No
     if refused is not None:
         raise refused
     state.reservation = held
+
+
+async def hold_budget(limits: RateLimits, state: RequestState, cost_usd: float) -> None:
+    """Holds a call's estimated cost against its key's budgets, beside its tokens (refused: the
+    429 is raised)."""
+    if state.policy is None or state.limit_id is None or not state.policy.budgets:
+        return
+    state.reservation, quotas, refused = await limits.spend(
+        state.limit_id, state.policy, cost_usd, state.reservation
+    )
+    update_quotas(state, quotas)
+    if refused is not None:
+        raise refused

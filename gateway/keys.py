@@ -101,6 +101,21 @@ def revoked(key: VirtualKey, now: datetime | None = None) -> VirtualKey:
     return key if key.revoked_at is not None else replace(key, revoked_at=now or utcnow())
 
 
+def _refusal(key: VirtualKey, requested: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"this API key may not use the model {requested!r}; "
+        f"it may use: {', '.join(sorted(key.models or ())) or 'none'}",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
+def allow(key: VirtualKey | None, model: str) -> None:
+    """A model named outright (a catalogue model; embeddings are not routed): 403 unless listed."""
+    if key is not None and key.models is not None and model not in key.models:
+        raise _refusal(key, model)
+
+
 def narrow(
     key: VirtualKey | None, requested: str, constraints: RouterConstraints, catalogue: set[str]
 ) -> RouterConstraints:
@@ -109,26 +124,25 @@ def narrow(
     only (whatever the request's own `router.models` say)."""
     if key is None or key.models is None:
         return constraints
-    listed = set(key.models)
-    mine = listed & catalogue
-    refused = PermissionDenied(
-        f"this API key may not use the model {requested!r}; "
-        f"it may use: {', '.join(sorted(listed)) or 'none'}",
-        param="model",
-        code="model_not_allowed",
-    )
     if requested in catalogue:
-        if requested not in listed:
-            raise refused
+        allow(key, requested)
         return constraints
-    if requested not in listed and not mine:
-        raise refused
+    mine = set(key.models) & catalogue
+    if requested not in key.models and not mine:
+        raise _refusal(key, requested)
     if not mine:
         return constraints
     chosen = tuple(m for m in (constraints.models or sorted(mine)) if m in mine)
     if not chosen:
-        raise refused
+        raise _refusal(key, requested)
     return constraints.model_copy(update={"models": chosen})
+
+
+def fallbacks_for(key: VirtualKey | None, fallbacks: list[str], catalogue: set[str]) -> list[str]:
+    """The fallbacks a key may end on: those it lists, when it lists catalogue models (a key that
+    lists only virtual models takes what they route to, fallbacks included)."""
+    mine = set(key.models or ()) & catalogue if key is not None else set()
+    return [f for f in fallbacks if f in mine] if mine else fallbacks
 
 
 async def announce(shared: SharedState, key_id: str) -> None:

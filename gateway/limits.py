@@ -65,8 +65,8 @@ class Quota:
 
 
 class Ledger(Protocol):
-    async def spent(self, caller: str, since: datetime) -> float:
-        """USD spent by `caller` on calls since `since`."""
+    async def spent(self, key_id: str, since: datetime) -> float:
+        """USD spent with the virtual key `key_id` on calls since `since`."""
         ...
 
 

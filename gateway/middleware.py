@@ -17,16 +17,26 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
-from gateway.auth import PROTECTED
+from gateway.auth import KEY_HEADERS, PROTECTED, Caller, Keys, presented
+from gateway.auth_failures import AuthFailures
 from gateway.context import STATE_KEY, RequestState, admit
-from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import (
+    AuthenticationError,
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from gateway.limits import headers as quota_headers
 from gateway.services import services_of
 
 log = logging.getLogger("gateway.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch (`$` would pass a "\n")
-CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+# Admitted by their endpoints once the body is read, with its tokens (one operation).
+ADMITTED_WITH_TOKENS = frozenset(
+    f"{v}/{api}" for v in ("", "/v1") for api in ("chat/completions", "responses", "embeddings")
+)
 _QUIET = ("/live", "/ready", "/health", "/metrics")  # probes and scrapes: no line each when fine
 
 
@@ -39,8 +49,10 @@ class RequestContext:
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
         log_prompts: bool = False,
+        auth_failures: AuthFailures | None = None,
     ) -> None:
         self.app = app
+        self.auth_failures = auth_failures
         self.redact = redact
         self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
@@ -53,7 +65,7 @@ class RequestContext:
         t0 = time.perf_counter()
         request_id: str | None = None
         content_length: int | None = None
-        auth: bytes | None = None
+        auth: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
@@ -62,8 +74,8 @@ class RequestContext:
                     content_length = int(value)
                 except ValueError:
                     content_length = None
-            elif name == b"authorization":
-                auth = value
+            elif name in KEY_HEADERS:
+                auth.setdefault(name, value)
         state = RequestState(t0)
         scope.setdefault("state", {})[STATE_KEY] = state
         if self.in_flight is not None:
@@ -93,9 +105,9 @@ class RequestContext:
                     code="invalid_request_id",
                 )
             services = services_of(scope)
-            caller = await services.keys.caller(scope["path"], auth)
+            caller = await self._caller(scope, services.keys, presented(auth))
             if caller is not None:
-                state.caller, state.key = caller.id, caller.key
+                state.caller, state.key, state.tenant = caller.id, caller.key, caller.tenant
             if scope["path"].startswith(PROTECTED):
                 policy = services.limits.policy(state.key)
                 if policy.limited:
@@ -105,8 +117,8 @@ class RequestContext:
                     verified = caller is not None and caller.verified
                     state.limit_id = caller.id if caller and verified else f"ip:{client[0]}"
                     state.policy = policy
-                    if not (scope["method"] == "POST" and scope["path"] in CHAT_PATHS):
-                        await admit(services.limits, state)  # chat: with its tokens, once read
+                    if not (scope["method"] == "POST" and scope["path"] in ADMITTED_WITH_TOKENS):
+                        await admit(services.limits, state)  # the others: with their tokens, once read
             if content_length is not None and content_length > self.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
             await self.app(scope, self._limited(receive), send_wrapper)
@@ -135,6 +147,19 @@ class RequestContext:
                 self.in_flight.dec()
             self._log(scope, state, status)
 
+    async def _caller(self, scope: Scope, keys: Keys, given: list[bytes]) -> Caller | None:
+        """The caller (of the keys `given`); failed authentications, virtual keys' included, are
+        counted per address (and limited)."""
+        if self.auth_failures is None or not scope["path"].startswith(PROTECTED):
+            return await keys.caller(scope["path"], given)
+        address = (scope.get("client") or ("unknown", 0))[0]
+        self.auth_failures.check(address)
+        try:
+            return await keys.caller(scope["path"], given)
+        except AuthenticationError:
+            self.auth_failures.failed(address)
+            raise
+
     def _headers(self, state: RequestState) -> list[tuple[bytes, bytes]]:
         out = []
         if state.request_id:
@@ -159,6 +184,8 @@ class RequestContext:
         }
         if rec is not None:
             extra.update(model=rec.model, layer=rec.layer, stream=rec.stream)
+            if rec.trace_id:
+                extra["trace_id"] = rec.trace_id
             if rec.strategy:
                 extra["strategy"] = rec.strategy
             extra.update(

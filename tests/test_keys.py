@@ -67,7 +67,8 @@ def test_issue_use_rotate_revoke_with_only_a_hash_stored(fake, gateway, dsn):
     raw = client.chat.completions.with_raw_response.create(model="cheap", messages=USER)  # type: ignore[arg-type]
     rid = raw.headers["x-request-id"]
     gw.call(gw.services.recorder.flush())
-    assert query(dsn, "SELECT caller FROM calls WHERE id = $1", rid)[0]["caller"] == key_id
+    row = query(dsn, "SELECT caller, key_id FROM calls WHERE id = $1", rid)[0]
+    assert row["key_id"] == key_id and row["caller"] == "acme"  # the key's own; its owner's tenant
     own = httpx.get(f"{gw.url}/v1/keys/{key_id}", headers={"Authorization": f"Bearer {secret}"})
     assert own.status_code == 200 and own.json()["owner"] == "acme"  # a key may read itself
 
@@ -131,7 +132,9 @@ def test_a_key_uses_only_its_models(fake, gateway):
 def test_own_limits_and_headers_on_every_answer(fake, gateway):
     gw = gateway(_settings(fake, rate_limit_rpm=100, max_body_bytes=1000))
     key = create(gw, rpm=4, tpm=1000)["key"]
-    answers = [chat(gw, key) for _ in range(2)]
+    # max_tokens: a call holds its prompt and its most output against the key's 1,000 tokens
+    answers = [chat(gw, key, max_tokens=50) for _ in range(2)]
+    assert answers[0].status_code == 200, answers[0].text
     assert answers[0].headers["x-ratelimit-limit-requests"] == "4"
     assert answers[1].headers["x-ratelimit-remaining-requests"] == "2"
     assert answers[1].headers["x-ratelimit-limit-tokens"] == "1000"
@@ -144,7 +147,7 @@ def test_own_limits_and_headers_on_every_answer(fake, gateway):
     # refused by its content-length before the chat endpoint is reached: counted all the same
     huge = httpx.post(gw.url + "/v1/chat/completions", content=b" " * 2000, headers=auth)
     assert huge.status_code == 413 and huge.headers["x-ratelimit-remaining-requests"] == "0"
-    limited = chat(gw, key)
+    limited = chat(gw, key, max_tokens=50)
     assert_openai_error(limited, 429, "rate_limit_exceeded")
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert 1 <= int(limited.headers["retry-after"]) <= 15

@@ -68,7 +68,6 @@ class Cluster:
             "REQUIRE_API_KEYS": "true",
             "ROUTER_POLICY": "default",
             "KEY_CACHE_TTL_S": "30",
-            "DATA_DIR": str(work / "data"),
             "LOG_FORMAT": "text",
             "LOG_LEVEL": "warning",
             "HOST": "127.0.0.1",
@@ -87,7 +86,8 @@ class Cluster:
                 subprocess.Popen(
                     [sys.executable, "-m", "gateway", "serve", "--no-migrate", "--port", str(port)],
                     cwd=self.work,
-                    env=self.env,
+                    # each replica its own spool, as each container has its own disk
+                    env={**self.env, "DATA_DIR": str(self.work / f"data{i}")},
                     stdout=log.open("wb"),
                     stderr=subprocess.STDOUT,
                 )

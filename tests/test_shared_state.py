@@ -177,7 +177,7 @@ async def test_a_budget_starts_from_the_ledger_and_refuses_past_it():
     store = MemoryStore()
     now = datetime.now(UTC)
     record = CallRecord(id="c1", messages=[], requested_model="m", model="m", status="ok", http_status=200)
-    record.caller, record.cost_usd = "vk_0123456789abcdef", 0.75
+    record.key_id, record.cost_usd = "vk_0123456789abcdef", 0.75
     await store.write_calls([record])
     limits = RateLimits(LocalState(), ledger=store, now=lambda: now)
     policy = limits.policy(_key(budget_month_usd=1.0))

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import admin_only, json_response, services
+from gateway.api import admin_only, bounded, json_response, services
 from gateway.context import request_state
 from gateway.domain import VirtualKey, utcnow
 from gateway.errors import InvalidRequest, NotFound
@@ -27,7 +27,7 @@ _KEY_ID = re.compile(r"vk_[0-9a-f]{16}")
 
 
 async def _find(gw: Services, key_id: str) -> VirtualKey:
-    key = await gw.store.find_key(key_id=key_id) if _KEY_ID.fullmatch(key_id) else None
+    key = await bounded(gw, gw.store.find_key(key_id=key_id)) if _KEY_ID.fullmatch(key_id) else None
     if key is None:
         raise NotFound(f"no key with id {key_id!r}", param="id", code="key_not_found")
     return key
@@ -59,14 +59,14 @@ async def create(request: Request) -> Response:
     key, secret = issue(req, now)
     if key.expires_at is not None and key.expires_at <= now:
         raise InvalidRequest("expires_at is in the past", param="expires_at", code="invalid_value")
-    await gw.store.save_key(key)
+    await bounded(gw, gw.store.save_key(key))
     return json_response({**key.public(now), "key": secret}, 201)
 
 
 async def list_keys(request: Request) -> Response:
     gw = admin_only(request)
     now = utcnow()
-    keys = await gw.store.list_keys(request.query_params.get("owner"))
+    keys = await bounded(gw, gw.store.list_keys(request.query_params.get("owner")))
     return json_response({"object": "list", "data": [k.public(now) for k in keys]})
 
 
@@ -78,7 +78,7 @@ async def get_key(request: Request) -> Response:
 async def revoke(request: Request) -> Response:
     gw = admin_only(request)
     key = revoked(await _find(gw, request.path_params["key_id"]))
-    await gw.store.save_key(key)
+    await bounded(gw, gw.store.save_key(key))
     await gw.directory.changed(key.id)
     return json_response(key.public(utcnow()))
 
@@ -89,7 +89,7 @@ async def rotate(request: Request) -> Response:
     if key.revoked_at is not None:
         raise InvalidRequest("a revoked key cannot be rotated; issue a new one", code="key_revoked")
     key, secret = rotated(key)
-    await gw.store.save_key(key)
+    await bounded(gw, gw.store.save_key(key))
     await gw.directory.changed(key.id)
     return json_response({**key.public(utcnow()), "key": secret})
 
@@ -103,10 +103,10 @@ async def spend(request: Request) -> Response:
         days = 0
     if not 1 <= days <= 366:
         raise InvalidRequest("days must be a whole number from 1 to 366", param="days", code="invalid_value")
-    await gw.recorder.flush()  # calls still in the write-behind queue count too
+    await bounded(gw, gw.recorder.flush())  # calls still in the write-behind queue count too
     now = utcnow()
     since = now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days - 1)
-    rows = await gw.store.spend_by_day(key.id, since)
+    rows = await bounded(gw, gw.store.spend_by_day(key.id, since))
     by_day: dict[str, dict[str, Any]] = {}
     for r in rows:
         day = by_day.setdefault(r.day, {"date": r.day, "cost_usd": 0.0, "requests": 0, "models": []})
@@ -130,7 +130,7 @@ async def spend(request: Request) -> Response:
         if usd is None:
             continue
         _, start, end = period_bounds(period, now)
-        spent = await gw.store.spent(key.id, start)
+        spent = await bounded(gw, gw.store.spent(key.id, start))
         budgets.append(
             {
                 "period": period,

@@ -32,17 +32,17 @@ class MemoryKeys:
         found = [k for k in self.keys.values() if owner is None or k.owner == owner]
         return sorted(found, key=lambda k: (k.created_at, k.id))
 
-    def _spending(self, caller: str, since: datetime) -> Iterable[CallRecord]:
+    def _spending(self, key_id: str, since: datetime) -> Iterable[CallRecord]:
         return (
-            r for r in self._records() if r.caller == caller and r.kind == "call" and r.created_at >= since
+            r for r in self._records() if r.key_id == key_id and r.kind == "call" and r.created_at >= since
         )
 
-    async def spent(self, caller: str, since: datetime) -> float:
-        return sum(r.cost_usd or 0.0 for r in self._spending(caller, since))
+    async def spent(self, key_id: str, since: datetime) -> float:
+        return sum(r.cost_usd or 0.0 for r in self._spending(key_id, since))
 
-    async def spend_by_day(self, caller: str, since: datetime) -> list[SpendRow]:
+    async def spend_by_day(self, key_id: str, since: datetime) -> list[SpendRow]:
         rows: dict[tuple[str, str | None], list[float]] = {}
-        for r in self._spending(caller, since):
+        for r in self._spending(key_id, since):
             acc = rows.setdefault((r.created_at.strftime("%Y-%m-%d"), r.model), [0, 0.0, 0, 0])
             acc[0] += 1
             acc[1] += r.cost_usd or 0.0

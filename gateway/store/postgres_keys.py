@@ -1,5 +1,5 @@
 """The Postgres store's virtual keys and spend: `api_keys` (a hash of each secret, never the
-secret) and a caller's spend read from `calls` (the ledger budgets are seeded from)."""
+secret) and a key's spend read from `calls` by `key_id` (the ledger budgets are seeded from)."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ class KeyQueries(PgBase):
 
         return await self._run(q)
 
-    async def spent(self, caller: str, since: datetime) -> float:
+    async def spent(self, key_id: str, since: datetime) -> float:
         stmt = select(func.coalesce(func.sum(calls.c.cost_usd), 0.0)).where(
-            calls.c.caller == caller, calls.c.created_at >= since, calls.c.kind == "call"
+            calls.c.key_id == key_id, calls.c.created_at >= since, calls.c.kind == "call"
         )
 
         async def q(conn: AsyncConnection) -> float:
@@ -71,7 +71,7 @@ class KeyQueries(PgBase):
 
         return await self._run(q)
 
-    async def spend_by_day(self, caller: str, since: datetime) -> list[SpendRow]:
+    async def spend_by_day(self, key_id: str, since: datetime) -> list[SpendRow]:
         day = func.to_char(func.timezone("UTC", calls.c.created_at), "YYYY-MM-DD").label("day")
         stmt = (
             select(
@@ -82,7 +82,7 @@ class KeyQueries(PgBase):
                 func.coalesce(func.sum(calls.c.prompt_tokens), 0).label("prompt_tokens"),
                 func.coalesce(func.sum(calls.c.completion_tokens), 0).label("completion_tokens"),
             )
-            .where(calls.c.caller == caller, calls.c.created_at >= since, calls.c.kind == "call")
+            .where(calls.c.key_id == key_id, calls.c.created_at >= since, calls.c.kind == "call")
             .group_by(day, calls.c.model)
             .order_by(day, calls.c.model)
         )

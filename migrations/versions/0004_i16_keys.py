@@ -1,7 +1,8 @@
-"""Virtual keys (only a hash of each secret is stored) and an index for a caller's spend
+"""Virtual keys (only a hash of each secret is stored); calls.key_id (the virtual key a call was
+made with, its tenant being the key's owner in calls.caller) and an index for a key's spend
 
 Revision ID: 0004_i16_keys
-Revises: 0002
+Revises: 0003_i15_tenancy
 Create Date: 2026-11-23
 """
 
@@ -12,7 +13,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0004_i16_keys"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003_i15_tenancy"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -37,15 +38,17 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     )
     op.create_index("api_keys_owner_idx", "api_keys", ["owner"])
-    # Budgets are seeded from, and /v1/keys/{id}/spend reads, a caller's calls by time.
+    # Budgets are seeded from, and /v1/keys/{id}/spend reads, a key's calls by time.
+    op.add_column("calls", sa.Column("key_id", sa.Text()))
     op.create_index(
-        "calls_caller_created_at_idx",
+        "calls_key_id_created_at_idx",
         "calls",
-        ["caller", "created_at"],
-        postgresql_where=sa.text("caller IS NOT NULL"),
+        ["key_id", "created_at"],
+        postgresql_where=sa.text("key_id IS NOT NULL"),
     )
 
 
 def downgrade() -> None:
-    op.drop_index("calls_caller_created_at_idx", table_name="calls")
+    op.drop_index("calls_key_id_created_at_idx", table_name="calls")
+    op.drop_column("calls", "key_id")
     op.drop_table("api_keys")
