@@ -15,11 +15,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.catalogue import DEFAULT_BASE_URLS, ModelSpec, Policy, RouterConstraints, Rule, SemanticRoute
+from gateway.config_errors import ConfigError, describe
+from gateway.profiles import DATA_ROOT, profile_name
+from gateway.spelling import closest, unknown
 
 
 def _comma_list(value: Any) -> Any:
@@ -29,7 +32,6 @@ def _comma_list(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], NoDecode]
-
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -62,10 +64,14 @@ class _YamlSource(PydanticBaseSettingsSource):
             return {}
         path = Path(self.path)
         if not path.is_file():
-            raise ValueError(f"config file {self.path!r} does not exist")
+            raise ConfigError(f"config file {self.path!r} does not exist")
         data = yaml.safe_load(expand_env(path.read_text())) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {self.path!r}: expected a mapping at the top level")
+            raise ConfigError(f"config file {self.path!r}: expected a mapping at the top level")
+        fields = self.settings_cls.model_fields
+        for key in data:
+            if str(key).lower() not in fields:
+                raise ConfigError(f"config file {self.path}: {unknown('setting', str(key), fields)}")
         return {str(k).lower(): v for k, v in data.items()}
 
 
@@ -151,8 +157,8 @@ class Settings(BaseSettings):
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
     embedding_threads: int = Field(default=1, ge=1, le=64)
-    # Where the ONNX export of the embedding model lives (default DATA_DIR/models); the Docker image
-    # bakes it in at build time.
+    # Where the ONNX export of the embedding model lives (default DATA_DIR/models when DATA_DIR is
+    # set, else ./data/models, shared by every profile); the Docker image bakes it in at build time.
     models_dir: Path | None = None
 
     # --- persistence
@@ -164,7 +170,11 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = None
     database_name: str = "llm_router"
     database_ssl_mode: str | None = None
-    data_dir: Path = Path("./data")
+    # This gateway's own state (the embedded PostgreSQL): by default ./data/<profile>, so that
+    # gateways started from one checkout with different profiles or replay files never share
+    # learning or exports (see `profile_name`); set DATA_DIR to choose (./data is where every
+    # gateway kept its state before).
+    data_dir: Path = DATA_ROOT
     run_migrations: bool = True
     recorder_queue_size: int = Field(default=100_000, ge=1)
     recorder_batch_size: int = Field(default=500, ge=1)
@@ -214,6 +224,11 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate model names in the catalogue: {sorted(duplicates)}")
         self.models = models
+        if "data_dir" not in self.model_fields_set:
+            self.data_dir = DATA_ROOT / profile_name(self.config_file, models)
+        if self.models_dir is None:
+            root = self.data_dir if "data_dir" in self.model_fields_set else DATA_ROOT
+            self.models_dir = root / "models"
         known_names = set(names)
         if self.default_model is None and models:
             self.default_model = models[0].name
@@ -226,10 +241,12 @@ class Settings(BaseSettings):
         for where, targets in self._model_references():
             for name in targets:
                 if name not in known_names:
-                    raise ValueError(f"{where}: model {name!r} is not in the catalogue")
+                    guess = closest(name, known_names)
+                    hint = f"; did you mean {guess!r}?" if guess else ""
+                    raise ValueError(f"{where}: model {name!r} is not in the catalogue{hint}")
         for where, policy in self._policy_references():
             if policy not in self.policies:
-                raise ValueError(f"{where}: policy {policy!r} is not defined under 'policies'")
+                raise ValueError(f"{where}: {unknown('policy', policy, self.policies)} (see 'policies')")
         for vname in self.virtual_models:
             if vname in known_names:
                 raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
@@ -328,8 +345,27 @@ def normalise_dsn(url: str) -> str:
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
-    """Build Settings; `overrides` (command-line flags) beat every other source."""
+    """Build Settings; `overrides` (command-line flags) beat every other source. What is wrong
+    with them is a ConfigError, one line (pydantic's own rendering is several lines a problem)."""
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if config_file:
         kwargs["config_file"] = config_file
-    return Settings(**kwargs)
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from exc
+
+
+def config_values(path: str) -> dict[str, Any]:
+    """The YAML file's values, keys lower-cased (an unknown key is a ConfigError)."""
+    return _YamlSource(Settings, path)()
+
+
+def setting_key(key: str, option: str) -> str:
+    """A setting's field name from `KEY` or `key` (`--set`, `--grid`); an unknown one is a
+    ConfigError that names the closest setting."""
+    name = key.strip().lower()
+    if name not in Settings.model_fields:
+        shown = [f.upper() if key.strip().isupper() else f for f in Settings.model_fields]
+        raise ConfigError(f"{option}: {unknown('setting', key.strip(), shown)}")
+    return name

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gateway.catalogue import STRATEGIES
+from gateway.config import setting_key
+from gateway.config_errors import ConfigError
 from gateway.lab import plots
 from gateway.lab.report import Trace, aiq, halves, model_shares, regret
 from gateway.lab.runner import (
@@ -19,10 +22,13 @@ from gateway.lab.runner import (
     baseline_traces,
     embeddings_for,
     feedback_mask,
+    lab_settings,
     run_router,
     stream_order,
 )
 from gateway.providers import replay as replay_data
+from gateway.routing.policies import POLICIES
+from gateway.spelling import unknown
 
 MODE = "http: a real gateway (uvicorn on 127.0.0.1) driven with model='auto', one request at a time"
 
@@ -48,10 +54,14 @@ HEADER = (
 )
 
 
-def _prepare(file: str, options: Options) -> tuple[Any, list[int], list[bool], list[str], np.ndarray, Any]:
+def _prepare(
+    file: str, options: Options, runs: list[Options]
+) -> tuple[Any, list[int], list[bool], list[str], np.ndarray, Any]:
     from gateway.embedder import load_encoder
 
     data = replay_data.load(file)
+    for run in runs:  # a bad setting fails now, not after the runs before it
+        lab_settings(data, run, None)
     order = stream_order(len(data.records), options.order, options.seed, options.limit)
     mask = feedback_mask(len(order), options.feedback_rate, options.seed)
     max_chars = int(options.overrides.get("embedding_max_chars", 1000))
@@ -87,7 +97,7 @@ def _run(
 
 
 def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
-    data, order, mask, texts, vectors, encoder = _prepare(file, options)
+    data, order, mask, texts, vectors, encoder = _prepare(file, options, [options])
     out_dir = _out_dir(out, data.name, "replay")
     router = _run(data, order, mask, texts, vectors, encoder, options, f"replay {data.name}")
     base = baseline_traces(data, order, mask, vectors, options.seed)
@@ -138,29 +148,36 @@ _ALIASES = {"policy": "router_policy"}
 
 
 def parse_grid(grids: list[str]) -> list[tuple[str, list[Any]]]:
+    """`--grid KEY=v1,v2,...`: KEY a setting (or `policy`, `strategy`); unknown keys, policies and
+    strategies are ConfigErrors that name the closest valid spelling."""
     out = []
     for g in grids:
         key, sep, values = g.partition("=")
-        if not sep or not values:
-            raise ValueError(f"--grid needs KEY=v1,v2,..., got {g!r}")
+        if not sep or not values or not key.strip():
+            raise ConfigError(f"--grid needs KEY=v1,v2,..., got {g!r}")
+        name = key.strip().lower()
+        if name not in _ALIASES and name != "strategy":
+            name = setting_key(key, "--grid")
         parsed: list[Any] = []
         for v in values.split(","):
             try:
                 parsed.append(json.loads(v))
             except json.JSONDecodeError:
                 parsed.append(v)
-        out.append((key.strip().lower(), parsed))
+        vocabulary = {"strategy": STRATEGIES, "router_policy": tuple(POLICIES)}.get(
+            _ALIASES.get(name, name), ()
+        )
+        for v in parsed if vocabulary else []:
+            if v not in vocabulary:
+                raise ConfigError(f"--grid {key.strip()}: {unknown(name.split('_')[-1], str(v), vocabulary)}")
+        out.append((name, parsed))
     return out
 
 
 def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dict[str, Any]:
     grid = parse_grid(grids)
-    data, order, mask, texts, vectors, encoder = _prepare(file, options)
-    out_dir = _out_dir(out, data.name, "sweep")
-    base = baseline_traces(data, order, mask, vectors, options.seed)
-    best = base["best_single"]
-    runs = []
     keys = [k for k, _ in grid]
+    plans = []
     for combo in itertools.product(*[vals for _, vals in grid]):
         setting = dict(zip(keys, combo, strict=True))
         opts = Options(**{**vars(options), "overrides": dict(options.overrides)})
@@ -169,6 +186,13 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
                 opts.strategy = v
             else:
                 opts.overrides[_ALIASES.get(k, k)] = v
+        plans.append((setting, opts))
+    data, order, mask, texts, vectors, encoder = _prepare(file, options, [o for _, o in plans])
+    out_dir = _out_dir(out, data.name, "sweep")
+    base = baseline_traces(data, order, mask, vectors, options.seed)
+    best = base["best_single"]
+    runs = []
+    for setting, opts in plans:
         label = ",".join(f"{k}={v}" for k, v in setting.items())
         trace = _run(data, order, mask, texts, vectors, encoder, opts, label)
         summary = halves(trace, best)
