@@ -236,7 +236,8 @@ def create_app(
             )
             metrics.add_state(lambda: ops.gauges(services))
             probe = asyncio.create_task(_probe_local(settings, session))
-            if not settings.gateway_api_keys:
+            # On loopback only this machine can reach it (the lab's and the demo's gateways).
+            if not settings.gateway_api_keys and settings.host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
                     "your upstream credit and read every call. Set GATEWAY_API_KEYS (and "

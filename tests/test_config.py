@@ -153,8 +153,14 @@ def test_database_parts(monkeypatch):
         ("models: [{name: a, base_url: x, input_usd_per_mtk: 1}]\n", "did you mean 'input_usd_per_mtok'"),
         (CATALOGUE + "virtual_models: {x: {strategy: cost_optimised}}\n", "did you mean 'cost_optimized'"),
         (CATALOGUE + "virtual_models: {x: {stratgy: cost_optimized}}\n", "did you mean 'strategy'"),
-        (CATALOGUE + "policies: {code: {models: [a]}}\nvirtual_models: {x: {policy: cod}}\n", "did you mean 'code'"),
-        (CATALOGUE + "policies: {p: {models: [aa]}}\n", "model 'aa' is not in the catalogue; did you mean 'a'"),
+        (
+            CATALOGUE + "policies: {code: {models: [a]}}\nvirtual_models: {x: {policy: cod}}\n",
+            "did you mean 'code'",
+        ),
+        (
+            CATALOGUE + "policies: {p: {models: [aa]}}\n",
+            "model 'aa' is not in the catalogue; did you mean 'a'",
+        ),
     ],
 )
 def test_bad_configuration_is_refused_clearly(tmp_path, text, message):
