@@ -52,9 +52,12 @@ def expand_env(text: str) -> str:
 
 
 class _YamlSource(PydanticBaseSettingsSource):
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+    def __init__(
+        self, settings_cls: type[BaseSettings], path: str | None, given: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__(settings_cls)
         self.path = path
+        self.given = given  # set in code or on the command line: replaces the file's (no deep merge)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ returns everything at once
@@ -72,7 +75,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         for key in data:
             if str(key).lower() not in fields:
                 raise ConfigError(f"config file {self.path}: {unknown('setting', str(key), fields)}")
-        return {str(k).lower(): v for k, v in data.items()}
+        return {str(k).lower(): v for k, v in data.items() if str(k).lower() not in self.given}
 
 
 class Settings(BaseSettings):
@@ -199,10 +202,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get("CONFIG_FILE")
+        given = getattr(init_settings, "init_kwargs", {})
+        path = given.get("config_file") or os.environ.get("CONFIG_FILE")
         if path is None:
             path = dotenv_settings().get("config_file")
-        return init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, path)
+        return init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, path, frozenset(given))
 
     @model_validator(mode="after")
     def _catalogue(self) -> Settings:
@@ -224,11 +228,11 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate model names in the catalogue: {sorted(duplicates)}")
         self.models = models
-        if "data_dir" not in self.model_fields_set:
+        chosen = "data_dir" in self.model_fields_set  # DATA_DIR given: used as it is
+        if not chosen:
             self.data_dir = DATA_ROOT / profile_name(self.config_file, models)
         if self.models_dir is None:
-            root = self.data_dir if "data_dir" in self.model_fields_set else DATA_ROOT
-            self.models_dir = root / "models"
+            self.models_dir = (self.data_dir if chosen else DATA_ROOT) / "models"
         known_names = set(names)
         if self.default_model is None and models:
             self.default_model = models[0].name
