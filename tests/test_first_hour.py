@@ -286,8 +286,9 @@ def test_demo_without_prices_says_cost_is_unknown(tmp_path, data_dir, st_model, 
 def test_the_readme_no_key_snippet_works_as_written(gateway, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Try it with no API key", 1)[1].split("\n## ", 1)[0]
-    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    assert "llm-router serve --replay ../shared/data/replay/routerbench_dev.jsonl" in command
+    commands = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    assert "llm-router demo ../shared/data/replay/routerbench_dev.jsonl" in commands
+    assert "llm-router serve --replay ../shared/data/replay/routerbench_dev.jsonl" in commands
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     ast.parse(snippet)
     monkeypatch.chdir(ROOT)
@@ -296,3 +297,58 @@ def test_the_readme_no_key_snippet_works_as_written(gateway, monkeypatch):
     gw = gateway(serve_settings(args))
     # the snippet as written, on this gateway's port
     exec(compile(snippet.replace("127.0.0.1:8080", f"127.0.0.1:{gw.port}"), "README.md", "exec"), {})
+
+
+# --- finding 12: the smaller ones
+
+
+def test_the_readme_constraints_example_runs_against_the_dev_profile(fake, gateway, monkeypatch):
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Per-request constraints", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    call = ast.parse(code).body[0].value
+    body = {k.arg: k.value for k in call.keywords}
+    router = ast.literal_eval(body["extra_body"])["router"]
+    dev = load_settings(str(ROOT / "config.dev.yaml"), log_level="warning")
+    # the dev profile's catalogue, its upstreams played by the fake
+    models = [
+        m.model_copy(update={"provider": "openai_compatible", "base_url": fake.url(), "api_key_env": None})
+        for m in dev.models
+    ]
+    gw = gateway(dev.model_copy(update={"models": models, "enable_persistence": False}))
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "router": router},
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-router-model"] == "llama-3.3-70b-free"
+
+
+def test_metrics_have_no_created_series(fake, gateway):
+    gw = gateway(make_settings([model("a", fake.url())]))
+    assert (
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "a", "messages": [{"role": "user", "content": "hi"}]},
+        ).status_code
+        == 200
+    )
+    text = httpx.get(gw.url + "/metrics").text
+    assert "llm_router_requests_total{" in text
+    assert "_created" not in text
+
+
+def test_the_dockerfile_docker_run_starts_the_image_profile(monkeypatch, tmp_path):
+    header = (ROOT / "Dockerfile").read_text().split("\nARG ", 1)[0]
+    [run] = [line for line in header.splitlines() if "docker run" in line]
+    env = dict(re.findall(r"-e ([A-Z_]+)=(\S+)", run))
+    assert "GATEWAY_API_KEYS" in env
+    for var in ("GATEWAY_API_KEYS", "DATABASE_URL", "DATABASE_SSL_MODE", "DATA_DIR", "CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env
+    for key, value in {**env, "DATA_DIR": "/data", "MODELS_DIR": "/opt/models"}.items():  # the image's ENV
+        monkeypatch.setenv(key, value)
+    cmd = (ROOT / "Dockerfile").read_text().split('CMD ["--config", "', 1)[1].split('"', 1)[0]
+    settings = load_settings(str(ROOT / "config.prod.yaml"))  # what the image's CMD loads
+    assert cmd == "/app/config.prod.yaml" and settings.require_api_keys and settings.gateway_api_keys
