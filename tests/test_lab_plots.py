@@ -164,3 +164,14 @@ def test_sweep_prints_its_plot_paths(free_file, tmp_path, data_dir, st_model, ca
     printed = out.split("plots: ", 1)[1].split()
     assert printed == report["plots"] and all(Path(p).is_file() for p in printed)
     assert json.loads((tmp_path / "sw" / "report.json").read_text())["plots"] == printed
+
+
+def test_the_labs_loopback_gateway_does_not_warn_that_it_is_open(fake, gateway, caplog):
+    from gateway.lab.runner import LAB_DEFAULTS
+    from tests.conftest import make_settings, model
+
+    caplog.set_level("WARNING", logger="gateway")
+    gateway(make_settings([model("a", fake.url())], host=LAB_DEFAULTS["host"]))
+    assert not [r for r in caplog.records if "is OPEN" in r.getMessage()]
+    gateway(make_settings([model("a", fake.url())], host="0.0.0.0"))  # reachable from elsewhere: warned
+    assert [r for r in caplog.records if "is OPEN" in r.getMessage()]
