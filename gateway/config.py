@@ -19,7 +19,15 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from gateway.catalogue import DEFAULT_BASE_URLS, ModelSpec, Policy, RouterConstraints, Rule, SemanticRoute
+from gateway.catalogue import (
+    CAPABILITIES,
+    DEFAULT_BASE_URLS,
+    ModelSpec,
+    Policy,
+    RouterConstraints,
+    Rule,
+    SemanticRoute,
+)
 from gateway.config_errors import ConfigError, describe
 from gateway.profiles import DATA_ROOT, profile_name
 from gateway.spelling import closest, unknown
@@ -251,9 +259,15 @@ class Settings(BaseSettings):
         for where, policy in self._policy_references():
             if policy not in self.policies:
                 raise ValueError(f"{where}: {unknown('policy', policy, self.policies)} (see 'policies')")
-        for vname in self.virtual_models:
+        known_capabilities = set(CAPABILITIES).union(*(m.capabilities for m in models))
+        for vname, vm in self.virtual_models.items():
             if vname in known_names:
                 raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
+            for capability in vm.capability:
+                if capability not in known_capabilities:
+                    raise ValueError(
+                        f"virtual model {vname!r}: {unknown('capability', capability, known_capabilities)}"
+                    )
         for m in models:
             self._check_key_destination(m)
         if self.require_api_keys and not self.gateway_api_keys:

@@ -161,6 +161,7 @@ def test_database_parts(monkeypatch):
             CATALOGUE + "policies: {p: {models: [aa]}}\n",
             "model 'aa' is not in the catalogue; did you mean 'a'",
         ),
+        (CATALOGUE + "virtual_models: {v: {capability: [visoin]}}\n", "did you mean 'vision'"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(tmp_path, text, message):

@@ -136,6 +136,8 @@ def test_unknown_router_values_are_400s_that_name_the_closest(fake, gateway):
         ({"models": ["aa"]}, None, "router.models", "did you mean 'a'?"),
         ({"stratgy": "bandit"}, None, "router", "unknown field 'stratgy'; did you mean 'strategy'?"),
         (None, {"X-Router-Policy": "nope"}, "router.policy", "unknown policy 'nope'"),
+        (None, {"X-Router-Strategy": "round_robbin"}, "X-Router-Strategy", "did you mean 'round_robin'?"),
+        (None, {"X-Router-Capability": "visoin"}, "router.capability", "did you mean 'vision'?"),
     ]
     for router, headers, param, message in cases:
         resp = ask(router, headers)
