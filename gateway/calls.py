@@ -1,18 +1,22 @@
 """A call's book-keeping: its record opened from the decision, its tokens and cost from the
 upstream's usage, and its end (however it ends): the rate-limit reservation settled, the error
-redacted, metrics observed, the record handed to the recorder."""
+redacted, metrics observed, the record kept by the recorder (on disk) before the client gets the
+last byte."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gateway.attempts import Attempt
 from gateway.catalogue import ModelSpec
 from gateway.context import RequestState
 from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
-from gateway.upstreams import Attempt
+from gateway.tracing import NoTracing, Tracing
 
 
 class Meter(Protocol):
@@ -20,7 +24,13 @@ class Meter(Protocol):
 
 
 class Sink(Protocol):
-    def record(self, rec: CallRecord) -> None: ...
+    def record(self, rec: CallRecord) -> int: ...
+
+
+class DurableSink(Sink, Protocol):
+    async def keep(self, rec: CallRecord) -> None:
+        """Kept for good (or RecorderUnavailable): what must happen before the last byte."""
+        ...
 
 
 def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_estimate: int) -> None:
@@ -39,6 +49,8 @@ def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_e
 
 def decision_dict(decision: Decision) -> dict[str, Any]:
     out: dict[str, Any] = {"fallbacks": decision.fallbacks}
+    if decision.explored:
+        out["explored"] = True
     if decision.rule:
         out["rule"] = decision.rule
     if decision.candidates:
@@ -71,7 +83,8 @@ def open_record(
         propensity=decision.propensity,
         decision=decision_dict(decision),
         stream=stream,
-        caller=state.caller,
+        caller=state.tenant,
+        trace_id=state.trace.trace_id_hex if state.trace is not None else None,
     )
     state.record = record
     return record
@@ -84,32 +97,68 @@ def answered(record: CallRecord, spec: ModelSpec, upstream_model: str, attempts:
 
 
 class Calls:
-    def __init__(self, metrics: Meter, recorder: Sink, redact: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        metrics: Meter,
+        recorder: DurableSink,
+        redact: Callable[[str], str] = str,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.metrics = metrics
         self.recorder = recorder
         self.redact = redact
+        self.tracing = tracing or NoTracing()
+        self.open = 0  # calls opened and not finished yet
+        self._none_open = asyncio.Event()
+        self._none_open.set()
 
-    def finish(self, record: CallRecord, state: RequestState) -> None:
-        """A call ended (any way): settle its tokens, meter it, record it."""
+    def opened(self, record: CallRecord) -> CallRecord:
+        self.open += 1
+        self._none_open.clear()
+        return record
+
+    async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a shutdown bound
+        """At shutdown, before the recorder closes: the calls uvicorn cancelled finish (and are
+        recorded) in their own tasks a moment later; wait for them."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), timeout)
+
+    async def finish(self, record: CallRecord, state: RequestState) -> None:
+        """A call ended (any way): settle its tokens, meter it, keep its record. Raises
+        RecorderUnavailable when the record cannot be kept: then the answer must not go out."""
+        self.open -= 1
+        if self.open <= 0:
+            self.open = 0
+            self._none_open.set()
         record.overhead_ms = state.overhead_ms
         if state.reservation is not None:
             state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
-        self.recorder.record(record)
+        await self.recorder.keep(record)
+        if state.trace is not None:
+            self.tracing.end(state.trace, record, state.t0)
 
-    def failed(self, record: CallRecord, state: RequestState, exc: Exception) -> None:
+    async def failed(self, record: CallRecord, state: RequestState, exc: BaseException) -> None:
         """The call failed before any answer: its record says how, and how long upstreams took."""
         record.status = "error"
         record.error = str(exc)
         if isinstance(exc, GatewayError):
             record.http_status, record.upstream_ms = exc.status, exc.upstream_ms
+            record.attempts = exc.attempts or record.attempts
         else:
             record.http_status, record.upstream_ms = 500, None
         state.mark_overhead(record.upstream_ms or 0.0)
-        self.finish(record, state)
+        await self._finish_quietly(record, state)
 
-    def cancelled(self, record: CallRecord, state: RequestState) -> None:
+    async def cancelled(self, record: CallRecord, state: RequestState) -> None:
         record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
-        self.finish(record, state)
+        await self._finish_quietly(record, state)
+
+    async def _finish_quietly(self, record: CallRecord, state: RequestState) -> None:
+        """For a call that failed anyway: its own error is what the client gets."""
+        try:
+            await self.finish(record, state)
+        except GatewayError:
+            pass  # logged by the recorder

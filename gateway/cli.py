@@ -15,8 +15,9 @@ from typing import Any, NoReturn
 import orjson
 
 from gateway.catalogue import STRATEGIES
-from gateway.config import Settings, environ, load_settings
+from gateway.config import Settings, load_settings
 from gateway.config_errors import ConfigError, env_near_misses
+from gateway.config_sources import environ
 from gateway.providers.replay import ReplayFileError
 from gateway.routing.policies import POLICIES
 
@@ -69,23 +70,20 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
+    from gateway.server import uvicorn_config
 
     settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     warn_about_environment(settings)
     app = create_app(settings, redact=redact)
-    uvicorn.run(
+    config = uvicorn_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        access_log=False,
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        server_header=False,
     )
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -156,6 +154,7 @@ def export_dpo(args: argparse.Namespace) -> int:
                     correct=args.correct,
                     incorrect=args.incorrect,
                     skips=skips,
+                    caller=args.caller,
                 ):
                     out.write(orjson.dumps(record, default=str) + b"\n")
                     n += 1
@@ -281,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="responses: trl (default; TRL's conversational preference format) or jsonl (everything, "
         "with models and scores); routes: labels (default) or jsonl (everything)",
     )
+    p.add_argument("--caller", help="one tenant's pairs (a client key id, key_...); default: all")
     p.add_argument("--correct", type=float, default=0.7, help="routes: a score at or above this is correct")
     p.add_argument(
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"

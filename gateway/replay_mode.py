@@ -14,7 +14,8 @@ import logging
 import os
 from typing import Any
 
-from gateway.config import config_values, environ
+from gateway.config import config_values
+from gateway.config_sources import environ
 from gateway.providers.replay import ReplayData
 
 log = logging.getLogger("gateway")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gateway.catalogue import RouterConstraints
+
+if TYPE_CHECKING:
+    from gateway.routing.bandit import ArmView
 
 
 @dataclass
@@ -19,6 +22,7 @@ class RouteContext:
     needs: frozenset[str] = frozenset()
     prompt_tokens: int = 0
     max_tokens: int | None = None
+    tenant: str = ""  # whose request: its arm statistics and contextual evidence are its own view
 
 
 @dataclass
@@ -33,6 +37,10 @@ class Decision:
     propensity: float | None = None
     embedding: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    explored: bool = False  # a uniform EXPLORATION_RATE pick, not the posteriors' choice
+    # What the policy believed about each eligible arm for this request (the posteriors it sampled):
+    # not recorded, but the dashboard's "why this model" view shows it.
+    arms: list[ArmView] = field(default_factory=list)
 
     @property
     def chain(self) -> list[str]:
