@@ -29,7 +29,8 @@ from gateway.auth import Keys
 from gateway.auth_failures import AuthFailures
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
-from gateway.config import Settings, environ
+from gateway.config import Settings
+from gateway.config_sources import environ
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
@@ -270,7 +271,8 @@ def create_app(
             )
             await probes.round()
             probe = asyncio.create_task(probes.run())
-            if not settings.keys_required:
+            # On loopback only this machine can reach it (the lab's and the demo's gateways).
+            if not settings.keys_required and settings.host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
                     "your upstream credit and read every call. Set GATEWAY_API_KEYS (and "

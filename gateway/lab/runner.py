@@ -22,7 +22,8 @@ import aiohttp
 import numpy as np
 import uvicorn
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, load_settings, setting_key
+from gateway.config_errors import ConfigError
 from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
 from gateway.lab import baselines
 from gateway.lab.report import Trace
@@ -33,6 +34,7 @@ log = logging.getLogger("gateway.lab")
 
 # Replay data carries no latencies: a latency weight would only reward noise.
 LAB_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",  # the lab's gateway listens on loopback only
     "latency_weight": 0.0,
     "log_level": "warning",
     "duel_rate": 0.0,
@@ -70,16 +72,17 @@ def feedback_mask(n: int, rate: float, seed: int) -> list[bool]:
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` (KEY case-insensitive; VALUE parsed as JSON when it can be)."""
+    """`--set KEY=VALUE` (KEY a setting, case-insensitive; VALUE parsed as JSON when it can be).
+    An unknown KEY is a ConfigError that names the closest setting."""
     out: dict[str, Any] = {}
     for item in pairs:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
         try:
-            out[key.strip().lower()] = json.loads(value)
+            out[setting_key(key, "--set")] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip().lower()] = value
+            out[setting_key(key, "--set")] = value
     return out
 
 
@@ -146,9 +149,10 @@ async def lab_database(options: Options) -> AsyncIterator[str | None]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, embedder: MiniLMEmbedder, seed: int
+    settings: Settings, embedder: MiniLMEmbedder | None, seed: int | None, port: int = 0
 ) -> AsyncIterator[tuple[str, Services]]:
-    """The gateway on a free loopback port, in this event loop: its URL and its parts."""
+    """The gateway on a loopback port (default: a free one), in this event loop: its URL and its
+    parts (without an embedder, the gateway loads its own)."""
     from gateway.app import create_app
 
     started: list[Services] = []
@@ -156,7 +160,7 @@ async def serving(
     sock = socket.socket(
         socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
     )  # asyncio sets TCP_NODELAY only then
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

@@ -87,6 +87,7 @@ class ArmView:
     latency_ms: float | None = None
     cost_usd: float = 0.0
     evidence: float = 0.0  # contextual evidence weight (kNN), for the record
+    hint: float | None = None  # the catalogue's prior guess of quality (`quality:`)
 
 
 @dataclass

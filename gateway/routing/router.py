@@ -27,6 +27,7 @@ import numpy as np
 from gateway.config import Settings
 from gateway.domain import ArmStats
 from gateway.embedder import Embedder, routing_text
+from gateway.errors import InvalidRequest
 from gateway.routing import Decision, RouteContext
 from gateway.routing.bandit import ArmView, Choice, Knobs
 from gateway.routing.eligibility import Availability, eligible
@@ -34,6 +35,7 @@ from gateway.routing.policies import POLICIES, Observed, PolicyDeps, PolicyStore
 from gateway.routing.rules import KeywordRules, SemanticRoutes
 from gateway.routing.stats import ArmStatsCache
 from gateway.routing.strategies import rank
+from gateway.spelling import unknown
 from gateway.store import StatsStore
 
 log = logging.getLogger("gateway.router")
@@ -175,6 +177,12 @@ class Router:
                 if matched is not None:
                     route, _ = matched
                     target = _Target("semantic", route.name, route.model, route.policy)
+        if c.policy and c.policy not in self.settings.policies:
+            raise InvalidRequest(
+                f"router.policy: {unknown('policy', c.policy, self.settings.policies)}",
+                param="router.policy",
+                code="invalid_value",
+            )
         policy_name = c.policy or (target.policy if target else None)
         named = self.settings.policies.get(policy_name) if policy_name else None
         strategy = c.strategy or (named.strategy if named else None) or "bandit"
