@@ -37,12 +37,42 @@ def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_e
     record.cost_usd = spec.cost_usd(pt, ct)
 
 
+def propensity_fields(decision: Decision) -> dict[str, Any]:
+    """Every eligible arm's propensity, whether the pick was deterministic, the numerical error."""
+    if not decision.propensities:
+        return {}
+    out: dict[str, Any] = {
+        "propensities": decision.propensities,
+        "deterministic": decision.propensities == {decision.model: 1.0},
+    }
+    if decision.propensity_error:
+        out["propensity_error"] = decision.propensity_error
+    return out
+
+
+def settle_propensities(record: CallRecord, decision: Decision) -> None:
+    """The propensities a Thompson pick left pending, computed now (the answer is out) and put in
+    the record."""
+    decision.resolve()
+    record.propensity = decision.propensity
+    record.decision.update(propensity_fields(decision))
+
+
 def decision_dict(decision: Decision) -> dict[str, Any]:
-    out: dict[str, Any] = {"fallbacks": decision.fallbacks}
+    """The decision as the call record keeps it: what was picked (`arm`; the record's `model` is
+    the model that answered, after any fallback), every eligible arm's propensity (once known:
+    see `settle_propensities`), and the context it was decided from, so that other
+    configurations can be evaluated on it off-line."""
+    out: dict[str, Any] = {"arm": decision.model, "fallbacks": decision.fallbacks}
     if decision.rule:
         out["rule"] = decision.rule
     if decision.candidates:
         out["candidates"] = decision.candidates
+    out.update(propensity_fields(decision))
+    if decision.context is not None:
+        out["context"] = decision.context.logged()
+    if decision.unavailable:
+        out["unavailable"] = decision.unavailable
     if decision.timings:
         out["timings_ms"] = {k: round(v, 3) for k, v in decision.timings.items()}
     return out
@@ -73,7 +103,7 @@ def open_record(
         stream=stream,
         caller=state.caller,
     )
-    state.record = record
+    state.record, state.decision = record, decision
     return record
 
 
@@ -90,8 +120,10 @@ class Calls:
         self.redact = redact
 
     def finish(self, record: CallRecord, state: RequestState) -> None:
-        """A call ended (any way): settle its tokens, meter it, record it."""
+        """A call ended (any way): settle its tokens and propensities, meter it, record it."""
         record.overhead_ms = state.overhead_ms
+        if state.decision is not None:
+            settle_propensities(record, state.decision)
         if state.reservation is not None:
             state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
         if record.error:

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.domain import CallRecord
 from gateway.limits import Reservation
+from gateway.routing import Decision
 
 STATE_KEY = "request"
 
@@ -24,6 +25,7 @@ class RequestState:
     reservation: Reservation | None = None  # prompt tokens held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
+    decision: Decision | None = None  # how its model was chosen
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000
