@@ -313,3 +313,29 @@ async def test_neighbours_per_model_keep_every_arm_in_view(store):
         "a0",
         "a1",
     }
+
+
+async def test_calls_of_a_window_come_oldest_first_with_their_ratings(store):
+    now = utcnow()
+    records = [
+        call(f"w{i}", created_at=now - timedelta(minutes=10 - i), embedding=unit(1, i), model=f"m{i % 2}")
+        for i in range(7)
+    ]
+    records.append(call("tie", created_at=records[3].created_at))  # same time: ordered by id
+    await store.write_calls(records)
+    await store.add_feedback(Feedback("w2", 0.2, "meh", created_at=now - timedelta(minutes=5)))
+    await store.add_feedback(Feedback("w2", 0.9, source="app", created_at=now - timedelta(minutes=4)))
+    await store.add_feedback(Feedback("w4", 0.5, source="judge"))
+    since, until = records[1].created_at, records[6].created_at
+    got = [c async for c in store.iter_calls(since, until, page=2)]  # pages of two: keyset paging
+    assert [c.record.id for c in got] == ["w1", "w2", "tie", "w3", "w4", "w5"]
+    w2 = got[1]
+    assert (w2.score, w2.score_source) == (0.9, "app")
+    assert [(f.score, f.feedback_text, f.source) for f in w2.feedback] == [
+        (0.2, "meh", "user"),
+        (0.9, None, "app"),
+    ]
+    assert w2.feedback[0].created_at < w2.feedback[1].created_at
+    assert got[4].score == 0.5 and got[4].feedback[0].source == "judge"
+    assert np.allclose(got[0].record.embedding, unit(1, 1), atol=1e-6) and got[0].record.model == "m1"
+    assert [c async for c in store.iter_calls(until, until)] == []

@@ -81,6 +81,13 @@ class PairStore(Protocol):
     async def delete_pair(self, a: str, b: str) -> bool: ...
 
 
+class LogStore(Protocol):
+    def iter_calls(self, since: datetime, until: datetime, page: int = 1000) -> AsyncIterator[StoredCall]:
+        """Every call created in [since, until), oldest first (ties by id), each with its ratings:
+        what off-policy evaluation reads (the calls to evaluate, and the state learned before)."""
+        ...
+
+
 class ExportStore(Protocol):
     def iter_pairs(
         self,
@@ -94,7 +101,15 @@ class ExportStore(Protocol):
 
 
 class Store(
-    CallStore, FeedbackStore, RatingStore, NeighbourStore, StatsStore, PairStore, ExportStore, Protocol
+    CallStore,
+    FeedbackStore,
+    RatingStore,
+    NeighbourStore,
+    StatsStore,
+    PairStore,
+    ExportStore,
+    LogStore,
+    Protocol,
 ):
     async def aclose(self) -> None: ...
 

@@ -250,6 +250,16 @@ class MemoryStore:
             for r in rows.values()
         ]
 
+    async def iter_calls(
+        self, since: datetime, until: datetime, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        found = [c for c in self.calls.values() if since <= c.record.created_at < until]
+        found.sort(key=lambda c: (c.record.created_at, c.record.id))
+        for call in found:
+            stored = await self.get_call(call.record.id)
+            if stored is not None:
+                yield stored
+
     # --- DPO
     def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:
         return RatedCall.of(call.record, call.score, similarity)

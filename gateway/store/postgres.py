@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, func, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -112,21 +112,12 @@ class PostgresStore(PairQueries):
             row = (await conn.execute(select(calls).where(calls.c.id == request_id))).mappings().first()
             if row is None:
                 return None
-            fields = {name: row[name] for name in _RECORD_FIELDS}
-            if fields["embedding"] is not None:
-                fields["embedding"] = np.asarray(fields["embedding"], dtype=np.float32)
             fb = await conn.execute(
                 select(feedback.c.score, feedback.c.feedback_text, feedback.c.source, feedback.c.created_at)
                 .where(feedback.c.request_id == request_id)
                 .order_by(feedback.c.created_at, feedback.c.id)
             )
-            return StoredCall(
-                CallRecord(**fields),
-                row["score"],
-                row["score_source"],
-                row["score_at"],
-                [FeedbackEntry(*r) for r in fb.all()],
-            )
+            return self._stored(row, [FeedbackEntry(*r) for r in fb.all()])
 
         return await self._run(q)
 
@@ -245,6 +236,50 @@ class PostgresStore(PairQueries):
             }
 
         return await self._run(q)
+
+    async def iter_calls(
+        self, since: datetime, until: datetime, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        after: tuple[datetime, str] | None = None
+        while True:
+            stmt = select(calls).where(calls.c.created_at >= since, calls.c.created_at < until)
+            if after is not None:
+                stmt = stmt.where(tuple_(calls.c.created_at, calls.c.id) > tuple_(*after))
+            stmt = stmt.order_by(calls.c.created_at, calls.c.id).limit(page)
+
+            async def q(conn: AsyncConnection, stmt: Any = stmt) -> list[StoredCall]:
+                rows = (await conn.execute(stmt)).mappings().all()
+                ratings: dict[str, list[FeedbackEntry]] = {}
+                if rows:
+                    fb = await conn.execute(
+                        select(
+                            feedback.c.request_id,
+                            feedback.c.score,
+                            feedback.c.feedback_text,
+                            feedback.c.source,
+                            feedback.c.created_at,
+                        )
+                        .where(feedback.c.request_id.in_([r["id"] for r in rows]))
+                        .order_by(feedback.c.created_at, feedback.c.id)
+                    )
+                    for r in fb.all():
+                        ratings.setdefault(r[0], []).append(FeedbackEntry(*r[1:]))
+                return [self._stored(r, ratings.get(r["id"], [])) for r in rows]
+
+            batch = await self._run(q)
+            for stored in batch:
+                yield stored
+            if len(batch) < page:
+                return
+            last = batch[-1].record
+            after = (last.created_at, last.id)
+
+    @staticmethod
+    def _stored(row: Any, ratings: list[FeedbackEntry]) -> StoredCall:
+        fields = {name: row[name] for name in _RECORD_FIELDS}
+        if fields["embedding"] is not None:
+            fields["embedding"] = np.asarray(fields["embedding"], dtype=np.float32)
+        return StoredCall(CallRecord(**fields), row["score"], row["score_source"], row["score_at"], ratings)
 
     async def usage_stats(self, since: datetime) -> list[UsageRow]:
         ok = calls.c.status == "ok"
