@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, ops, records
+from gateway.api import chat, evaluate, ops, records
 from gateway.auth import Keys
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
@@ -31,6 +31,7 @@ from gateway.config import Settings
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
+from gateway.evaluation.service import Evaluator
 from gateway.feedback import Learner
 from gateway.limits import RateLimits
 from gateway.logs import Redactor
@@ -233,6 +234,7 @@ def create_app(
                 limits=limits,
                 redact=redactor,
                 embedder=the_embedder,
+                evaluator=Evaluator(settings, the_store, the_embedder),
             )
             metrics.add_state(lambda: ops.gauges(services))
             probe = asyncio.create_task(_probe_local(settings, session))
@@ -271,6 +273,7 @@ def create_app(
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
+        Route("/v1/evaluate", evaluate.evaluate, methods=["POST"]),
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
     # every response, errors included.

@@ -138,6 +138,18 @@ def export_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from gateway.evaluation.command import run
+    from gateway.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging("warning", "text", settings.secrets())
+    if not settings.enable_persistence:
+        print("llm-router: ENABLE_PERSISTENCE is false: no calls were logged to evaluate on", file=sys.stderr)
+        return 1
+    return run(settings, args)
+
+
 def _lab_options(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
@@ -172,6 +184,27 @@ def sweep_cmd(args: argparse.Namespace) -> int:
 
     setup_logging("warning", "text", [])
     sweep(args.file, args.grid, _lab_options(args), args.out)
+    return 0
+
+
+def evaluate_lab_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.lab.offpolicy import LabOptions, evaluate_lab, parse
+    from gateway.lab.runner import parse_set
+    from gateway.logs import setup_logging
+
+    setup_logging("warning", "text", [])
+    options = LabOptions(
+        seed=args.seed,
+        limit=args.limit,
+        candidates=[parse(c) for c in args.candidate],
+        interval=args.interval,
+        data_dir=Path(args.data_dir),
+        config=args.config,
+    )
+    options.logging.update(parse_set(args.set))
+    evaluate_lab(args.file, options, args.out)
     return 0
 
 
@@ -226,6 +259,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=export_dpo)
 
+    p = sub.add_parser(
+        "evaluate",
+        help="off-policy evaluation: what candidate settings would have scored and cost on logged calls",
+    )
+    common(p)
+    p.add_argument("--since", required=True, help="the window's start (ISO 8601; UTC unless it says)")
+    p.add_argument("--until", help="the window's end (default: now)")
+    p.add_argument("--caller", help="only this caller's calls (a key id, key_..., as call records show)")
+    p.add_argument(
+        "--train-since", help="the state is learned from the calls since then (default: since - RECENCY_DAYS)"
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="'[NAME:] KEY=VALUE ...'",
+        help="settings overrides, e.g. 'cheap: COST_WEIGHT=-0.8 EXPLORATION_RATE=0' (repeatable)",
+    )
+    p.add_argument("--candidates", metavar="FILE", help="a JSON or YAML list of {name, settings}")
+    p.add_argument("--confidence", type=float, default=0.9, help="the intervals' confidence (default 0.9)")
+    p.add_argument(
+        "--interval",
+        choices=["clt", "bootstrap"],
+        default="clt",
+        help="normal approximation on the per-call terms, or a bootstrap over calls",
+    )
+    p.add_argument(
+        "--min-propensity",
+        type=float,
+        default=0.01,
+        help="warn about picks the logs made less often than this",
+    )
+    p.add_argument("--no-current", action="store_true", help="do not evaluate the current settings too")
+    p.add_argument("--out", help="output directory (default out/evaluate-<time>)")
+    p.set_defaults(func=evaluate_cmd)
+
     def lab(p: argparse.ArgumentParser, store: str) -> None:
         common(p)
         p.add_argument("file", help="a replay file (JSONL; NAME.models.json beside it gives the prices)")
@@ -267,6 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="a setting and its values, e.g. --grid COST_WEIGHT=-0.1,-0.3 (policy and strategy too)",
     )
     p.set_defaults(func=sweep_cmd)
+
+    p = sub.add_parser(
+        "evaluate-lab",
+        help="check off-policy evaluation against the truth: log, estimate, replay each candidate for real",
+    )
+    common(p)
+    p.add_argument("file", help="a replay file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N prompts (after shuffling)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the logging gateway (default EXPLORATION_RATE=0.3; repeatable)",
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="'[NAME:] KEY=VALUE ...'",
+        help="a candidate (repeatable; default: greedy, quality, thrifty, knn_ts)",
+    )
+    p.add_argument("--interval", choices=["clt", "bootstrap"], default="clt")
+    p.add_argument("--data-dir", default="./data", help="embedding cache and the lab's embedded PostgreSQL")
+    p.add_argument("--out", help="output directory (default out/evaluate-lab-<time>)")
+    p.set_defaults(func=evaluate_lab_cmd)
     return parser
 
 

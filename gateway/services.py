@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.duels import Duels
     from gateway.embedder import Embedder
+    from gateway.evaluation.service import Evaluator
     from gateway.feedback import Learner
     from gateway.limits import RateLimits
     from gateway.logs import Redactor
@@ -39,6 +40,7 @@ class Services:
     limits: RateLimits
     redact: Redactor
     embedder: Embedder | None
+    evaluator: Evaluator
 
 
 def services_of(scope: MutableMapping[str, Any]) -> Services:
