@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from gateway.config import Settings
 from gateway.embedder import CacheStats, Embedder, routing_text
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation.logs import LoggedCall
 from gateway.routing.router import Router, RouterStore
 
@@ -89,6 +89,13 @@ def settings_of(base: Settings, overrides: dict[str, Any]) -> Settings:
         raise InvalidRequest(
             f"candidate settings are invalid: {exc}", param="candidates", code="invalid_value"
         ) from exc
+
+
+def _known(settings: Settings, requested: str) -> bool:
+    """Whether the gateway would route a request for this model (else: 404, as chat answers)."""
+    return (
+        requested == "auto" or requested in settings.virtual_models or settings.model(requested) is not None
+    )
 
 
 class LoggedAvailability:
@@ -166,6 +173,8 @@ async def decide_all(
         for n, call in enumerate(calls):
             availability.down = call.unavailable
             try:
+                if not _known(settings, call.context.requested_model):
+                    raise NotFound("not in the candidate's catalogue", code="model_not_found")
                 decision = (await router.decide(call.context)).resolve()
             except GatewayError as exc:
                 out.append(None)

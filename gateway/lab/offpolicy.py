@@ -142,7 +142,11 @@ async def check(file: str, options: LabOptions) -> tuple[dict[str, Any], Report]
     t0 = time.perf_counter()
 
     def settings_for(db: str, overrides: dict[str, Any]) -> Any:
-        return lab_settings(data, Options(overrides=overrides, config=options.config), pg.dsn(db))
+        values = dict(overrides)
+        subset = values.get("llm_models")
+        if subset and "default_model" not in values:  # the file's first model may be left out
+            values["default_model"] = (subset.split(",") if isinstance(subset, str) else subset)[0].strip()
+        return lab_settings(data, Options(overrides=values, config=options.config), pg.dsn(db))
 
     def bar(label: str, n: int) -> Any:
         return tqdm(total=n, desc=label, unit=" req", leave=False)
