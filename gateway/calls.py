@@ -4,6 +4,7 @@ redacted, metrics observed, the record handed to the recorder."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -13,6 +14,8 @@ from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
 from gateway.upstreams import Attempt
+
+log = logging.getLogger("gateway")
 
 
 class Meter(Protocol):
@@ -52,8 +55,12 @@ def propensity_fields(decision: Decision) -> dict[str, Any]:
 
 def settle_propensities(record: CallRecord, decision: Decision) -> None:
     """The propensities a Thompson pick left pending, computed now (the answer is out) and put in
-    the record."""
-    decision.resolve()
+    the record; a failure costs the record its propensities, never the record."""
+    try:
+        decision.resolve()
+    except Exception:
+        log.exception("could not compute the propensities of call %s", record.id)
+        return
     record.propensity = decision.propensity
     record.decision.update(propensity_fields(decision))
 

@@ -109,6 +109,14 @@ def test_another_posterior_kind_is_resampled_with_a_stated_bound():
     assert p.probs[0] == pytest.approx(0.25, abs=p.error) and 0 < p.error < 0.02  # P(U1 > U2) = 1/4
 
 
+def test_a_posterior_gone_wrong_is_drawn_not_computed():
+    # a NaN mean (a broken model): np.argmax picks the NaN arm every time, and so do the draws
+    posteriors = [Posterior("normal", 0.5, 0.1), Posterior("normal", float("nan"), 0.1)]
+    assert win_probabilities(posteriors, np.zeros(2), 0.6) is None
+    names, probs = Pending(["ok", "broken"], posteriors, np.zeros(2), 0.6, 0.2).resolve()
+    assert names == pytest.approx({"ok": 0.1, "broken": 0.9}) and 0 < probs < 0.05
+
+
 def test_the_decision_does_not_wait_for_its_propensities():
     arms = [ArmView(f"m{i}", Posterior("normal", 0.6 + 0.02 * i, 0.03), rated=50) for i in range(5)]
     choice = choose(arms, Knobs(exploration_rate=0.1), np.random.default_rng(0))
@@ -118,3 +126,21 @@ def test_the_decision_does_not_wait_for_its_propensities():
     assert choice.pending is None and set(choice.propensities) == {a.name for a in arms}
     assert choice.propensity == choice.propensities[choice.arm] >= 0.1 / 5
     assert pending.resolve() is pending.resolve()  # computed once
+
+
+def test_a_failed_computation_costs_the_record_its_propensities_not_the_record(caplog):
+    from gateway.calls import settle_propensities
+    from gateway.domain import CallRecord
+    from gateway.routing import Decision
+    from gateway.routing.bandit import Choice
+
+    class Broken(Pending):
+        def resolve(self):
+            raise FloatingPointError("boom")
+
+    pending = Broken(["a"], [Posterior("normal", 0.5, 0.1)], np.zeros(1), 0.6, 0.0)
+    decision = Decision("a", "bandit", choice=Choice("a", False, None, ["a"], pending=pending))
+    record = CallRecord("r1", [], "auto", "a", "ok", 200, decision={"arm": "a"})
+    settle_propensities(record, decision)  # does not raise: the call is still recorded
+    assert record.propensity is None and record.decision == {"arm": "a"}
+    assert "could not compute the propensities of call r1" in caplog.text

@@ -77,6 +77,10 @@ class Pending:
         """Every arm's propensity, and the numerical error of each."""
         if self.done is None:
             p = propensities(self.posteriors, self.fixed, self.weight, self.eps, samples=self.samples)
+            if not np.isfinite(p.probs).all():  # a posterior the grid cannot hold: draw instead
+                p = propensities(
+                    self.posteriors, self.fixed, self.weight, self.eps, samples=self.samples, computed=False
+                )
             self.done = ({n: float(v) for n, v in zip(self.names, p.probs, strict=True)}, p.error)
         return self.done
 
@@ -154,6 +158,8 @@ def win_probabilities(
     kind, a, b = np.array([kinds, [p.a for p in posteriors], [p.b for p in posteriors]])
     k = len(kinds)
     c = np.asarray(fixed, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(c).all()):
+        return None  # what np.argmax makes of a NaN is for draws to say
     any_beta = BETA in kinds
     if weight < 0:  # w q + c = |w| (1 - q) + (c + w): reflect each posterior
         if any_beta:
@@ -230,11 +236,12 @@ def propensities(
     exploration_rate: float,
     rng: np.random.Generator | None = None,
     samples: int = 4096,
+    computed: bool = True,
 ) -> Propensities:
     """Each arm's probability of being picked (EXPLORATION_RATE mixed in), and its error."""
     k = len(posteriors)
     eps = exploration_rate
-    found = win_probabilities(posteriors, fixed, weight)
+    found = win_probabilities(posteriors, fixed, weight) if computed else None
     if found is not None:
         wins, error = found
         return Propensities(eps / k + (1 - eps) * wins, (1 - eps) * error, True)
