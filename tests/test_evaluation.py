@@ -276,6 +276,8 @@ def test_evaluate_endpoint_refuses_what_it_cannot_do(logged):
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "window_empty"
     extra = post({"since": since.isoformat(), "window": "7d"})
     assert extra.status_code == 400 and extra.json()["error"]["param"] == "window"
+    twins = post({"since": since.isoformat(), "candidates": [{"name": "a"}, {"name": "a"}]})
+    assert twins.status_code == 400 and "two candidates are named 'a'" in twins.json()["error"]["message"]
     too_many = post({"since": since.isoformat(), "candidates": [{"settings": {}}] * 21})
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "candidates"
 

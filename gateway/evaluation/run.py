@@ -151,7 +151,14 @@ async def load(store: LogStore, base: Settings, q: Question) -> Loaded:
 
 
 def candidates_of(q: Question) -> list[Candidate]:
-    return [CURRENT, *q.candidates] if q.include_current else list(q.candidates)
+    found = [CURRENT, *q.candidates] if q.include_current else list(q.candidates)
+    names = [c.name for c in found]
+    for name in names:
+        if names.count(name) > 1:
+            raise InvalidRequest(f"two candidates are named {name!r}", param="candidates", code="invalid_value")
+    if not found:
+        raise InvalidRequest("no candidate to evaluate", param="candidates", code="invalid_value")
+    return found
 
 
 async def vectors(

@@ -31,7 +31,7 @@ class RouteContext:
             out["max_tokens"] = self.max_tokens
         if self.needs:
             out["needs"] = sorted(self.needs)
-        constraints = self.constraints.model_dump(exclude_defaults=True)
+        constraints = self.constraints.model_dump(mode="json", exclude_defaults=True)
         if constraints:
             out["constraints"] = constraints
         return out
