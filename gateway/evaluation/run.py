@@ -104,6 +104,27 @@ class Report:
     candidates: list[CandidateResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     window_calls: list[LoggedCall] = field(default_factory=list, repr=False)
+    # the reward models' predictions (calls x arms), for whoever wants other estimators
+    score_model: np.ndarray | None = field(default=None, repr=False)
+    cost_model: np.ndarray | None = field(default=None, repr=False)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything the estimates were computed from, per call (for `np.savez`)."""
+        col = {a: j for j, a in enumerate(self.arms)}
+        calls = self.window_calls
+        out = {
+            "arms": np.array(self.arms),
+            "chosen": np.array([col[c.arm] for c in calls]),
+            "logged": _matrix([c.propensities for c in calls], self.arms),
+            "score": np.array([c.score for c in calls]),
+            "cost_usd": np.array([c.cost_usd for c in calls]),
+            "ids": np.array([c.id for c in calls]),
+        }
+        if self.score_model is not None and self.cost_model is not None:
+            out["score_model"], out["cost_model"] = self.score_model, self.cost_model
+        for n, c in enumerate(self.candidates):
+            out[f"target_{n}"] = c.target
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         q = self.question
@@ -155,7 +176,9 @@ def candidates_of(q: Question) -> list[Candidate]:
     names = [c.name for c in found]
     for name in names:
         if names.count(name) > 1:
-            raise InvalidRequest(f"two candidates are named {name!r}", param="candidates", code="invalid_value")
+            raise InvalidRequest(
+                f"two candidates are named {name!r}", param="candidates", code="invalid_value"
+            )
     if not found:
         raise InvalidRequest("no candidate to evaluate", param="candidates", code="invalid_value")
     return found
@@ -236,6 +259,8 @@ async def compute(
         logged_propensity_error=max(c.propensity_error for c in calls),
         logged_layers=_count(c.layer or "?" for c in calls),
         window_calls=list(calls),
+        score_model=score_model,
+        cost_model=cost_model,
     )
     for cand, d in decided:
         target = _matrix(d.propensities, arms)

@@ -275,6 +275,15 @@ def evaluate_lab(file: str, options: LabOptions, out: str | None) -> dict[str, A
     path = Path(out) if out else Path("out") / f"evaluate-lab-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     (path / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    arrays: dict[str, Any] = report.arrays()
+    data = replay_data.load(file)
+    order = stream_order(len(data.records), "shuffle", options.seed, options.limit)
+    rows = [order[int(c.id[1:])] for c in report.window_calls]
+    cols = [data.models.index(a) for a in report.arms]
+    arrays["file_scores"], arrays["file_costs"] = data.scores()[rows][:, cols], data.costs()[rows][:, cols]
+    np.savez_compressed(
+        path / "calls.npz", **arrays
+    )  # the logs and the file's truth, to try other estimators on
     truth = {
         r["name"]: (r["truth_replayed"]["cost_usd"], r["truth_replayed"]["score"])
         for r in result["candidates"]
