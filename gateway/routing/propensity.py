@@ -180,11 +180,21 @@ def win_probabilities(
     kind = np.where((kind == NORMAL) & (sd <= POINT_SD), POINT, kind)
     bounds = weight * np.clip(mean + sd * _RANGE, 0.0, 1.0) + c  # floors, tops
     start, end = bounds[0].max(), bounds[1].max()
-    contend = np.flatnonzero(bounds[1] >= start)
+    # Normal arms that beat the best-looking arm less than once in 1e10 are left out too (their
+    # chance, at most that, goes into the error)
+    score_mean, score_sd = weight * mean + c, weight * sd
+    best = int(np.argmax(score_mean))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beats = ndtr((score_mean - score_mean[best]) / np.hypot(score_sd, score_sd[best]))
+    beats = np.where(kind == BETA, 1.0, np.nan_to_num(beats, nan=1.0))
+    beats[best] = 1.0
+    keep = (bounds[1] >= start) & (beats > 1e-10)
+    contend = np.flatnonzero(keep)
+    left_out = float(beats[~keep & (bounds[1] >= start)].sum())
     if len(contend) == 1:
         one = np.zeros(k)
         one[contend[0]] = 1.0
-        return one, 0.0
+        return one, left_out
     kc, ac, bc, cc, mc, sc = kind[contend], a[contend], b[contend], c[contend], mean[contend], sd[contend]
     own = np.clip(mc[:, None] + sc[:, None] * _LEVELS, 0.0, 1.0)
     normal, point = kc == NORMAL, kc == POINT
@@ -204,8 +214,8 @@ def win_probabilities(
     any_beta = bool((kc == BETA).any())
     if any_beta:
         pts.append((weight * _EDGES + cc[kc == BETA, None]).ravel())
-    # points beyond [start, end] fall on its ends: zero-width intervals weigh nothing
-    grid = np.clip(np.sort(np.concatenate(pts)), start, end)
+    grid = np.sort(np.concatenate(pts))
+    grid = grid[(grid >= start) & (grid <= end)]
     q = (grid - cc[:, None]) / weight  # >= 0: every grid point is at or above each arm's floor
     with np.errstate(divide="ignore", invalid="ignore"):
         g = np.where(q >= 1.0, 1.0, ndtr((q - ac[:, None]) / bc[:, None]))
@@ -226,7 +236,7 @@ def win_probabilities(
     wins, error = _integrate(g, atoms)
     out = np.zeros(k)
     out[contend] = wins
-    return out, error
+    return out, error + left_out
 
 
 def propensities(
