@@ -129,14 +129,16 @@ class Calls:
     def finish(self, record: CallRecord, state: RequestState) -> None:
         """A call ended (any way): settle its tokens and propensities, meter it, record it."""
         record.overhead_ms = state.overhead_ms
-        if state.decision is not None:
-            settle_propensities(record, state.decision)
         if state.reservation is not None:
             state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
         self.recorder.record(record)
+        # Last, and with no await before it returns: the recorder writes in batches from a task of
+        # this event loop, so the record is complete before anything reads or writes it.
+        if state.decision is not None:
+            settle_propensities(record, state.decision)
 
     def failed(self, record: CallRecord, state: RequestState, exc: Exception) -> None:
         """The call failed before any answer: its record says how, and how long upstreams took."""
