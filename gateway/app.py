@@ -23,11 +23,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, evaluate, ops, records
+from gateway.api import chat, embeddings, evaluate, ops, records, responses
+from gateway.api.routed import RoutedEndpoint
 from gateway.auth import Keys
+from gateway.auth_failures import AuthFailures
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
-from gateway.config import Settings
+from gateway.config import Settings, environ
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
@@ -37,14 +39,19 @@ from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
-from gateway.providers import Provider
+from gateway.probes import LocalProbes
+from gateway.providers import RESPONSES, Provider
 from gateway.providers.http import HTTPProvider
 from gateway.providers.replay import ReplayData, ReplayProvider, load
+from gateway.readiness import ReadinessCache
 from gateway.recorder import Recorder
 from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
 from gateway.services import SERVICES_KEY, Services
+from gateway.spool import Spool
 from gateway.store import Store
+from gateway.tracing import tracing_from_env
+from gateway.ui import ui_routes
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway")
@@ -90,30 +97,8 @@ PROVIDERS: dict[str, ProviderFactory] = {
 
 def missing_key(settings: Settings, spec: ModelSpec) -> str | None:
     if spec.provider in ("openai", "openrouter") and not settings.api_key_for(spec):
-        return f"{spec.api_key_env} is not set"
+        return f"{spec.api_key_env} is not set: set it in .env or the environment, then restart"
     return None
-
-
-async def _probe_local(settings: Settings, session: aiohttp.ClientSession) -> None:
-    """Warn at start about local upstreams (Ollama, vLLM) that do not answer."""
-
-    async def probe(spec: ModelSpec) -> None:
-        assert spec.base_url is not None
-        url = spec.base_url.rstrip("/") + "/models"
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status >= 500:
-                    log.warning("model %s: %s answered HTTP %d", spec.name, url, resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "model %s: %s is unreachable (%s); requests for it will get 503 until it answers",
-                spec.name,
-                spec.base_url,
-                type(exc).__name__,
-            )
-
-    local = [m for m in settings.models if m.provider in ("ollama", "vllm")]
-    await asyncio.gather(*(probe(m) for m in local))
 
 
 async def _load_embedder(settings: Settings) -> Embedder | None:
@@ -173,6 +158,7 @@ def create_app(
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
     limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    auth_failures = AuthFailures(settings.auth_failures_per_minute)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -180,15 +166,31 @@ def create_app(
         # calls in flight SHUTDOWN_TIMEOUT_S: duels drain, the recorder flushes, the upstream
         # connection pool closes, the database closes last.
         async with AsyncExitStack() as stack:
+            # The spool first: it is this process's (a lock), and holds what a previous run left.
+            spool = None
+            if settings.enable_persistence:
+                spool = Spool(
+                    settings.spool_path,
+                    max_bytes=settings.spool_max_bytes,
+                    fsync=settings.spool_fsync,
+                    fsync_interval_ms=settings.spool_fsync_interval_ms,
+                )
+                await asyncio.to_thread(spool.open)
+                stack.callback(spool.close)
             if store is None:
                 from gateway.store.factory import open_store
 
                 the_store = await stack.enter_async_context(open_store(settings))
             else:
                 the_store = store
+            # A bounded pool: past UPSTREAM_POOL_SIZE connections, calls wait for one (within
+            # their deadline) rather than opening sockets without limit.
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+                    limit=settings.upstream_pool_size,
+                    limit_per_host=0,
+                    keepalive_timeout=30,
+                    ttl_dns_cache=300,
                 ),
                 auto_decompress=True,
             )
@@ -196,8 +198,16 @@ def create_app(
             upstreams = _upstreams(settings, factories, BuildContext(settings, session), redactor)
             upstreams.on_fallback = metrics.fallback
             stack.push_async_callback(upstreams.aclose)
+            tracing = tracing_from_env(environ(), settings.models)  # off unless OTEL_* configures it
+            stack.push_async_callback(tracing.aclose)
             recorder = Recorder(
-                the_store, max_queue=settings.recorder_queue_size, batch_size=settings.recorder_batch_size
+                tracing.wrap(the_store),
+                spool,
+                queue_bytes=settings.recorder_queue_bytes,
+                batch_size=settings.recorder_batch_size,
+                batch_bytes=settings.recorder_batch_bytes,
+                stall_s=settings.recorder_stall_s,
+                write_timeout_s=2 * settings.store_timeout_s,
             )
             await stack.enter_async_context(recorder)
             the_embedder = embedder
@@ -227,17 +237,28 @@ def create_app(
                 upstreams=upstreams,
                 router=router,
                 recorder=recorder,
-                calls=Calls(metrics, recorder, redactor),
+                calls=Calls(metrics, recorder, redactor, tracing),
                 learner=learner,
                 duels=duels,
                 metrics=metrics,
                 limits=limits,
                 redact=redactor,
                 embedder=the_embedder,
+                tracing=tracing,
+                readiness=ReadinessCache(lambda: ops.readiness(services), settings.health_cache_s),
                 evaluator=Evaluator(settings, the_store, the_embedder),
             )
-            metrics.add_state(lambda: ops.gauges(services))
-            probe = asyncio.create_task(_probe_local(settings, session))
+            stack.push_async_callback(services.calls.drain)  # before the recorder closes
+            metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
+            # Local upstreams (Ollama, vLLM) are probed before the first call, then periodically.
+            probes = LocalProbes(
+                [m for m in settings.models if m.name in upstreams.providers],
+                upstreams.health,
+                session,
+                interval_s=settings.local_probe_interval_s,
+            )
+            await probes.round()
+            probe = asyncio.create_task(probes.run())
             if not settings.gateway_api_keys:
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
@@ -257,12 +278,19 @@ def create_app(
                 log.info("gateway shutting down")
             log.info("gateway stopped in %.2f s", time.perf_counter() - t)
 
-    chat_endpoint = chat.ChatCompletions()
+    chat_endpoint = RoutedEndpoint(chat.read)
+    responses_endpoint = RoutedEndpoint(responses.read, RESPONSES)
     routes = [
         Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
         Route("/chat/completions", chat_endpoint, methods=["POST"]),
+        Route("/v1/responses", responses_endpoint, methods=["POST"]),
+        Route("/responses", responses_endpoint, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/models", ops.list_models, methods=["GET"]),
         Route("/models", ops.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", ops.get_model, methods=["GET"]),
+        Route("/models/{model:path}", ops.get_model, methods=["GET"]),
         Route("/live", ops.live, methods=["GET"]),
         Route("/ready", ops.ready, methods=["GET"]),
         Route("/health", ops.health, methods=["GET"]),
@@ -274,6 +302,7 @@ def create_app(
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
         Route("/v1/evaluate", evaluate.evaluate, methods=["POST"]),
+        *ui_routes(),  # the dashboard (/ui) and its JSON API (/ui/api/...)
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
     # every response, errors included.
@@ -297,6 +326,7 @@ def create_app(
             redact=redactor,
             in_flight=metrics.in_flight,
             log_prompts=settings.log_prompts,
+            auth_failures=auth_failures,
         )
     )
     return Starlette(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,14 @@ from starlette.types import Receive, Send
 from gateway.errors import ClientDisconnected, GatewayError
 
 Headers = list[tuple[bytes, bytes]]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_value(text: str, limit: int = 256) -> bytes:
+    """A header value from text we do not control (an upstream's model string): control
+    characters (CR, LF, NUL...) removed, since one would break the response head, and cut short."""
+    return _CONTROL.sub("", text)[:limit].encode("utf-8", "replace")
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -1,19 +1,23 @@
 """A call's book-keeping: its record opened from the decision, its tokens and cost from the
 upstream's usage, and its end (however it ends): the rate-limit reservation settled, the error
-redacted, metrics observed, the record handed to the recorder."""
+redacted, metrics observed, the record kept by the recorder (on disk) before the client gets the
+last byte."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gateway.attempts import Attempt
 from gateway.catalogue import ModelSpec
 from gateway.context import RequestState
 from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
-from gateway.upstreams import Attempt
+from gateway.tracing import NoTracing, Tracing
 
 log = logging.getLogger("gateway")
 
@@ -23,7 +27,13 @@ class Meter(Protocol):
 
 
 class Sink(Protocol):
-    def record(self, rec: CallRecord) -> None: ...
+    def record(self, rec: CallRecord) -> int: ...
+
+
+class DurableSink(Sink, Protocol):
+    async def keep(self, rec: CallRecord) -> None:
+        """Kept for good (or RecorderUnavailable): what must happen before the last byte."""
+        ...
 
 
 def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_estimate: int) -> None:
@@ -54,23 +64,49 @@ def propensity_fields(decision: Decision) -> dict[str, Any]:
 
 
 def settle_propensities(record: CallRecord, decision: Decision) -> None:
-    """The propensities a Thompson pick left pending, computed now (the answer is out) and put in
-    the record; a failure costs the record its propensities, never the record."""
+    """The propensities a Thompson pick left pending, computed now and put in the record (once: a
+    second call finds nothing pending); a failure costs the record its propensities, never the
+    record."""
+    if not decision.pending:
+        return
     try:
         decision.resolve()
     except Exception:
         log.exception("could not compute the propensities of call %s", record.id)
+        decision.choice = None  # given up: the record goes without them
         return
     record.propensity = decision.propensity
     record.decision.update(propensity_fields(decision))
 
 
+SETTLE_AFTER_TURNS = 3
+
+
+def settle_soon(record: CallRecord, decision: Decision, turns: int = SETTLE_AFTER_TURNS) -> None:
+    """Computes the pending propensities `turns` turns of the event loop from now, when the call
+    has sent its request upstream (its task writes the request's head, aiohttp's writer task the
+    body, a turn each): the computation fills the wait for the answer rather than delaying it, and
+    the record is complete before it is kept. What is still pending when the call ends (it failed
+    at once) `Calls.finish` computes before keeping the record."""
+    loop = asyncio.get_running_loop()
+
+    def turn(left: int) -> None:
+        if left > 0:
+            loop.call_soon(turn, left - 1)
+        else:
+            settle_propensities(record, decision)
+
+    loop.call_soon(turn, turns)
+
+
 def decision_dict(decision: Decision) -> dict[str, Any]:
     """The decision as the call record keeps it: what was picked (`arm`; the record's `model` is
-    the model that answered, after any fallback), every eligible arm's propensity (once known:
-    see `settle_propensities`), and the context it was decided from, so that other
-    configurations can be evaluated on it off-line."""
+    the model that answered, after any fallback), whether the pick was a uniform exploration,
+    every eligible arm's propensity (once known: see `settle_propensities`), and the context it
+    was decided from, so that other configurations can be evaluated on it off-line."""
     out: dict[str, Any] = {"arm": decision.model, "fallbacks": decision.fallbacks}
+    if decision.explored:
+        out["explored"] = True
     if decision.rule:
         out["rule"] = decision.rule
     if decision.candidates:
@@ -108,7 +144,8 @@ def open_record(
         propensity=decision.propensity,
         decision=decision_dict(decision),
         stream=stream,
-        caller=state.caller,
+        caller=state.tenant,
+        trace_id=state.trace.trace_id_hex if state.trace is not None else None,
     )
     state.record, state.decision = record, decision
     return record
@@ -121,36 +158,73 @@ def answered(record: CallRecord, spec: ModelSpec, upstream_model: str, attempts:
 
 
 class Calls:
-    def __init__(self, metrics: Meter, recorder: Sink, redact: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        metrics: Meter,
+        recorder: DurableSink,
+        redact: Callable[[str], str] = str,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.metrics = metrics
         self.recorder = recorder
         self.redact = redact
+        self.tracing = tracing or NoTracing()
+        self.open = 0  # calls opened and not finished yet
+        self._none_open = asyncio.Event()
+        self._none_open.set()
 
-    def finish(self, record: CallRecord, state: RequestState) -> None:
-        """A call ended (any way): settle its tokens and propensities, meter it, record it."""
+    def opened(self, record: CallRecord, decision: Decision | None = None) -> CallRecord:
+        """A call goes upstream: counted until it finishes; its propensities computed meanwhile."""
+        self.open += 1
+        self._none_open.clear()
+        if decision is not None and decision.pending:
+            settle_soon(record, decision)
+        return record
+
+    async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a shutdown bound
+        """At shutdown, before the recorder closes: the calls uvicorn cancelled finish (and are
+        recorded) in their own tasks a moment later; wait for them."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), timeout)
+
+    async def finish(self, record: CallRecord, state: RequestState) -> None:
+        """A call ended (any way): settle its tokens and propensities, meter it, keep its record. Raises
+        RecorderUnavailable when the record cannot be kept: then the answer must not go out."""
+        self.open -= 1
+        if self.open <= 0:
+            self.open = 0
+            self._none_open.set()
         record.overhead_ms = state.overhead_ms
         if state.reservation is not None:
             state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
-        self.recorder.record(record)
-        # Last, and with no await before it returns: the recorder writes in batches from a task of
-        # this event loop, so the record is complete before anything reads or writes it.
-        if state.decision is not None:
+        if state.decision is not None:  # what the wait upstream did not compute (a quick failure)
             settle_propensities(record, state.decision)
+        await self.recorder.keep(record)  # with its propensities: the spool's copy has them too
+        if state.trace is not None:
+            self.tracing.end(state.trace, record, state.t0)
 
-    def failed(self, record: CallRecord, state: RequestState, exc: Exception) -> None:
+    async def failed(self, record: CallRecord, state: RequestState, exc: BaseException) -> None:
         """The call failed before any answer: its record says how, and how long upstreams took."""
         record.status = "error"
         record.error = str(exc)
         if isinstance(exc, GatewayError):
             record.http_status, record.upstream_ms = exc.status, exc.upstream_ms
+            record.attempts = exc.attempts or record.attempts
         else:
             record.http_status, record.upstream_ms = 500, None
         state.mark_overhead(record.upstream_ms or 0.0)
-        self.finish(record, state)
+        await self._finish_quietly(record, state)
 
-    def cancelled(self, record: CallRecord, state: RequestState) -> None:
+    async def cancelled(self, record: CallRecord, state: RequestState) -> None:
         record.status, record.http_status, record.error = "cancelled", 499, "client disconnected"
-        self.finish(record, state)
+        await self._finish_quietly(record, state)
+
+    async def _finish_quietly(self, record: CallRecord, state: RequestState) -> None:
+        """For a call that failed anyway: its own error is what the client gets."""
+        try:
+            await self.finish(record, state)
+        except GatewayError:
+            pass  # logged by the recorder

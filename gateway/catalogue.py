@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,6 +45,10 @@ class ModelSpec(_Strict):
     input_usd_per_mtok: float = Field(default=0.0, ge=0)
     output_usd_per_mtok: float = Field(default=0.0, ge=0)
     context_window: int = Field(default=8192, gt=0)
+    # What the model can do: chat, streaming, tools, json, vision, code (routing reads them), and
+    # what its upstream speaks besides chat completions: `embeddings` (POST /v1/embeddings may
+    # name it), `responses` (it speaks the Responses API natively: /v1/responses is passed
+    # through; without it, /v1/responses is translated to chat completions for it).
     capabilities: frozenset[str] = frozenset({"chat", "streaming"})
     # At most this many calls at once; up to `max_queue` more wait up to `queue_timeout_s` for a
     # slot, then the call falls back to the next model (or gets 503 when none is left).
@@ -61,6 +66,8 @@ class ModelSpec(_Strict):
     # Replay provider: the replay file and the model's name inside it (default: upstream_model).
     replay_file: str | None = None
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    # Request body fields this model may receive beyond its provider kind's (gateway/fields.py).
+    extra_body_fields: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _defaults(self) -> ModelSpec:
@@ -73,6 +80,8 @@ class ModelSpec(_Strict):
             updates["upstream_model"] = self.name
         if self.provider == "replay" and not self.replay_file:
             raise ValueError(f"model {self.name!r}: provider 'replay' needs replay_file")
+        if self.provider == "replay" and self.capabilities & {"embeddings", "responses"}:
+            raise ValueError(f"model {self.name!r}: replay models speak chat completions only")
         if self.provider != "replay" and not (self.base_url or updates.get("base_url")):
             raise ValueError(f"model {self.name!r}: provider {self.provider!r} needs base_url")
         for key, value in updates.items():
@@ -82,6 +91,15 @@ class ModelSpec(_Strict):
     @property
     def upstream_id(self) -> str:
         return self.upstream_model or self.name
+
+    @property
+    def is_local(self) -> bool:
+        """A server on this machine or beside it (Ollama, vLLM, anything on loopback): one that
+        refuses connections is not running, and no retry will start it."""
+        if self.provider in ("ollama", "vllm"):
+            return True
+        host = urlsplit(self.base_url or "").hostname or ""
+        return host in ("localhost", "::1") or host.startswith("127.")
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6

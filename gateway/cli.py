@@ -52,22 +52,19 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
+    from gateway.server import uvicorn_config
 
     settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     app = create_app(settings, redact=redact)
-    uvicorn.run(
+    config = uvicorn_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        access_log=False,
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        server_header=False,
     )
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -127,6 +124,7 @@ def export_dpo(args: argparse.Namespace) -> int:
                     specs={m.name: m for m in settings.models},
                     correct=args.correct,
                     incorrect=args.incorrect,
+                    caller=args.caller,
                 ):
                     out.write(orjson.dumps(record, default=str) + b"\n")
                     n += 1
@@ -253,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="trl",
         help="trl: TRL's conversational preference format; jsonl: everything, with models and scores",
     )
+    p.add_argument("--caller", help="one tenant's pairs (a client key id, key_...); default: all")
     p.add_argument("--correct", type=float, default=0.7, help="routes: a score at or above this is correct")
     p.add_argument(
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"

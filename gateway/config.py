@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     max_fallbacks: int = Field(default=2, ge=0, le=10)
     circuit_breaker_failure_threshold: int = Field(default=5, ge=1)
     circuit_breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    # Local upstreams (Ollama, vLLM, loopback) are probed (GET {base_url}/models) at start and then
+    # every this many seconds, so that one that is not running is known to be down before a call
+    # fails on it, and one that starts is routed to again. At least 1 s: a probe is a request.
+    local_probe_interval_s: float = Field(default=10.0, ge=1)
 
     # --- routing (names as the original proxy documented them)
     # lin_ts: linear Thompson sampling on the embedding (the default: best in the lab, see README);
@@ -166,9 +170,39 @@ class Settings(BaseSettings):
     database_ssl_mode: str | None = None
     data_dir: Path = Path("./data")
     run_migrations: bool = True
-    recorder_queue_size: int = Field(default=100_000, ge=1)
     recorder_batch_size: int = Field(default=500, ge=1)
     memory_store_max_calls: int = Field(default=100_000, ge=1)
+
+    # --- durability, timeouts and hostile input (issue 15)
+    # The recorder's spool: every call record is on local disk before its client gets the last
+    # byte, until the database has it (default DATA_DIR/spool; one gateway per directory).
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=1 << 30, gt=0)  # full: new calls get 503 until it drains
+    spool_fsync: Literal["interval", "always"] = "interval"  # always: fsync before the last byte
+    spool_fsync_interval_ms: float = Field(default=5.0, gt=0, le=1000)  # interval: the group commit
+    recorder_queue_bytes: int = Field(default=64 << 20, gt=0)  # records also kept in memory
+    recorder_batch_bytes: int = Field(default=8 << 20, gt=0)  # one write to the database at most
+    recorder_stall_s: float = Field(default=10.0, gt=0)  # "failing" once a record waits this long
+    # Every database statement (statement_timeout, asyncpg's command_timeout) and every wait of a
+    # request on the database: past it, 503 with Retry-After.
+    store_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # The HTTP server (uvicorn with httptools, see gateway/server.py).
+    max_header_bytes: int = Field(default=32768, ge=1024)  # request line and headers: 431 beyond
+    header_timeout_s: float = Field(default=10.0, gt=0)  # to receive a request's headers
+    body_timeout_s: float = Field(default=60.0, gt=0)  # to receive its body
+    keep_alive_s: int = Field(default=5, ge=1)  # an idle keep-alive connection is closed after it
+    max_connections: int = Field(default=1000, ge=1)  # connections or requests at once: 503 beyond
+    upstream_pool_size: int = Field(default=256, ge=1)  # connections to upstreams at once
+    max_json_elements: int = Field(default=100_000, ge=100)  # objects and arrays in one request body
+    max_n: int = Field(default=8, ge=1, le=128)  # choices a chat request may ask for (`n`)
+    # Output tokens: a request asking for more is cut to this, one asking for none gets it (a
+    # model's own `max_output_tokens` wins); token reservations count n x this. 0: no cap.
+    max_output_tokens: int = Field(default=4096, ge=0)
+    auth_failures_per_minute: int = Field(default=20, ge=0)  # per client address; 0: no limit
+    # One tenant's ratings count for at most this many in another tenant's view of an arm (and
+    # the largest other tenant not at all); in lin_ts, a tenant's ratings beyond it weigh less.
+    tenant_rating_cap: int = Field(default=1000, ge=1)
+    health_cache_s: float = Field(default=1.0, ge=0)  # /health and /ready answer from a cache this old
 
     # --- DPO flywheel
     duel_rate: float = Field(default=0.0, ge=0, le=1)
@@ -289,6 +323,10 @@ class Settings(BaseSettings):
         if spec.api_key_env == "OPENROUTER_API_KEY" and self.openrouter_api_key is not None:
             return self.openrouter_api_key.get_secret_value() or None
         return environ().get(spec.api_key_env) or None
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
 
     def database_dsn(self) -> str | None:
         """The SQLAlchemy URL of an external database, or None for the embedded one."""

@@ -12,6 +12,7 @@ from typing import Any
 from gateway.domain import CallRecord
 from gateway.limits import Reservation
 from gateway.routing import Decision
+from gateway.tracing import CallTrace
 
 STATE_KEY = "request"
 
@@ -21,11 +22,15 @@ class RequestState:
     t0: float  # time.perf_counter() at arrival
     request_id: str = ""
     caller: str | None = None  # the caller's key id
+    # The tenant whose request ids, ratings and pairs these are: the key id on a gateway with
+    # client keys, "" on an open one (one tenant: anyone may read and rate any call).
+    tenant: str = ""
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
     reservation: Reservation | None = None  # prompt tokens held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
     decision: Decision | None = None  # how its model was chosen
+    trace: CallTrace | None = None  # its trace, when tracing is on
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000

@@ -69,10 +69,13 @@ class CallRecord:
     cost_usd: float | None = None
     response: str | None = None
     upstream_model: str | None = None
-    caller: str | None = None
+    # The tenant: the client key's id on a gateway with GATEWAY_API_KEYS, "" on an open one. A
+    # call's key is (caller, id): each tenant has its own request ids, ratings and DPO pairs.
+    caller: str = ""
     kind: str = "call"  # call | duel | judge
     duel_of: str | None = None
     synthetic: bool = False  # the response is a placeholder no model wrote (replay data without text)
+    trace_id: str | None = None  # the OpenTelemetry trace of the call (32 hex digits), when traced
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -85,6 +88,25 @@ class CallRecord:
         return self.model is not None and self.kind != "judge"
 
 
+_FIELDS = frozenset(CallRecord.__dataclass_fields__)
+
+
+def encode_record(rec: CallRecord) -> tuple[bytes, bytes | None]:
+    """A record as bytes for the spool: JSON, and the embedding's float32 bytes beside it."""
+    data = {name: getattr(rec, name) for name in _FIELDS if name != "embedding"}
+    data["created_at"] = rec.created_at.isoformat()
+    body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    emb = None if rec.embedding is None else np.asarray(rec.embedding, dtype=np.float32).tobytes()
+    return body, emb
+
+
+def decode_record(body: bytes, emb: bytes | None) -> CallRecord:
+    data = {k: v for k, v in orjson.loads(body).items() if k in _FIELDS}
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    data["embedding"] = None if emb is None else np.frombuffer(emb, dtype=np.float32).copy()
+    return CallRecord(**data)
+
+
 @dataclass(frozen=True)
 class Feedback:
     request_id: str
@@ -92,6 +114,7 @@ class Feedback:
     text: str | None = None
     source: str = "user"  # user | app | judge
     created_at: datetime = field(default_factory=utcnow)
+    caller: str = ""  # the tenant whose call this rates
 
 
 def feedback_applies(source: str, previous_source: str | None) -> bool:
@@ -152,6 +175,11 @@ class Rating:
     model: str
     score: float
     at: datetime
+    caller: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.caller, self.request_id
 
 
 @dataclass
@@ -216,6 +244,7 @@ class DPOPair:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     id: int = 0
+    caller: str = ""  # pairs are mined within one tenant's calls
 
     @property
     def margin(self) -> float:

@@ -40,22 +40,25 @@ def pairable(a: RatedCall, b: RatedCall) -> bool:
     return a.prompt_hash == b.prompt_hash or numbers(a.messages) == numbers(b.messages)
 
 
-async def mine(store: PairStore, request_id: str, *, similarity: float, min_margin: float) -> int:
-    """Pairs created or updated by the (new) score of `request_id`."""
-    me, others = await store.pair_candidates(request_id, similarity)
+async def mine(
+    store: PairStore, caller: str, request_id: str, *, similarity: float, min_margin: float
+) -> int:
+    """Pairs created or updated by the (new) score of that tenant's call `request_id` (with other
+    calls of the same tenant only)."""
+    me, others = await store.pair_candidates(caller, request_id, similarity)
     if me is None:
         return 0
     changed = 0
     for other in others:
         if abs(me.score - other.score) < min_margin or not pairable(me, other):
-            await store.delete_pair(me.id, other.id)  # no longer a preference (after a re-rating)
+            await store.delete_pair(caller, me.id, other.id)  # no longer a preference (after a re-rating)
             continue
         chosen, rejected = (me, other) if me.score > other.score else (other, me)
-        changed += await store.save_pair(make_pair(chosen, rejected, other.similarity))
+        changed += await store.save_pair(make_pair(chosen, rejected, other.similarity, caller))
     return changed
 
 
-def make_pair(chosen: RatedCall, rejected: RatedCall, similarity: float) -> DPOPair:
+def make_pair(chosen: RatedCall, rejected: RatedCall, similarity: float, caller: str = "") -> DPOPair:
     # Near-identical prompts differ a little: the pair carries the chosen answer's prompt.
     return DPOPair(
         prompt_hash=chosen.prompt_hash,
@@ -69,6 +72,7 @@ def make_pair(chosen: RatedCall, rejected: RatedCall, similarity: float) -> DPOP
         rejected=rejected.response,
         rejected_score=rejected.score,
         similarity=similarity,
+        caller=caller,
     )
 
 
@@ -223,6 +227,7 @@ def jsonl_record(pair: DPOPair) -> dict[str, Any]:
         "chosen_request_id": pair.chosen_id,
         "rejected_request_id": pair.rejected_id,
         "prompt_hash": pair.prompt_hash,
+        "caller": pair.caller,
         "created_at": pair.created_at.isoformat(),
         "updated_at": pair.updated_at.isoformat(),
     }
@@ -240,15 +245,17 @@ async def export_records(
     incorrect: float = 0.3,
     after: tuple[datetime, int] | None = None,
     limit: int | None = None,
+    caller: str | None = None,
 ) -> AsyncIterator[tuple[dict[str, Any], tuple[datetime, int] | None]]:
-    """Records for export, each with its paging cursor (responses) or None (routes)."""
+    """Records for export (one tenant's, or with `caller=None` every tenant's), each with its
+    paging cursor (responses) or None (routes)."""
     if kind == "responses":
-        async for pair in store.iter_pairs(since, min_margin, after, limit):
+        async for pair in store.iter_pairs(since, min_margin, after, limit, caller):
             record = trl_record(pair) if fmt == "trl" else jsonl_record(pair)
             yield record, (pair.updated_at, pair.id)
     elif kind == "routes":
         n = 0
-        async for comparison in store.iter_comparisons(since):
+        async for comparison in store.iter_comparisons(since, caller):
             labelled = route_record(comparison, specs, correct, incorrect)
             if labelled is None:
                 continue

@@ -48,6 +48,10 @@ class Duels:
         self.metrics = metrics
         self.learn = learn
         self.rng = rng or random.Random()
+        # The judge's blind order has a source of its own: which duels run, and when each one's
+        # judging starts, must not decide what the judge is shown first (with a seed, the orders
+        # are the same however the background tasks interleave).
+        self.order_rng = random.Random(self.rng.getrandbits(64))
         self.redact = redact
         self.background: set[asyncio.Task[None]] = set()
 
@@ -89,7 +93,10 @@ class Duels:
 
     def _keep(self, rec: CallRecord) -> None:
         self.metrics.observe_call(rec)
-        self.recorder.record(rec)
+        try:
+            self.recorder.record(rec)
+        except GatewayError as exc:  # no room: a duel is extra, the caller's answer is not at stake
+            log.warning("duel record %s not kept: %s", rec.id, exc.message)
 
     async def _duel(self, parent: CallRecord, model: str, body: dict[str, Any]) -> None:
         try:
@@ -120,7 +127,7 @@ class Duels:
         but the judge's own call)."""
         judge_model = self.settings.judge_model
         assert judge_model is not None and first.response and second.response
-        order = dpo.blind_order(first.id, second.id, self.rng)
+        order = dpo.blind_order(first.id, second.id, self.order_rng)
         answers = {first.id: first.response, second.id: second.response}
         messages = dpo.judge_prompt(first.messages, answers[order.a], answers[order.b])
         rec = CallRecord(
@@ -133,6 +140,7 @@ class Duels:
             layer="judge",
             kind="judge",
             duel_of=first.id,
+            caller=first.caller,
         )
         await self._call(judge_model, {"messages": messages, "temperature": 0, "max_tokens": 16}, rec)
         verdict = dpo.parse_verdict(rec.response) if rec.status == "ok" else None
@@ -142,5 +150,9 @@ class Duels:
             log.warning("judge %s gave no strict verdict for %s; nothing recorded", judge_model, first.id)
             return None
         for request_id, score in order.scores(verdict).items():
-            await self.learn(Feedback(request_id, score, f"judge {judge_model}: {verdict}", source="judge"))
+            await self.learn(
+                Feedback(
+                    request_id, score, f"judge {judge_model}: {verdict}", source="judge", caller=first.caller
+                )
+            )
         return verdict

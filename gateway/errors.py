@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -15,6 +16,8 @@ class GatewayError(Exception):
     code = "internal_error"
     # Time spent on upstreams before the call failed (retries and fallbacks), for its record.
     upstream_ms: float | None = None
+    # The upstream attempts that failed (Attempt.as_dict() each), for its record and its trace.
+    attempts: list[dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -94,6 +97,33 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "no_available_model"
+
+
+class NotConfigured(ServiceUnavailable):
+    """The models this request could use are unavailable for reasons no retry can fix: an API key
+    that is not set (`upstream_key_missing`), a local server that refuses connections
+    (`upstream_unreachable`), or both (`upstream_not_configured`). Answered at once, without
+    Retry-After and with `x-should-retry: false` (the OpenAI SDKs obey it), so that a client does
+    not spend seconds retrying what the operator must fix; the message says what to fix."""
+
+    CODES = {"unconfigured": "upstream_key_missing", "refused": "upstream_unreachable"}
+
+    def __init__(self, message: str, kinds: Collection[str]) -> None:
+        codes = {self.CODES[k] for k in kinds}
+        code = codes.pop() if len(codes) == 1 else "upstream_not_configured"
+        super().__init__(message, code=code, headers={"x-should-retry": "false"})
+
+
+# The kinds of unavailability only the operator can fix (gateway.health.Unavailable.kind).
+LASTING = frozenset(NotConfigured.CODES)
+
+
+def unavailable(message: str, kinds: Collection[str]) -> ServiceUnavailable:
+    """No model could take the request, for reasons of these `kinds`: when they are all lasting
+    (the operator's to fix), a NotConfigured; otherwise a 503 worth retrying after a while."""
+    if kinds and set(kinds) <= LASTING:
+        return NotConfigured(message, kinds)
+    return ServiceUnavailable(message, headers={"retry-after": "5"})
 
 
 class StoreUnavailable(ServiceUnavailable):

@@ -19,14 +19,20 @@ class FeedbackMeter(Protocol):
 
 
 class Queue(Protocol):
-    def has(self, request_id: str) -> bool: ...
+    def has(self, caller: str, request_id: str) -> bool: ...
 
-    async def flush(self) -> None: ...
+    async def wait_written(self, caller: str, request_id: str, timeout: float) -> None: ...  # noqa: ASYNC109
 
 
 class Observer(Protocol):
     def observe_feedback(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+        self,
+        caller: str,
+        request_id: str,
+        model: str,
+        score: float,
+        previous: float | None,
+        embedding: np.ndarray | None,
     ) -> None: ...
 
 
@@ -68,17 +74,20 @@ class Learner:
         """Feedback, durable first; then what it teaches: the arm's global statistics (at once),
         the call's embedding for future neighbour searches (computed now if routing did not), and
         DPO pairs with other answers to the same prompt."""
-        if self.recorder.has(feedback.request_id):
-            await self.recorder.flush()  # the call is still queued: write it first (503 if the store is down)
+        caller = feedback.caller
+        if self.recorder.has(caller, feedback.request_id):
+            # The call is still on its way to the database: wait for it (503 if it does not come).
+            await self.recorder.wait_written(caller, feedback.request_id, self.settings.store_timeout_s)
         outcome = await self.store.add_feedback(feedback)
         pairs = 0
         if outcome.applied and outcome.model is not None and outcome.score is not None:
-            embedding = await self._embedding_of(outcome.request_id)
+            embedding = await self._embedding_of(caller, outcome.request_id)
             self.router.observe_feedback(
-                outcome.request_id, outcome.model, outcome.score, outcome.previous, embedding
+                caller, outcome.request_id, outcome.model, outcome.score, outcome.previous, embedding
             )
             pairs = await dpo.mine(
                 self.store,
+                caller,
                 outcome.request_id,
                 similarity=self.settings.dpo_similarity,
                 min_margin=self.settings.dpo_min_margin,
@@ -88,8 +97,8 @@ class Learner:
             "ok", outcome.request_id, outcome.model, outcome.score, outcome.previous, outcome.applied, pairs
         )
 
-    async def _embedding_of(self, request_id: str) -> np.ndarray | None:
-        stored = await self.store.get_call(request_id)
+    async def _embedding_of(self, caller: str, request_id: str) -> np.ndarray | None:
+        stored = await self.store.get_call(caller, request_id)
         if stored is None:
             return None
         record = stored.record
@@ -101,5 +110,5 @@ class Learner:
         if not text:
             return None
         embedding = (await self.embedder.embed([text]))[0]
-        await self.store.set_embedding(request_id, embedding)
+        await self.store.set_embedding(caller, request_id, embedding)
         return embedding

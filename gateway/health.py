@@ -67,6 +67,10 @@ class ModelHealth:
     latency_ms_avg: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    # Why a local upstream is down (it refused a connection, or its probe failed); None: up. A
+    # down model is left out of routing until a probe or a call reaches it again.
+    down: str | None = None
+    probed_at: float | None = None  # when a probe last ran (time.time())
 
     def observe_latency(self, ms: float) -> None:
         # Exponentially weighted, so it follows an upstream that slows down.
@@ -74,10 +78,22 @@ class ModelHealth:
 
 
 @dataclass(frozen=True)
+class Unavailable:
+    """Why a model cannot take calls now (`kind`: unconfigured, refused, circuit_open, no_provider;
+    see `gateway.errors.LASTING` for those no retry can fix)."""
+
+    reason: str
+    kind: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """A model's health as /health and /metrics show it."""
 
-    status: str  # up | unavailable | circuit_open | circuit_half_open
+    status: str  # up | unavailable | down | circuit_open | circuit_half_open
     circuit: str
     reason: str | None
     in_flight: int
@@ -86,3 +102,4 @@ class ModelStatus:
     latency_ms_avg: float | None
     last_error: str | None
     last_error_at: float | None
+    probed_at: float | None = None

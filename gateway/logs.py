@@ -43,6 +43,17 @@ class Redactor:
         return text
 
 
+# URLs and socket addresses (an upstream's base URL, a connection error's address): what error
+# texts sent to clients, /health and 503 bodies must not show.
+_ADDRESS = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+|\(?'?\d{1,3}(?:\.\d{1,3}){3}'?,\s*\d+\)?|\[[0-9a-f:]+\]:\d+"
+)
+
+
+def hide_addresses(text: str) -> str:
+    return _ADDRESS.sub("<upstream>", text)
+
+
 def _may_hold_a_key(text: str) -> bool:
     """A cheap test (1 µs on a log line, against 40 µs for _KEYLIKE) that no pattern can match."""
     return "k-" in text or "AIza" in text or "AKIA" in text or "Bearer " in text or "key" in text.lower()
@@ -75,16 +86,34 @@ class JSONFormatter(logging.Formatter):
         return self.redact(orjson.dumps(out, default=str).decode())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def escape(text: str) -> str:
+    """Control characters as escapes (`\\n`, `\\x1b`): a client's path or header cannot forge a
+    log line (`%0a` in a path) or a terminal sequence."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record: the message and the extra fields escaped; a traceback follows on its
+    own lines (ours, not the client's)."""
+
     def __init__(self, redact: Redactor) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         self.redact = redact
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extra = _extra(record)
         if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items() if v is not None)
+            line += " " + " ".join(f"{k}={escape(str(v))}" for k, v in extra.items() if v is not None)
         return self.redact(line)
 
 

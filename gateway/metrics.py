@@ -80,6 +80,7 @@ class Gauges:
     recorder: RecorderState
     cache: CacheStats | None
     arms: dict[str, ArmGauge]
+    auth_failures: int = 0
 
 
 class Metrics:
@@ -115,7 +116,7 @@ class Metrics:
         self.tokens = Counter("llm_router_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
         self.cost = Counter(
             "llm_router_cost_usd",
-            "USD spent by model and call kind (call, duel, judge)",
+            "USD spent by model and call kind (call, duel, judge, embeddings)",
             ["model", "kind"],
             registry=r,
         )
@@ -153,6 +154,14 @@ class Metrics:
             self.tokens.labels(model, "completion").inc(rec.completion_tokens)
         if rec.cost_usd:
             self.cost.labels(model, rec.kind).inc(rec.cost_usd)
+
+    def embedded(self, model: str, status: int, tokens: int, cost_usd: float) -> None:
+        """An embeddings call (metered, not recorded: there is no answer to rate)."""
+        self.requests.labels(model, "embeddings", "none", str(status)).inc()
+        if tokens:
+            self.tokens.labels(model, "prompt").inc(tokens)
+        if cost_usd:
+            self.cost.labels(model, "embeddings").inc(cost_usd)
 
     def rated(self, model: str | None, source: str, score: float, pairs: int) -> None:
         self.feedback.labels(model or "none", source).observe(score)
@@ -197,12 +206,31 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "llm_router_recorder_failing",
-            "1 while the store cannot be written",
+            "1 while the oldest record not yet stored has waited more than RECORDER_STALL_S",
             value=1.0 if rec.failing else 0.0,
         )
         yield CounterMetricFamily("llm_router_recorder_written", "Call records written", value=rec.written)
         yield CounterMetricFamily(
-            "llm_router_recorder_dropped", "Call records dropped (queue full)", value=rec.dropped
+            "llm_router_recorder_dropped", "Call records the store refused (invalid)", value=rec.dropped
+        )
+        yield CounterMetricFamily(
+            "llm_router_recorder_duplicates",
+            "Call records already stored (a reused request id, or a replay after a crash)",
+            value=rec.duplicates,
+        )
+        yield GaugeMetricFamily(
+            "llm_router_recorder_oldest_seconds",
+            "Age of the oldest record not yet stored",
+            value=rec.oldest_s,
+        )
+        if rec.spool is not None:
+            yield GaugeMetricFamily(
+                "llm_router_spool_bytes", "Bytes in the spool on disk", value=rec.spool.bytes
+            )
+        yield CounterMetricFamily(
+            "llm_router_auth_failures",
+            "Failed authentications (a missing or wrong key)",
+            value=s.auth_failures,
         )
         cache = s.cache
         if cache is not None:

@@ -16,9 +16,16 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
-from gateway.auth import PROTECTED, Keys
+from gateway.auth import KEY_HEADERS, PROTECTED, Keys, presented
+from gateway.auth_failures import AuthFailures
 from gateway.context import STATE_KEY, RequestState
-from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import (
+    AuthenticationError,
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from gateway.limits import RateLimits
 
 log = logging.getLogger("gateway.access")
@@ -38,8 +45,10 @@ class RequestContext:
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
         log_prompts: bool = False,
+        auth_failures: AuthFailures | None = None,
     ) -> None:
         self.app = app
+        self.auth_failures = auth_failures
         self.keys = keys
         self.limits = limits if limits is not None and limits.enabled else None
         self.redact = redact
@@ -54,7 +63,7 @@ class RequestContext:
         t0 = time.perf_counter()
         request_id: str | None = None
         content_length: int | None = None
-        auth: bytes | None = None
+        auth: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
@@ -63,8 +72,8 @@ class RequestContext:
                     content_length = int(value)
                 except ValueError:
                     content_length = None
-            elif name == b"authorization":
-                auth = value
+            elif name in KEY_HEADERS:
+                auth.setdefault(name, value)
         state = RequestState(t0)
         scope.setdefault("state", {})[STATE_KEY] = state
         if self.in_flight is not None:
@@ -93,7 +102,8 @@ class RequestContext:
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            state.caller = self.keys.caller(scope["path"], auth)
+            state.caller = self._caller(scope, presented(auth))
+            state.tenant = (state.caller or "") if self.keys.keys else ""
             if self.limits is not None and scope["path"].startswith(PROTECTED):
                 # By key; without keys, by address (a made-up bearer token must not reset a limit).
                 client = scope.get("client") or ("unknown", 0)
@@ -124,6 +134,19 @@ class RequestContext:
                 self.in_flight.dec()
             self._log(scope, state, status)
 
+    def _caller(self, scope: Scope, given: list[bytes]) -> str | None:
+        """The caller's key id (of the keys `given`); failed authentications are counted per
+        address (and limited)."""
+        if self.auth_failures is None or not self.keys.keys or not scope["path"].startswith(PROTECTED):
+            return self.keys.caller(scope["path"], given)
+        address = (scope.get("client") or ("unknown", 0))[0]
+        self.auth_failures.check(address)
+        try:
+            return self.keys.caller(scope["path"], given)
+        except AuthenticationError:
+            self.auth_failures.failed(address)
+            raise
+
     def _headers(self, state: RequestState) -> list[tuple[bytes, bytes]]:
         out = []
         if state.request_id:
@@ -148,6 +171,8 @@ class RequestContext:
         }
         if rec is not None:
             extra.update(model=rec.model, layer=rec.layer, stream=rec.stream)
+            if rec.trace_id:
+                extra["trace_id"] = rec.trace_id
             if rec.strategy:
                 extra["strategy"] = rec.strategy
             extra.update(

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from gateway.limits import RateLimits
     from gateway.logs import Redactor
     from gateway.metrics import Metrics
+    from gateway.readiness import ReadinessCache
     from gateway.recorder import Recorder
     from gateway.routing.router import Router
     from gateway.store import Store
+    from gateway.tracing import Tracing
     from gateway.upstreams import Upstreams
 
 SERVICES_KEY = "services"
@@ -40,6 +42,8 @@ class Services:
     limits: RateLimits
     redact: Redactor
     embedder: Embedder | None
+    tracing: Tracing
+    readiness: ReadinessCache  # what /ready and /health answer from
     evaluator: Evaluator
 
 

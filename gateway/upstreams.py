@@ -13,30 +13,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import fields
+from gateway.attempts import Attempt, client_error, final_error
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings
-from gateway.errors import (
-    GatewayError,
-    ServiceUnavailable,
-    UpstreamClientError,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from gateway.health import CircuitBreaker, Clock, ModelHealth, ModelStatus
-from gateway.providers import Provider, ProviderError
+from gateway.health import CircuitBreaker, Clock, ModelHealth, ModelStatus, Unavailable
+from gateway.logs import hide_addresses
+from gateway.providers import CHAT, Api, ApiProvider, Provider, ProviderError
 
-
-@dataclass
-class Attempt:
-    model: str
-    outcome: str  # ok | error | circuit_open | unavailable | busy
-    ms: float = 0.0
-    error: str | None = None
-    status: int | None = None
-    kind: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+# What each model of a chain is sent: the API it is asked in, and the body (before `model` and the
+# model's caps are applied). A chat call sends every model the same; a Responses call sends a model
+# that speaks it natively the Responses body, and the others its translation to chat completions.
+Plan = Callable[[ModelSpec], tuple[Api, dict[str, Any]]]
 
 
 @dataclass
@@ -45,6 +33,7 @@ class ChatResult:
     data: dict[str, Any]
     upstream_ms: float  # time spent on upstreams (failed attempts and backoff included)
     attempts: list[Attempt]
+    api: Api = CHAT  # what the answering model was asked in
 
 
 @dataclass
@@ -56,6 +45,7 @@ class OpenStream:
     upstream_ms: float  # time spent on upstreams until the first chunk (failed attempts included)
     attempts: list[Attempt]
     release: Callable[[], None] = lambda: None
+    api: Api = CHAT
 
     async def aclose(self) -> None:
         """Closes the upstream connection (idempotent) and frees the model's slot."""
@@ -108,15 +98,23 @@ class Upstreams:
 
     # --- what the router needs to know
     def is_available(self, name: str) -> bool:
-        return name in self.providers and name not in self.unavailable and self.breakers[name].available()
+        return (
+            name in self.providers
+            and name not in self.unavailable
+            and self.health[name].down is None
+            and self.breakers[name].available()
+        )
 
-    def why_unavailable(self, name: str) -> str | None:
+    def why_unavailable(self, name: str) -> Unavailable | None:
         if name in self.unavailable:
-            return self.unavailable[name]
+            return Unavailable(self.unavailable[name], "unconfigured")
         if name not in self.providers:
-            return "no provider"
+            return Unavailable("no provider", "no_provider")
+        down = self.health[name].down
+        if down is not None:
+            return Unavailable(down, "refused")
         if not self.breakers[name].available():
-            return "circuit open"
+            return Unavailable("circuit open", "circuit_open")
         return None
 
     def in_flight(self, name: str) -> int:
@@ -125,10 +123,11 @@ class Upstreams:
     def snapshot(self) -> dict[str, ModelStatus]:
         out = {}
         for name, h in self.health.items():
-            reason = self.unavailable.get(name)
+            reason = self.unavailable.get(name) or h.down
             state = self.breakers[name].state
+            status = "up" if state == "closed" else f"circuit_{state}"
             out[name] = ModelStatus(
-                status="unavailable" if reason else ("up" if state == "closed" else f"circuit_{state}"),
+                status="unavailable" if name in self.unavailable else ("down" if h.down else status),
                 circuit=state,
                 reason=reason,
                 in_flight=h.in_flight,
@@ -137,22 +136,27 @@ class Upstreams:
                 latency_ms_avg=None if h.latency_ms_avg is None else round(h.latency_ms_avg, 2),
                 last_error=h.last_error,
                 last_error_at=h.last_error_at,
+                probed_at=h.probed_at,
             )
         return out
 
     # --- calling
-    def _payload(self, spec: ModelSpec, body: dict[str, Any], stream: bool) -> dict[str, Any]:
-        payload = dict(body)
+    def output_cap(self, spec: ModelSpec) -> int | None:
+        """The most output tokens a call to `spec` may ask for: its own cap, else MAX_OUTPUT_TOKENS."""
+        return spec.max_output_tokens or self.settings.max_output_tokens or None
+
+    def _payload(self, spec: ModelSpec, api: Api, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        payload = fields.for_model(spec, body, api)
         payload["model"] = spec.upstream_id
-        cap = spec.max_output_tokens
-        if cap is not None:
-            asked = [k for k in ("max_completion_tokens", "max_tokens") if payload.get(k) is not None]
+        cap = self.output_cap(spec)
+        if cap is not None and api.token_caps:
+            asked = [k for k in api.token_caps if payload.get(k) is not None]
             for key in asked:
                 if not isinstance(payload[key], int) or payload[key] > cap:
                     payload[key] = cap
             if not asked:
-                payload["max_tokens"] = cap
-        if stream:
+                payload[api.token_caps[-1]] = cap
+        if stream and api is CHAT:
             options = dict(payload.get("stream_options") or {})
             options["include_usage"] = True  # so that every streamed call can be priced
             payload["stream_options"] = options
@@ -193,18 +197,21 @@ class Upstreams:
 
         try:
             for i in range(self.settings.upstream_retries + 1):
-                t0 = time.perf_counter()
+                at, t0 = time.time(), time.perf_counter()
                 try:
                     result = await call()
                 except ProviderError as exc:
                     ms = (time.perf_counter() - t0) * 1000
                     self._redact(exc)
-                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind))
+                    attempts.append(Attempt(name, "error", ms, exc.message, exc.status, exc.kind, at))
                     health.requests += 1
                     if exc.is_client_error:
                         raise
                     health.failures += 1
                     health.last_error, health.last_error_at = exc.message, time.time()
+                    if exc.kind == "refused":  # not running: down (out of routing) until it answers;
+                        health.down = exc.message  # its breaker stays out of it (breaker.release)
+                        return None
                     if not exc.retryable or i == self.settings.upstream_retries:
                         breaker.failure()
                         settled = True
@@ -215,9 +222,10 @@ class Upstreams:
                     await self.sleep(min(delay, 5.0))
                     continue
                 ms = (time.perf_counter() - t0) * 1000
-                attempts.append(Attempt(name, "ok", ms))
+                attempts.append(Attempt(name, "ok", ms, at=at))
                 health.requests += 1
                 health.observe_latency(ms)
+                health.down = None
                 breaker.success()
                 settled = True
                 if hold:
@@ -262,10 +270,11 @@ class Upstreams:
         return True
 
     def _redact(self, exc: ProviderError) -> None:
-        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-...")."""
-        exc.message = self.redact(exc.message)
+        """Upstream error texts can quote our API key back ("Incorrect API key provided: sk-..."),
+        and name internal addresses (a connection error's URL): neither reaches a client."""
+        exc.message = hide_addresses(self.redact(exc.message))
         if exc.body and isinstance(exc.body.get("message"), str):
-            exc.body["message"] = self.redact(exc.body["message"])
+            exc.body["message"] = hide_addresses(self.redact(exc.body["message"]))
 
     def stream_failed(self, name: str, exc: ProviderError) -> None:
         """A stream broke after its first chunk: that counts against the model."""
@@ -284,11 +293,11 @@ class Upstreams:
         return seen
 
     async def _first_answer(
-        self, chain: Sequence[str], body: dict[str, Any], *, stream: bool
-    ) -> tuple[ModelSpec, Any, float, list[Attempt]]:
-        """The first model of `chain` that answers (each with its retries): its spec, its answer
-        (with `stream`, the first chunk and what holds its slot), the time spent on upstreams, and
-        every attempt."""
+        self, chain: Sequence[str], plan: Plan, *, stream: bool
+    ) -> tuple[ModelSpec, Api, Any, float, list[Attempt]]:
+        """The first model of `chain` that answers (each with its retries): its spec, the API it
+        was asked in, its answer (with `stream`, the first chunk and what holds its slot), the time
+        spent on upstreams, and every attempt."""
         ask = _first_chunk if stream else _complete
         attempts: list[Attempt] = []
         t0 = time.perf_counter()
@@ -297,41 +306,58 @@ class Upstreams:
                 self.on_fallback(chain[0], name)
             spec = self.specs[name]
             provider = self.providers.get(name)
-            payload = self._payload(spec, body, stream=stream)
+            api, body = plan(spec)
+            payload = self._payload(spec, api, body, stream=stream)
 
-            async def call(provider: Provider | None = provider, payload: dict[str, Any] = payload) -> Any:
+            async def call(
+                provider: Provider | None = provider, api: Api = api, payload: dict[str, Any] = payload
+            ) -> Any:
                 assert provider is not None
-                return await ask(provider, payload)
+                return await ask(provider, api, payload)
 
             try:
                 answer = await self._with_retries(name, call, attempts, hold=stream)
             except ProviderError as exc:
-                raise _client_error(exc) from exc
+                raise client_error(exc) from exc
             if answer is not None:
-                return spec, answer, (time.perf_counter() - t0) * 1000, attempts
+                return spec, api, answer, (time.perf_counter() - t0) * 1000, attempts
         raise final_error(attempts, (time.perf_counter() - t0) * 1000)
 
+    async def answer(self, chain: Sequence[str], plan: Plan) -> ChatResult:
+        spec, api, data, upstream_ms, attempts = await self._first_answer(chain, plan, stream=False)
+        return ChatResult(spec, data, upstream_ms, attempts, api)
+
+    async def open(self, chain: Sequence[str], plan: Plan) -> OpenStream:
+        """Opens a stream on the first model of `chain` that yields a first event."""
+        spec, api, opened, upstream_ms, attempts = await self._first_answer(chain, plan, stream=True)
+        (first, agen, ttft_ms), release = opened
+        return OpenStream(spec, first, agen, ttft_ms, upstream_ms, attempts, release=release, api=api)
+
     async def chat(self, chain: Sequence[str], body: dict[str, Any]) -> ChatResult:
-        spec, data, upstream_ms, attempts = await self._first_answer(chain, body, stream=False)
-        return ChatResult(spec, data, upstream_ms, attempts)
+        return await self.answer(chain, lambda spec: (CHAT, body))
 
     async def open_stream(self, chain: Sequence[str], body: dict[str, Any]) -> OpenStream:
-        """Opens a stream on the first model of `chain` that yields a first chunk."""
-        spec, opened, upstream_ms, attempts = await self._first_answer(chain, body, stream=True)
-        (first, agen, ttft_ms), release = opened
-        return OpenStream(spec, first, agen, ttft_ms, upstream_ms, attempts, release=release)
+        return await self.open(chain, lambda spec: (CHAT, body))
 
 
-async def _complete(provider: Provider, payload: dict[str, Any]) -> dict[str, Any]:
-    return await provider.chat(payload)
+def _speaking(provider: Provider, api: Api) -> ApiProvider:
+    if not isinstance(provider, ApiProvider):
+        raise ProviderError("unconfigured", f"this provider does not speak {api.path}")
+    return provider
+
+
+async def _complete(provider: Provider, api: Api, payload: dict[str, Any]) -> dict[str, Any]:
+    if api is CHAT:
+        return await provider.chat(payload)
+    return await _speaking(provider, api).send(api, payload)
 
 
 async def _first_chunk(
-    provider: Provider, payload: dict[str, Any]
+    provider: Provider, api: Api, payload: dict[str, Any]
 ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], float]:
     """A stream's first chunk, the rest of it, and the time to that chunk."""
     t_call = time.perf_counter()
-    agen = provider.stream(payload)
+    agen = provider.stream(payload) if api is CHAT else _speaking(provider, api).send_stream(api, payload)
     try:
         first = await agen.__anext__()
     except StopAsyncIteration as exc:
@@ -342,35 +368,3 @@ async def _first_chunk(
             await aclose()
         raise
     return first, agen, (time.perf_counter() - t_call) * 1000
-
-
-def _client_error(exc: ProviderError) -> UpstreamClientError:
-    body = exc.body or {}
-    message = str(body.get("message") or exc.message)
-    param = body.get("param") if isinstance(body.get("param"), str) else None
-    code = body.get("code") if isinstance(body.get("code"), str) else None
-    assert exc.status is not None
-    return UpstreamClientError(exc.status, message, param=param, code=code)
-
-
-def final_error(attempts: list[Attempt], upstream_ms: float = 0.0) -> GatewayError:
-    """The error a client sees when no attempt succeeded (`upstream_ms`: time spent trying)."""
-    error = _final_error(attempts)
-    error.upstream_ms = upstream_ms
-    return error
-
-
-def _final_error(attempts: list[Attempt]) -> GatewayError:
-    if not attempts:
-        return ServiceUnavailable("no model is configured for this request")
-    # One line per model and error, with a count for retries: "m: HTTP 500: boom (3 attempts)".
-    seen: dict[tuple[str, str | None], int] = {}
-    for a in attempts:
-        seen[(a.model, a.error)] = seen.get((a.model, a.error), 0) + 1
-    detail = "; ".join(f"{m}: {e}" + (f" ({n} attempts)" if n > 1 else "") for (m, e), n in seen.items())
-    kinds = {a.kind for a in attempts}
-    if kinds <= {"unconfigured", "circuit_open", "connect", "busy"}:
-        return ServiceUnavailable(f"no model could take the request: {detail}", headers={"retry-after": "5"})
-    if attempts[-1].kind == "timeout":
-        return UpstreamTimeout(f"the upstream timed out: {detail}")
-    return UpstreamError(f"all upstream attempts failed: {detail}")

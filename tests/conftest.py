@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from gateway.app import create_app
 from gateway.catalogue import ModelSpec
 from gateway.config import Settings
+from gateway.server import uvicorn_config
 from tests.fake_upstream import FakeUpstream
 
 
@@ -52,6 +54,9 @@ def model(name: str, base_url: str, **kw: Any) -> dict[str, Any]:
 def make_settings(models: list[dict[str, Any]] | list[ModelSpec], **kw: Any) -> Settings:
     kw.setdefault("enable_persistence", False)
     kw.setdefault("retry_backoff_ms", 1)
+    if kw["enable_persistence"] and "data_dir" not in kw and "spool_dir" not in kw:
+        # Each gateway its own spool: one left by an earlier test must not replay into this one.
+        kw["spool_dir"] = Path(tempfile.mkdtemp(prefix="spool-"))
     return Settings(_env_file=None, models=models, **kw)  # type: ignore[call-arg]
 
 
@@ -69,16 +74,7 @@ class GatewayServer:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            loop="asyncio",
-            http="httptools",
-            log_config=None,
-            timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        )
+        config = uvicorn_config(self.app, settings, log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None

@@ -27,8 +27,14 @@ The random knobs draw from a random.Random per scenario, seeded from the server'
 default, `--seed` on the command line) and the scenario, so a run is reproducible (given the order
 of requests). Several knobs may be combined: `fail_rate=0.05,abort_rate=0.02`.
 
-It records what it receives (`received`), how many requests each scenario saw (`counts`) and how
-many streams their client abandoned (`disconnects`). Run standalone for benchmarks:
+Besides chat completions it answers `GET /models` (counted in `model_lists`), `POST /embeddings`
+(deterministic unit vectors of `dimensions` floats, default 8, as floats or base64 as asked) and
+`POST /responses`, the Responses API, streamed too (a model with the `responses` capability in the
+gateway's catalogue calls it; a function tool in the request gets a function call back).
+
+It records what it receives (`received`, with each request's `path`), how many requests each
+scenario saw (`counts`) and how many streams their client abandoned (`disconnects`). Run standalone
+for benchmarks:
   python -m tests.fake_upstream --port 9100
 """
 
@@ -36,10 +42,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import random
 import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -75,6 +84,26 @@ def _error(status: int, message: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": str(status)}})
 
 
+def _embeddings(req: dict[str, Any], model: str) -> bytes:
+    """A deterministic unit vector per input (from its hash), as floats or base64 float32."""
+    given = req["input"]
+    items = [given] if isinstance(given, str) or isinstance(given[0], int) else given
+    size = int(req.get("dimensions") or 8)
+    data = []
+    for n, item in enumerate(items):
+        digest = hashlib.sha256(str(item).encode()).digest() * (size // 32 + 1)
+        raw = [b - 127.5 for b in digest[:size]]
+        norm = sum(x * x for x in raw) ** 0.5
+        vector = [x / norm for x in raw]
+        value: Any = vector
+        if req.get("encoding_format") == "base64":
+            value = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": n, "embedding": value})
+    tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in items)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": model + "-2026-01-01", "usage": usage})
+
+
 class FakeUpstream:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -83,6 +112,7 @@ class FakeUpstream:
         self.counts: Counter[str] = Counter()
         self.disconnects = 0
         self.completed_streams = 0
+        self.model_lists = 0
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
         self.port = 0
@@ -99,11 +129,13 @@ class FakeUpstream:
                     return
         path = scope["path"]
         if path.endswith("/models") and scope["method"] == "GET":
+            self.model_lists += 1
             await self._json(
                 send, 200, orjson.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]})
             )
             return
-        if not path.endswith("/chat/completions") or scope["method"] != "POST":
+        api = next((a for a in ("/chat/completions", "/embeddings", "/responses") if path.endswith(a)), None)
+        if api is None or scope["method"] != "POST":
             await self._json(send, 404, _error(404, f"no route {path}"))
             return
         body = b""
@@ -124,13 +156,17 @@ class FakeUpstream:
         self.received.append(
             {
                 "scenario": scenario,
+                "path": path,
                 "body": req,
                 "authorization": auth,
                 "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
             }
         )
-        if not isinstance(req.get("messages"), list) or not req["messages"]:
+        if api == "/chat/completions" and (not isinstance(req.get("messages"), list) or not req["messages"]):
             await self._json(send, 400, _error(400, "'messages' must be a non-empty array"))
+            return
+        if api != "/chat/completions" and not req.get("input"):
+            await self._json(send, 400, _error(400, "'input' is required"))
             return
         if knobs.get("hang"):
             await self._wait_disconnect(receive)
@@ -164,6 +200,12 @@ class FakeUpstream:
             return
         model = str(req.get("model") or "fake")
         answer = knobs.get("answer", f"Hello from {model}.").replace("_", " ")
+        if api == "/embeddings":
+            await self._json(send, 200, _embeddings(req, model))
+            return
+        if api == "/responses":
+            await self._responses(send, req, model, answer)
+            return
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in req["messages"])
         with_usage = knobs.get("usage", "1") != "0"
         if req.get("stream"):
@@ -232,6 +274,16 @@ class FakeUpstream:
         n_chunks = max(1, min(int(knobs.get("chunks", "8")), len(words)))
         step = -(-len(words) // n_chunks)
         pieces = [(" " if i else "") + " ".join(words[i : i + step]) for i in range(0, len(words), step)]
+        deltas: list[dict[str, Any]] = [{"content": piece} for piece in pieces]
+        finish = "stop"
+        if req.get("tools"):  # a tool call, its arguments in two pieces (as real upstreams send them)
+            fn = {"name": req["tools"][0]["function"]["name"], "arguments": ""}
+            deltas = [
+                {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": fn}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+            ]
+            finish = "tool_calls"
         cid, created = f"chatcmpl-fake{next(_ids)}", int(time.time())
         chunk_delay = float(knobs.get("chunk_delay_ms", "0")) / 1000
         gone = asyncio.Event()
@@ -263,7 +315,7 @@ class FakeUpstream:
                     "more_body": True,
                 }
             )
-            for i, piece in enumerate(pieces):
+            for i, delta in enumerate(deltas):
                 if chunk_delay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gone.wait(), chunk_delay)
@@ -291,10 +343,8 @@ class FakeUpstream:
                     continue
                 if "abort_after" in knobs and i == int(knobs["abort_after"]):
                     raise ConnectionAbortedError("fake upstream aborts the stream")
-                await send(
-                    {"type": "http.response.body", "body": chunk({"content": piece}, None), "more_body": True}
-                )
-            tail = chunk({}, "stop")
+                await send({"type": "http.response.body", "body": chunk(delta, None), "more_body": True})
+            tail = chunk({}, finish)
             if include_usage:
                 tail += (
                     b"data: "
@@ -314,6 +364,87 @@ class FakeUpstream:
             self.completed_streams += 1
         finally:
             watcher.cancel()
+
+    async def _responses(self, send: Any, req: dict[str, Any], model: str, answer: str) -> None:
+        """The Responses API: a Response object, or its stream of events."""
+        rid, created = f"resp_fake{next(_ids)}", int(time.time())
+        tools = [t for t in req.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
+        if tools:
+            item: dict[str, Any] = {
+                "type": "function_call",
+                "id": "fc_fake1",
+                "call_id": "call_1",
+                "name": tools[0].get("name", "f"),
+                "arguments": '{"city": "Paris"}',
+                "status": "completed",
+            }
+        else:
+            part = {"type": "output_text", "text": answer, "annotations": []}
+            item = {
+                "type": "message",
+                "id": "msg_fake1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [part],
+            }
+        words = str(req["input"]).split()
+        usage = {
+            "input_tokens": len(words),
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(answer.split()),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": len(words) + len(answer.split()),
+        }
+        response = {
+            "id": rid,
+            "object": "response",
+            "created_at": created,
+            "status": "completed",
+            "model": model + "-2026-01-01",
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": req.get("tool_choice", "auto"),
+            "tools": req.get("tools") or [],
+            "usage": usage,
+            "error": None,
+        }
+        if not req.get("stream"):
+            await self._json(send, 200, orjson.dumps(response))
+            return
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": {**response, "status": "in_progress", "output": []}},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**item, "status": "in_progress"},
+            },
+        ]
+        if tools:
+            events += [
+                {"type": "response.function_call_arguments.delta", "item_id": "fc_fake1", "output_index": 0,
+                 "delta": item["arguments"]},
+                {"type": "response.function_call_arguments.done", "item_id": "fc_fake1", "output_index": 0,
+                 "arguments": item["arguments"]},
+            ]  # fmt: skip
+        else:
+            at = {"item_id": "msg_fake1", "output_index": 0, "content_index": 0}
+            events += [{"type": "response.output_text.delta", **at, "delta": (" " if n else "") + w,
+                        "logprobs": []} for n, w in enumerate(answer.split(" "))]  # fmt: skip
+            events.append({"type": "response.output_text.done", **at, "text": answer, "logprobs": []})
+        events += [
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": response},
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        body = b"".join(
+            b"event: "
+            + e["type"].encode()
+            + b"\ndata: "
+            + orjson.dumps({**e, "sequence_number": n})
+            + b"\n\n"
+            for n, e in enumerate(events)
+        )
+        await send({"type": "http.response.body", "body": body})  # no [DONE]: the Responses API sends none
 
     @staticmethod
     async def _wait_disconnect(receive: Any) -> None:

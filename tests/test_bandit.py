@@ -309,7 +309,7 @@ async def test_linear_policy_replicas_stay_in_sync_through_the_store():
         ]
     )
     outcome = await store.add_feedback(Feedback("c1", 1.0))
-    a.observe_feedback("c1", "m", 1.0, outcome.previous, x)  # replica A took the feedback
+    a.observe_feedback("", "c1", "m", 1.0, outcome.previous, x)  # replica A took the feedback
     assert isinstance(a.policy, LinTSPolicy) and isinstance(b.policy, LinTSPolicy)
     lin_a, lin_b = a.policy.lin, b.policy.lin
     assert lin_a.n["m"] == 1 and lin_b.n.get("m", 0) == 0

@@ -391,6 +391,10 @@ def test_a_judge_never_overrides_a_human(dueling):
             and r.json()["decision"].get("verdict")
         )
     )
+    # The judge's record is kept before its rating is applied: wait for the rating too.
+    wait_for(
+        lambda: [f["source"] for f in httpx.get(f"{gw.url}/requests/{rid}").json()["feedback"]] == ["judge"]
+    )
     rate(gw, rid, 0.3, feedback_text="human says meh")
     later = httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1.0}).json()
     assert later["previous_score"] == 0.3

@@ -73,7 +73,7 @@ def test_body_that_is_not_an_object_is_400(gw, content):
         ({"model": "ok", "messages": USER, "stream": "yes"}, "stream"),
         ({"model": "ok", "messages": USER, "n": 0}, "n"),
         ({"model": 42, "messages": USER}, "model"),
-        ({"messages": USER, "router": {"max_cost_usd": -1}}, "router.max_cost_usd"),
+        ({"model": "auto", "messages": USER, "router": {"max_cost_usd": -1}}, "router.max_cost_usd"),
     ],
 )
 def test_schema_violations_name_the_field(gw, body, param):
@@ -83,7 +83,9 @@ def test_schema_violations_name_the_field(gw, body, param):
 
 
 def test_bad_router_header_names_the_header(gw):
-    err = assert_openai_error(post(gw, {"messages": USER}, headers={"X-Router-Max-Cost-Usd": "cheap"}), 400)
+    err = assert_openai_error(
+        post(gw, {"model": "auto", "messages": USER}, headers={"X-Router-Max-Cost-Usd": "cheap"}), 400
+    )
     assert err["param"] == "X-Router-Max-Cost-Usd"
 
 
@@ -134,15 +136,21 @@ def test_upstream_client_error_is_passed_back_not_retried(gw, fake):
     assert fake.counts["status=400"] - before == 1
 
 
-def test_unreachable_upstream_is_503(gw):
-    err = assert_openai_error(post(gw, {"model": "nowhere", "messages": USER}), 503, "no_available_model")
-    assert "cannot connect" in err["message"]
-    assert post(gw, {"model": "nowhere", "messages": USER}).headers["retry-after"] == "5"
+def test_a_local_upstream_that_is_not_running_fails_fast(gw):
+    """Connection refused on a local model: no retry starts it, so the answer says what to fix,
+    at once, and tells the client not to retry (no Retry-After; `x-should-retry: false`)."""
+    resp = post(gw, {"model": "nowhere", "messages": USER})
+    err = assert_openai_error(resp, 503, "upstream_unreachable")
+    assert "connection refused" in err["message"] and "nothing answers at <upstream>" in err["message"]
+    assert "127.0.0.1:9" not in resp.text  # the address is in the log, not in what a client sees
+    assert "retry-after" not in resp.headers and resp.headers["x-should-retry"] == "false"
 
 
-def test_missing_api_key_is_503_and_named(gw):
-    err = assert_openai_error(post(gw, {"model": "paid", "messages": USER}), 503, "no_available_model")
+def test_missing_api_key_fails_fast_and_is_named(gw):
+    resp = post(gw, {"model": "paid", "messages": USER})
+    err = assert_openai_error(resp, 503, "upstream_key_missing")
     assert "NO_SUCH_KEY_ENV is not set" in err["message"]
+    assert "retry-after" not in resp.headers and resp.headers["x-should-retry"] == "false"
     health = httpx.get(gw.url + "/health").json()["providers"]["paid"]
     assert health["status"] == "unavailable" and "NO_SUCH_KEY_ENV" in health["reason"]
 
@@ -159,9 +167,11 @@ def test_unknown_route_and_wrong_method(gw):
 
 def test_gateway_keys_are_enforced(fake, gateway):
     gw = gateway(make_settings([model("ok", fake.url())], gateway_api_keys=["sk-good-1", "sk-good-2"]))
-    assert_openai_error(post(gw, {"messages": USER}), 401, "invalid_api_key")
-    assert_openai_error(post(gw, {"messages": USER}, headers={"Authorization": "Bearer sk-bad"}), 401)
-    ok = post(gw, {"messages": USER}, headers={"Authorization": "Bearer sk-good-2"})
+    assert_openai_error(post(gw, {"model": "auto", "messages": USER}), 401, "invalid_api_key")
+    assert_openai_error(
+        post(gw, {"model": "auto", "messages": USER}, headers={"Authorization": "Bearer sk-bad"}), 401
+    )
+    ok = post(gw, {"model": "auto", "messages": USER}, headers={"Authorization": "Bearer sk-good-2"})
     assert ok.status_code == 200
     assert httpx.get(gw.url + "/live").status_code == 200  # probes stay open
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0)
@@ -200,12 +210,14 @@ def test_cors_preflight_and_errors_with_client_keys(fake, gateway):
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
-    denied = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}, headers=origin)
+    denied = httpx.post(
+        gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}, headers=origin
+    )
     assert denied.status_code == 401  # and the browser can read why
     assert denied.headers["access-control-allow-origin"] == "https://app.example"
     ok = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={**origin, "Authorization": "Bearer sk-k"},
     )
     assert ok.status_code == 200 and "x-request-id" in ok.headers["access-control-expose-headers"]

@@ -102,11 +102,11 @@ def test_the_snapshot_is_the_state_when_the_window_began():
     since = t0 + timedelta(seconds=10)
     emb = np.eye(384, dtype=np.float32)[0]
 
-    def stored(rid: str, at, model_name: str, ratings) -> StoredCall:
+    def stored(rid: str, at, model_name: str, ratings, caller: str = "") -> StoredCall:
         rec = CallRecord(
             rid, [{"role": "user", "content": rid}], "auto", model_name, "ok", 200, created_at=at
         )
-        rec.embedding = emb
+        rec.embedding, rec.caller = emb, caller
         return StoredCall(rec, None, None, None, [FeedbackEntry(s, None, src, t) for s, src, t in ratings])
 
     calls = [
@@ -120,16 +120,24 @@ def test_the_snapshot_is_the_state_when_the_window_began():
             "b", t0 + timedelta(seconds=1), "m2", [(1.0, "user", t0 + timedelta(seconds=20))]
         ),  # rated later
         stored("c", t0 + timedelta(seconds=11), "m1", []),  # in the window
+        # another tenant's call with the same id: its rating is its own
+        stored("a", t0, "m2", [(0.1, "user", t0 + timedelta(seconds=3))], caller="key_b"),
     ]
 
     async def check():
         store = await snapshot(calls, since)
-        assert [c.record.id async for c in store.iter_calls(t0, since + timedelta(days=1))] == ["a", "b"]
-        a, b = await store.get_call("a"), await store.get_call("b")
+        got = [c.record async for c in store.iter_calls(t0, since + timedelta(days=1))]
+        assert [(r.caller, r.id) for r in got] == [("", "a"), ("key_b", "a"), ("", "b")]
+        a, b = await store.get_call("", "a"), await store.get_call("", "b")
         assert a.score == 0.9 and b.score is None  # the latest rating before the window; none after
+        assert (await store.get_call("key_b", "a")).score == 0.1
         stats = await store.arm_stats()
-        assert (stats["m1"].rated, stats["m1"].score_sum, stats["m2"].rated) == (1, pytest.approx(0.9), 0)
-        assert [r.request_id for r in await store.rated_since(t0 - timedelta(days=1), 10)] == ["a"]
+        assert (stats["m1"].rated, stats["m1"].score_sum) == (1, pytest.approx(0.9))
+        assert (stats["m2"].rated, stats["m2"].score_sum) == (1, pytest.approx(0.1))
+        ratings = await store.tenant_ratings()
+        assert ratings["m1"] == {"": (1, pytest.approx(0.9))} and ratings["m2"] == {"key_b": (1, 0.1)}
+        rated = {r.key for r in await store.rated_since(t0 - timedelta(days=1), 10)}
+        assert rated == {("", "a"), ("key_b", "a")}
 
     asyncio.run(check())
 
@@ -165,6 +173,10 @@ def test_a_call_without_propensities_is_left_out_and_says_why():
         "no propensities (recorded before they were, or by a policy that gives none)"
     )
     assert logged_call(StoredCall(rec, None)) == "unrated"
+    # a tenant's call is decided again as that tenant's (its view of the arms, its neighbours)
+    rec.caller, rec.decision = "key_b", {"arm": "m", "propensities": {"m": 1.0}, "context": {}}
+    again = logged_call(StoredCall(rec, 1.0))
+    assert not isinstance(again, str) and again.context.tenant == "key_b"
 
 
 # --- the endpoint and the command, on calls a real gateway logged

@@ -415,7 +415,11 @@ def check(reply: Reply, *, allowed: tuple[int, ...] | None = None) -> dict[str, 
         assert reply.status in allowed, where
     ctype = reply.headers.get("content-type", "")
     if reply.status == 200:
-        if ctype.startswith("text/event-stream"):
+        if ctype.startswith("text/event-stream") and reply.body.startswith(b"event: response."):
+            ends = (b"event: response.completed\n", b"event: response.incomplete\n")
+            assert any(end in reply.body for end in ends), where  # the Responses API's stream
+            assert b"event: error\n" not in reply.body, where
+        elif ctype.startswith("text/event-stream"):
             assert reply.body.endswith(b"data: [DONE]\n\n"), where
             assert b'"stream_interrupted"' not in reply.body, where
         else:
@@ -448,6 +452,9 @@ def gw(fake, gateway, dsn) -> GatewayServer:
                 fake.url(answer="Bonjour."),
                 capabilities=["chat", "streaming", "tools", "json", "vision"],
             ),
+            # for tests/test_fuzz_apis.py: a model that speaks the Responses API, an embeddings model
+            model("m3", fake.url(answer="Native."), capabilities=["chat", "streaming", "tools", "responses"]),
+            model("e1", fake.url(), capabilities=["embeddings"]),
         ],
         default_model="m1",
         enable_persistence=True,

@@ -248,7 +248,7 @@ def test_secrets_never_appear_in_logs_or_errors(fake, gateway, logs, monkeypatch
     assert fake.received[-1]["headers"]["x-title"] == "LLM Router"  # with OpenRouter's headers
     wrong = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={"Authorization": f"Bearer {SECRET_GW}x"},
     )
     bodies.append(wrong.text)

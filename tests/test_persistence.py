@@ -96,7 +96,7 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
         )
         await conn.execute(text("ANALYZE calls"))
     pool = await store._hot()
-    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50)
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50, "")
     plan = "\n".join(r[0] for r in rows)
     assert "Index Scan using calls_embedding_hnsw_idx" in plan, plan
     assert "Order By: (embedding <=>" in plan
@@ -185,19 +185,29 @@ def test_feedback_errors(pg_gateway):
 
 
 def test_feedback_right_after_the_call_finds_it(fake, gateway, dsn):
-    # A recorder that never writes by itself: feedback must flush the queued call first.
-    settings = make_settings(
-        [model("alpha", fake.url())], enable_persistence=True, database_url=dsn, recorder_batch_size=10_000
-    )
+    # A recorder whose writer is held back: feedback waits for the call's record (within
+    # STORE_TIMEOUT_S) instead of answering 404.
+    settings = make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn)
     gw = gateway(settings)
-    gw.call(_stop_writer(gw.services.recorder))
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
-    assert gw.services.recorder.has(rid)
+    recorder = gw.services.recorder
+    gw.call(_hold_writer(recorder, 0.5))
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
+    assert recorder.has("", rid)
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 1}).status_code == 200
 
 
-async def _stop_writer(recorder) -> None:
-    recorder._task.cancel()
+async def _hold_writer(recorder, seconds: float) -> None:
+    """The writer's next batch waits `seconds` (as if the database were slow)."""
+    write = recorder._write
+
+    async def slow(batch):
+        await asyncio.sleep(seconds)
+        recorder._write = write
+        await write(batch)
+
+    recorder._write = slow
 
 
 def test_nothing_is_lost_when_the_database_dies_under_load(fake, gateway, tmp_path):
@@ -290,7 +300,9 @@ def test_feedback_while_the_database_is_down_is_503(fake, gateway, tmp_path):
     embedded = EmbeddedPostgres(tmp_path, database="llm_router")
     dsn = run_async(embedded.start())
     gw = gateway(make_settings([model("alpha", fake.url())], enable_persistence=True, database_url=dsn))
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
     deadline = time.monotonic() + 5
     while gw.services.recorder.depth and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -301,7 +313,7 @@ def test_feedback_while_the_database_is_down_is_503(fake, gateway, tmp_path):
     assert resp.json()["error"]["code"] == "store_unavailable"
     ready = httpx.get(gw.url + "/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unreachable")
-    chat = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER})
+    chat = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER})
     assert chat.status_code == 200  # calls go on; their records wait for the database
 
 
@@ -309,7 +321,9 @@ def test_embedded_database_is_the_default_and_persists(fake, gateway, tmp_path):
     settings = make_settings([model("alpha", fake.url())], enable_persistence=True, data_dir=tmp_path)
     assert settings.database_dsn() is None
     gw = gateway(settings)
-    rid = httpx.post(gw.url + "/v1/chat/completions", json={"messages": USER}).headers["x-request-id"]
+    rid = httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": USER}).headers[
+        "x-request-id"
+    ]
     assert httpx.post(gw.url + "/feedback", json={"request_id": rid, "score": 0.5}).status_code == 200
     gw.__exit__()
     assert (tmp_path / "pg" / "PG_VERSION").is_file()

@@ -83,7 +83,7 @@ def test_request_body_is_forwarded_unchanged_except_model(gw, fake):
         user="u-42",
         logprobs=True,
         top_logprobs=2,
-        extra_body={"provider": {"order": ["x"]}, "router": {"strategy": "balanced"}},
+        extra_body={"top_k": 40, "router": {"strategy": "balanced"}},
     )
     assert completion.choices[0].message.tool_calls[0].function.name == "weather"
     assert len(completion.choices) == 2
@@ -100,9 +100,20 @@ def test_request_body_is_forwarded_unchanged_except_model(gw, fake):
         "user": "u-42",
         "logprobs": True,
         "top_logprobs": 2,
-        "provider": {"order": ["x"]},
+        "top_k": 40,
+        "max_tokens": 4096,  # MAX_OUTPUT_TOKENS: a default for calls that ask for none
     }
     assert sent == expected  # `router` is ours and never reaches the upstream
+
+
+def test_fields_that_would_change_the_upstream_or_its_price_are_refused(gw):
+    # OpenRouter acts on `provider` and `models` (another model answers) while the gateway would
+    # price the call as the catalogue model: README, Security and limits.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(gw).chat.completions.create(
+            model="alpha", messages=USER, extra_body={"provider": {"order": ["x"]}}
+        )
+    assert refused.value.body["code"] == "unsupported_field" and refused.value.body["param"] == "provider"
 
 
 def test_response_format_passes_through(gw):
@@ -153,7 +164,7 @@ def test_raw_stream_is_sse_ending_with_done(gw):
 
 
 def test_same_route_without_v1_prefix(gw):
-    resp = httpx.post(gw.url + "/chat/completions", json={"messages": USER})
+    resp = httpx.post(gw.url + "/chat/completions", json={"model": "auto", "messages": USER})
     assert resp.status_code == 200
     assert resp.json()["model"] == "alpha"  # `model` may be left out: it means auto
 
@@ -167,7 +178,7 @@ def test_models_list(gw):
 def test_request_id_is_accepted_and_echoed(gw):
     resp = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={"X-Request-ID": "req-2026.11:abc_1"},
     )
     assert resp.status_code == 200
@@ -178,7 +189,7 @@ def test_request_id_is_accepted_and_echoed(gw):
 def test_bad_request_ids_are_refused(gw, bad):
     resp = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"messages": USER},
+        json={"model": "auto", "messages": USER},
         headers={"X-Request-ID": bad.encode("utf-8")},
     )
     assert resp.status_code == 400

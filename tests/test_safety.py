@@ -58,7 +58,7 @@ def test_stats_and_other_callers_calls_are_for_the_admin(fake, gateway):
         [model("ok", fake.url())], gateway_api_keys=["sk-alice", "sk-bob"], admin_api_key="sk-admin"
     )
     gw = gateway(settings)
-    rid = chat(gw, {"messages": USER}, key="sk-alice").headers["x-request-id"]
+    rid = chat(gw, {"model": "auto", "messages": USER}, key="sk-alice").headers["x-request-id"]
     stats = gw.url + "/v1/stats"
     assert_openai_error(httpx.get(stats), 401, "invalid_api_key")
     assert_openai_error(httpx.get(stats, headers={"Authorization": "Bearer sk-alice"}), 401)
@@ -85,15 +85,17 @@ def test_requests_per_minute_per_key(fake, gateway):
     gw = gateway(
         make_settings([model("ok", fake.url())], gateway_api_keys=["sk-a", "sk-b"], rate_limit_rpm=3)
     )
-    answers = [chat(gw, {"messages": USER}, key="sk-a") for _ in range(3)]
+    answers = [chat(gw, {"model": "auto", "messages": USER}, key="sk-a") for _ in range(3)]
     assert [r.status_code for r in answers] == [200, 200, 200]
     assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
     assert answers[-1].headers["x-ratelimit-remaining-requests"] == "0"
-    limited = chat(gw, {"messages": USER}, key="sk-a")
+    limited = chat(gw, {"model": "auto", "messages": USER}, key="sk-a")
     err = assert_openai_error(limited, 429, "rate_limit_exceeded")
     assert err["type"] == "requests" and "3 requests per minute" in err["message"]
     assert 1 <= int(limited.headers["retry-after"]) <= 20
-    assert chat(gw, {"messages": USER}, key="sk-b").status_code == 200  # another key has its own
+    assert (
+        chat(gw, {"model": "auto", "messages": USER}, key="sk-b").status_code == 200
+    )  # another key has its own
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-a", max_retries=0)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="ok", messages=USER)  # type: ignore[arg-type]
@@ -109,15 +111,17 @@ def test_requests_per_minute_per_key(fake, gateway):
 
 
 def test_tokens_per_minute_count_what_calls_really_used(fake, gateway):
-    gw = gateway(make_settings([model("ok", fake.url())], rate_limit_tpm=400))
+    gw = gateway(make_settings([model("ok", fake.url())], rate_limit_tpm=400, max_output_tokens=0))
     long = [{"role": "user", "content": "w " * 250}]  # 129 tokens estimated, 253 counted upstream
-    assert chat(gw, {"messages": long}).status_code == 200
-    assert chat(gw, {"messages": long}).status_code == 200  # the first's real usage is charged now
-    limited = chat(gw, {"messages": long})
+    assert chat(gw, {"model": "auto", "messages": long}).status_code == 200
+    assert (
+        chat(gw, {"model": "auto", "messages": long}).status_code == 200
+    )  # the first's real usage is charged now
+    limited = chat(gw, {"model": "auto", "messages": long})
     err = assert_openai_error(limited, 429, "rate_limit_exceeded")
     assert err["type"] == "tokens"
     assert int(limited.headers["retry-after"]) > 20
-    huge = chat(gw, {"messages": [{"role": "user", "content": "x" * 2000}]})
+    huge = chat(gw, {"model": "auto", "messages": [{"role": "user", "content": "x" * 2000}]})
     err = assert_openai_error(huge, 429, "rate_limit_exceeded")
     assert "larger than the limit of 400 tokens" in err["message"] and "retry-after" not in huge.headers
 
@@ -151,18 +155,20 @@ def test_token_buckets_refill_and_carry_debt():
 def test_too_many_messages_or_characters_is_400(fake, gateway):
     gw = gateway(make_settings([model("ok", fake.url())], max_messages=3, max_input_chars=100))
     four = [{"role": "user", "content": "a"}] * 4
-    assert_openai_error(chat(gw, {"messages": four}), 400, "too_many_messages")
+    assert_openai_error(chat(gw, {"model": "auto", "messages": four}), 400, "too_many_messages")
     big = [{"role": "user", "content": "a" * 101}]
-    err = assert_openai_error(chat(gw, {"messages": big}), 400, "input_too_long")
+    err = assert_openai_error(chat(gw, {"model": "auto", "messages": big}), 400, "input_too_long")
     assert err["param"] == "messages"
-    assert chat(gw, {"messages": [{"role": "user", "content": "a" * 100}]}).status_code == 200
+    assert (
+        chat(gw, {"model": "auto", "messages": [{"role": "user", "content": "a" * 100}]}).status_code == 200
+    )
 
 
 def test_max_tokens_is_capped_per_model(fake, gateway):
     gw = gateway(make_settings([model("capped", fake.url(answer="capped"), max_output_tokens=50)]))
 
     def sent(**params: Any) -> dict[str, Any]:
-        assert chat(gw, {"messages": USER, **params}).status_code == 200
+        assert chat(gw, {"model": "auto", "messages": USER, **params}).status_code == 200
         return next(r["body"] for r in reversed(fake.received) if r["scenario"] == "answer=capped")
 
     assert sent(max_tokens=1000)["max_tokens"] == 50

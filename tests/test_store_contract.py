@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
 
 from gateway.domain import CallRecord, DPOPair, Feedback, prompt_hash, utcnow
 from gateway.errors import NotFound
+from gateway.insights import CallQuery, Window
 from gateway.store.memory import MemoryStore
 from gateway.store.postgres import PostgresStore, make_engine
 
@@ -64,7 +65,8 @@ async def test_write_and_read_back_a_call(store):
         ],
     )
     await store.write_calls([rec])
-    stored = await store.get_call("c1")
+    assert await store.get_call("", "c1") is None  # another tenant's call (the key is (caller, id))
+    stored = await store.get_call("key_abc", "c1")
     assert stored is not None
     got = stored.record
     assert got.messages == rec.messages
@@ -79,13 +81,13 @@ async def test_write_and_read_back_a_call(store):
     assert as_json["messages"] == rec.messages and as_json["embedding"] == pytest.approx(
         emb.tolist(), abs=1e-6
     )
-    assert await store.get_call("nope") is None
+    assert await store.get_call("", "nope") is None
 
 
 async def test_a_reused_request_id_keeps_the_first_record(store):
     await store.write_calls([call("dup", model="m1")])
     await store.write_calls([call("dup", model="m2")])
-    assert (await store.get_call("dup")).record.model == "m1"
+    assert (await store.get_call("", "dup")).record.model == "m1"
     stats = await store.arm_stats()
     assert stats["m1"].calls == 1 and "m2" not in stats
 
@@ -121,7 +123,7 @@ async def test_feedback_latest_wins_and_moves_the_arm(store):
     stats = (await store.arm_stats())["m1"]
     assert stats.rated == 2  # two rated calls, not three feedbacks
     assert stats.mean_score == pytest.approx((0.9 + 0.5) / 2)
-    got = await store.get_call("a")
+    got = await store.get_call("", "a")
     assert got.score == 0.9
     assert [f.score for f in got.feedback] == [0.2, 0.9]
     assert got.feedback[0].feedback_text == "meh"
@@ -132,7 +134,7 @@ async def test_a_judge_never_overrides_a_human(store):
     await store.add_feedback(Feedback("h", 1.0, source="user"))
     judged = await store.add_feedback(Feedback("h", 0.0, source="judge"))
     assert not judged.applied and judged.score == 1.0
-    assert (await store.get_call("h")).score == 1.0
+    assert (await store.get_call("", "h")).score == 1.0
     await store.add_feedback(Feedback("j", 0.3, source="judge"))
     human = await store.add_feedback(Feedback("j", 0.8, source="user"))
     assert human.applied and human.previous == 0.3
@@ -169,10 +171,10 @@ async def test_neighbours_are_rated_recent_nearest_then_thresholded(store):
 
 async def test_set_embedding_fills_in_only_a_missing_one(store):
     await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
-    await store.set_embedding("x", unit(1, 0))
-    await store.set_embedding("y", unit(1, 0))
-    assert np.allclose((await store.get_call("x")).record.embedding, unit(1, 0), atol=1e-6)
-    assert np.allclose((await store.get_call("y")).record.embedding, unit(0, 1), atol=1e-6)
+    await store.set_embedding("", "x", unit(1, 0))
+    await store.set_embedding("", "y", unit(1, 0))
+    assert np.allclose((await store.get_call("", "x")).record.embedding, unit(1, 0), atol=1e-6)
+    assert np.allclose((await store.get_call("", "y")).record.embedding, unit(0, 1), atol=1e-6)
 
 
 async def test_usage_stats_over_a_window(store):
@@ -199,7 +201,7 @@ async def test_usage_stats_over_a_window(store):
 async def test_memory_store_is_bounded():
     store = MemoryStore(max_calls=3)
     await store.write_calls([call(str(i)) for i in range(5)])
-    assert await store.get_call("0") is None and await store.get_call("4") is not None
+    assert await store.get_call("", "0") is None and await store.get_call("", "4") is not None
     assert (await store.arm_stats())["m1"].calls == 5  # statistics outlive evicted calls
 
 
@@ -232,14 +234,14 @@ async def test_pair_candidates_are_real_rated_answers_of_other_models(store):
     )
     for cid in ("me", "other", "same-model", "placeholder", "failed", "empty", "near", "far"):
         await store.add_feedback(Feedback(cid, 0.5))
-    me, others = await store.pair_candidates("me", similarity=0.99)
+    me, others = await store.pair_candidates("", "me", similarity=0.99)
     assert me is not None and me.response == "answer one" and me.score == 0.5
     assert {o.id for o in others} == {"other", "near"}
     assert next(o for o in others if o.id == "near").similarity == pytest.approx(
         float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5
     )
-    assert (await store.pair_candidates("placeholder", 0.99)) == (None, [])
-    assert (await store.pair_candidates("unrated", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "placeholder", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "unrated", 0.99)) == (None, [])
 
 
 def pair(a: str, b: str, sa: float, sb: float) -> DPOPair:
@@ -271,7 +273,7 @@ async def test_pairs_are_saved_once_updated_deleted_and_paged(store):
     after = (first[0].updated_at, first[0].id)
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0, after=after)] == ["c"]
     assert [p async for p in store.iter_pairs(utcnow() + DAY, 0.0)] == []
-    assert await store.delete_pair("a", "b") is True and await store.delete_pair("b", "a") is False
+    assert await store.delete_pair("", "a", "b") is True and await store.delete_pair("", "b", "a") is False
     assert [p.chosen_id async for p in store.iter_pairs(None, 0.0)] == ["c"]
 
 
@@ -339,3 +341,244 @@ async def test_calls_of_a_window_come_oldest_first_with_their_ratings(store):
     assert got[4].score == 0.5 and got[4].feedback[0].source == "judge"
     assert np.allclose(got[0].record.embedding, unit(1, 1), atol=1e-6) and got[0].record.model == "m1"
     assert [c async for c in store.iter_calls(until, until)] == []
+
+
+async def test_calls_of_a_window_are_each_tenants_own(store):
+    now = utcnow()
+    t = now - timedelta(minutes=5)
+    # the same request id under two keys, at the same time: two calls, each with its own ratings
+    await store.write_calls(
+        [
+            call("r", created_at=t, caller="key_b", model="m2"),
+            call("r", created_at=t, caller="key_a"),
+            call("s", created_at=t + timedelta(seconds=1), caller="key_a"),
+        ]
+    )
+    await store.add_feedback(Feedback("r", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("r", 0.1, caller="key_b"))
+    since, until = now - timedelta(hours=1), now
+    every = [c async for c in store.iter_calls(since, until, page=1)]
+    assert [(c.record.caller, c.record.id) for c in every] == [("key_a", "r"), ("key_b", "r"), ("key_a", "s")]
+    assert [c.score for c in every] == [0.9, 0.1, None]
+    assert [[f.score for f in c.feedback] for c in every] == [[0.9], [0.1], []]
+    mine = [c async for c in store.iter_calls(since, until, caller="key_b")]
+    assert [(c.record.id, c.record.model, c.score) for c in mine] == [("r", "m2", 0.1)]
+    assert [c async for c in store.iter_calls(since, until, caller="key_c")] == []
+
+
+# --- the dashboard's reads (CallInsights, PairInsights)
+
+HOUR = timedelta(hours=1)
+
+
+async def seeded(store) -> datetime:
+    """Calls over three hours, by two keys and three models; some rated, some failed, a duel."""
+    t = utcnow().replace(minute=30, second=0, microsecond=0) - 3 * HOUR
+    await store.write_calls(
+        [
+            call(
+                "a1",
+                created_at=t,
+                caller="key_a",
+                layer="bandit",
+                cost_usd=0.01,
+                overhead_ms=1.0,
+                upstream_ms=100.0,
+                decision={"explored": True},
+                trace_id="ab" * 16,
+                messages=[{"role": "user", "content": "How do I bake SOURDOUGH bread?"}],
+            ),
+            call(
+                "a2",
+                created_at=t + 10 * MINUTE,
+                caller="key_a",
+                layer="bandit",
+                cost_usd=0.02,
+                overhead_ms=2.0,
+                upstream_ms=200.0,
+                messages=[
+                    {"role": "system", "content": "be brief"},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "x"}},
+                            {"type": "text", "text": "what is 100% of 5_0?"},
+                        ],
+                    },
+                ],
+            ),
+            call(
+                "a3",
+                created_at=t + HOUR,
+                caller="key_b",
+                model="m2",
+                layer="explicit",
+                cost_usd=0.5,
+                overhead_ms=3.0,
+                upstream_ms=300.0,
+            ),
+            call(
+                "a4",
+                created_at=t + HOUR + MINUTE,
+                caller="key_b",
+                model="m2",
+                layer="keyword",
+                status="error",
+                http_status=502,
+                cost_usd=None,
+                upstream_ms=None,
+                overhead_ms=4.0,
+            ),
+            call(
+                "a5",
+                created_at=t + 2 * HOUR,
+                caller="key_a",
+                model="m3",
+                layer="bandit",
+                cost_usd=0.04,
+                overhead_ms=5.0,
+                upstream_ms=500.0,
+            ),
+            call(
+                "a5:duel",
+                created_at=t + 2 * HOUR,
+                caller="key_a",
+                model="m1",
+                kind="duel",
+                duel_of="a5",
+                cost_usd=1.0,
+            ),
+            call("old", created_at=t - 5 * DAY, caller="key_a", cost_usd=7.0),
+        ]
+    )
+    await store.add_feedback(Feedback("a1", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("a3", 0.2, caller="key_b"))
+    await store.add_feedback(Feedback("a3", 0.4, caller="key_b"))  # re-rated: the latest counts
+    return t
+
+
+MINUTE = timedelta(minutes=1)
+
+
+async def test_list_calls_filters_pages_and_previews(store):
+    t = await seeded(store)
+    ids = lambda rows: [r.id for r in rows]  # noqa: E731
+    everything = await store.list_calls(CallQuery())
+    assert ids(everything) == ["a5:duel", "a5", "a4", "a3", "a2", "a1", "old"]  # newest first, then id
+    assert ids(await store.list_calls(CallQuery(since=t - HOUR, kind="call"))) == [
+        "a5",
+        "a4",
+        "a3",
+        "a2",
+        "a1",
+    ]
+    assert ids(await store.list_calls(CallQuery(until=t + HOUR))) == ["a2", "a1", "old"]
+    assert ids(await store.list_calls(CallQuery(caller="key_b"))) == ["a4", "a3"]
+    assert ids(await store.list_calls(CallQuery(model="m2", status="error"))) == ["a4"]
+    assert ids(await store.list_calls(CallQuery(layer="bandit"))) == ["a5", "a2", "a1"]
+    assert ids(await store.list_calls(CallQuery(rated=True))) == ["a3", "a1"]
+    assert "a1" not in ids(await store.list_calls(CallQuery(rated=False)))
+    assert ids(await store.list_calls(CallQuery(text="sourdough"))) == ["a1"]  # case-insensitive
+    assert ids(await store.list_calls(CallQuery(text="100% of 5_0"))) == ["a2"]  # % and _ are literal
+    assert ids(await store.list_calls(CallQuery(text="100%% of"))) == []
+    assert ids(await store.list_calls(CallQuery(text="be brief"))) == ["a2"]  # any message
+    assert ids(await store.list_calls(CallQuery(id="ab" * 16))) == ["a1"]  # a trace id
+    assert ids(await store.list_calls(CallQuery(id="a3"))) == ["a3"]
+    # paged: a cursor from the last row of a page
+    first = await store.list_calls(CallQuery(limit=3))
+    second = await store.list_calls(CallQuery(limit=3, before=first[-1].cursor))
+    third = await store.list_calls(CallQuery(limit=3, before=second[-1].cursor))
+    assert ids(first) + ids(second) + ids(third) == ids(everything)
+    rows = {r.id: r for r in everything}
+    assert rows["a1"].preview == "How do I bake SOURDOUGH bread?"
+    assert rows["a2"].preview == "what is 100% of 5_0?"  # the last message's first text part
+    assert (rows["a1"].score, rows["a3"].score, rows["a2"].score) == (0.9, 0.4, None)
+    assert (rows["a1"].trace_id, rows["a1"].caller, rows["a1"].cost_usd) == ("ab" * 16, "key_a", 0.01)
+    assert rows["a4"].status == "error" and rows["a4"].http_status == 502
+    long = call("long", messages=[{"role": "user", "content": "x" * 1000}])
+    await store.write_calls([long])
+    assert len((await store.list_calls(CallQuery(id="long")))[0].preview) == 200
+
+
+async def test_call_buckets_and_latency_over_a_window(store):
+    t = await seeded(store)
+    hour0 = t.replace(minute=0)
+    window = Window(t - HOUR, t + 3 * HOUR, "hour")
+    rows = {(r.bucket, r.model): r for r in await store.call_buckets(window)}
+    assert set(rows) == {
+        (hour0, "m1"),
+        (hour0 + HOUR, "m2"),
+        (hour0 + 2 * HOUR, "m1"),
+        (hour0 + 2 * HOUR, "m3"),
+    }
+    first = rows[(hour0, "m1")]
+    assert (first.requests, first.errors, first.routed, first.explored, first.rated) == (2, 0, 2, 1, 1)
+    assert first.score_sum == pytest.approx(0.9) and first.cost_usd == pytest.approx(0.03)
+    second = rows[(hour0 + HOUR, "m2")]
+    assert (second.requests, second.errors, second.routed, second.rated) == (2, 1, 1, 1)
+    assert second.score_sum == pytest.approx(0.4) and second.cost_usd == pytest.approx(0.5)
+    duel = rows[(hour0 + 2 * HOUR, "m1")]  # a duel's cost is spent, but it is no client request
+    assert (duel.requests, duel.cost_usd, duel.side_cost_usd) == (0, 0.0, pytest.approx(1.0))
+    days = await store.call_buckets(Window(t - 10 * DAY, t + DAY, "day"))
+    assert sum(r.requests for r in days) == 6 and {r.bucket.hour for r in days} == {0}
+    mine = await store.call_buckets(Window(t - HOUR, t + 3 * HOUR, "hour", caller="key_b"))
+    assert {r.model for r in mine} == {"m2"}
+    lat = await store.latency(window)
+    assert lat.answered == 4  # ok client calls with both times
+    assert lat.latency_p50_ms == pytest.approx(float(np.percentile([101, 202, 303, 505], 50)))
+    assert lat.latency_p99_ms == pytest.approx(float(np.percentile([101, 202, 303, 505], 99)))
+    assert lat.overhead_p50_ms == pytest.approx(2.5) and lat.overhead_p99_ms == pytest.approx(
+        float(np.percentile([1, 2, 3, 5], 99))
+    )
+    empty = await store.latency(Window(t + DAY, t + 2 * DAY))
+    assert empty.answered == 0 and empty.latency_p50_ms is None
+
+
+async def test_pair_buckets_and_a_calls_pairs(store):
+    await store.write_calls([call(c) for c in ("a", "b", "c", "d")])
+    await store.save_pair(pair("a", "b", 1.0, 0.0))
+    await store.save_pair(pair("c", "a", 0.9, 0.1))
+    await store.save_pair(pair("c", "d", 0.6, 0.3))
+    now = utcnow()
+    buckets = await store.pair_buckets(Window(now - DAY, now + HOUR, "hour"))
+    assert [b.pairs for b in buckets] == [3] and buckets[0].bucket == now.replace(
+        minute=0, second=0, microsecond=0
+    )
+    assert await store.pair_buckets(Window(now + HOUR, now + 2 * HOUR)) == []
+    assert [(p.chosen_id, p.rejected_id) for p in await store.pairs_of("", "a")] == [("a", "b"), ("c", "a")]
+    assert [p.chosen_id for p in await store.pairs_of("", "d")] == ["c"]
+    assert await store.pairs_of("", "nobody") == []
+    assert await store.pairs_of("key_other", "a") == []  # another tenant's "a" has no pairs
+
+
+async def test_tenants_have_their_own_ids_ratings_neighbours_and_pairs(store):
+    same = [{"role": "user", "content": "the same question"}]
+    a = call("x", model="m1", caller="key_a", embedding=unit(1, 0), messages=same, response="a says")
+    b = call("x", model="m2", caller="key_b", embedding=unit(1, 0), messages=same, response="b says")
+    b2 = call("y", model="m3", caller="key_b", embedding=unit(1, 0), messages=same, response="b again")
+    assert await store.write_calls([a, b, b2]) == 3  # one id, two tenants: two calls
+    assert await store.write_calls([b]) == 0
+    assert (await store.get_call("key_a", "x")).record.model == "m1"
+    assert (await store.get_call("key_b", "x")).record.model == "m2"
+    assert (await store.get_call(None, "x")) is not None  # the admin: any tenant's
+    with pytest.raises(NotFound):
+        await store.add_feedback(Feedback("y", 0.5, caller="key_a"))  # b's id, a's key
+    await store.add_feedback(Feedback("x", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("x", 0.1, caller="key_b"))
+    await store.add_feedback(Feedback("y", 0.8, caller="key_b"))
+    assert (await store.get_call("key_b", "x")).score == 0.1
+    assert (await store.get_call("key_a", "x")).score == 0.9
+    ratings = await store.tenant_ratings()
+    assert ratings["m1"] == {"key_a": (1, 0.9)} and ratings["m2"] == {"key_b": (1, 0.1)}
+    since = utcnow() - 30 * DAY
+    near = await store.neighbours(unit(1, 0), 10, since, 0.0, caller="key_a")
+    assert [(n.request_id, n.model) for n in near] == [("x", "m1")]
+    assert len(await store.neighbours(unit(1, 0), 10, since, 0.0, ["m1", "m2", "m3"], "key_b")) == 2
+    embeddings = await store.embeddings_of([("key_a", "x"), ("key_b", "y"), ("key_c", "x")])
+    assert set(embeddings) == {("key_a", "x"), ("key_b", "y")}
+    me, others = await store.pair_candidates("key_b", "x", 0.97)
+    assert me is not None and [o.id for o in others] == ["y"]  # not a's "x", though the same prompt
+    me, others = await store.pair_candidates("key_a", "x", 0.97)
+    assert me is not None and others == []
+    rated = {r.key for r in await store.rated_since(since, 100)}
+    assert rated == {("key_a", "x"), ("key_b", "x"), ("key_b", "y")}

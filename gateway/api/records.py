@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import dpo
-from gateway.api import admin_only, json_response, services
+from gateway.api import admin_only, bounded, json_response, services
 from gateway.auth import is_admin
 from gateway.context import request_state
-from gateway.domain import Feedback
+from gateway.domain import Feedback, StoredCall
 from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import CALL_ID, FeedbackRequest, parse_json_object, validate
 from gateway.services import Services
@@ -37,31 +37,49 @@ _TIMINGS = (
 )
 
 
-async def _call(gw: Services, request: Request, request_id: str) -> dict[str, Any]:
-    """A call record, for its own caller: with GATEWAY_API_KEYS set, one client key cannot read or
-    rate another's calls (the admin key can); to others it does not exist."""
+def _tenant(gw: Services, request: Request) -> str | None:
+    """Whose calls a request may see: its own tenant's (a call id is scoped by its caller, and the
+    query says so: another tenant's id is as unknown as an id nobody used, in time too). The admin
+    sees every tenant's (`?caller=` narrows it to one)."""
+    state = request_state(request.scope)
+    if gw.settings.gateway_api_keys and is_admin(gw.settings, state.caller):
+        return request.query_params.get("caller") or None
+    return state.tenant
+
+
+def _unknown(request_id: str) -> NotFound:
+    return NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
+
+
+async def stored_call(gw: Services, caller: str | None, request_id: str) -> StoredCall:
     if not CALL_ID.fullmatch(request_id):  # no call has such an id
-        raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
-    if gw.recorder.has(request_id):
-        await gw.recorder.flush()
-    stored = await gw.store.get_call(request_id)
-    if stored is not None and gw.settings.gateway_api_keys:
-        caller = request_state(request.scope).caller
-        if not is_admin(gw.settings, caller) and stored.record.caller != caller:
-            stored = None
+        raise _unknown(request_id)
+    if caller is not None and gw.recorder.has(caller, request_id):
+        await gw.recorder.wait_written(caller, request_id, gw.settings.store_timeout_s)
+    stored = await gw.store.get_call(caller, request_id)
     if stored is None:
-        raise NotFound(f"no request with id {request_id!r}", param="request_id", code="request_not_found")
+        raise _unknown(request_id)
+    return stored
+
+
+async def _call(gw: Services, request: Request, request_id: str) -> dict[str, Any]:
+    stored = await bounded(gw, stored_call(gw, _tenant(gw, request), request_id))
     return stored.as_dict()
+
+
+async def _learn(gw: Services, caller: str | None, fb: FeedbackRequest) -> Any:
+    if caller is None:  # the admin rating some tenant's call: whose it is
+        caller = (await stored_call(gw, None, fb.request_id)).record.caller
+    return await gw.learner.learn(
+        Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source, caller=caller)
+    )
 
 
 async def feedback(request: Request) -> Response:
     gw = services(request)
-    data = parse_json_object(await request.body())
+    data = parse_json_object(await request.body(), gw.settings.max_json_elements)
     fb: FeedbackRequest = validate(FeedbackRequest, data)
-    if gw.settings.gateway_api_keys:
-        await _call(gw, request, fb.request_id)
-    learned = await gw.learner.learn(Feedback(fb.request_id, fb.score, fb.feedback_text, fb.source))
-    return json_response(learned)
+    return json_response(await bounded(gw, _learn(gw, _tenant(gw, request), fb)))
 
 
 async def get_request(request: Request) -> Response:
@@ -82,9 +100,22 @@ def _time(value: str | None, param: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
         raise InvalidRequest(f"{param} must be an ISO 8601 time", param=param, code="invalid_value") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _number(value: str, param: str, kind: type[int] | type[float], lo: float, hi: float) -> Any:
+    """A query parameter in [lo, hi], or 400 naming it."""
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not lo <= number <= hi:  # NaN fails the comparison too
+        raise InvalidRequest(
+            f"{param} must be a number from {lo:g} to {hi:g}", param=param, code="invalid_value"
+        )
+    return number
 
 
 async def dpo_pairs(request: Request) -> Response:
@@ -97,34 +128,38 @@ async def dpo_pairs(request: Request) -> Response:
         raise InvalidRequest("kind must be responses or routes", param="kind", code="invalid_value")
     if fmt not in ("trl", "jsonl"):
         raise InvalidRequest("format must be trl or jsonl", param="format", code="invalid_value")
-    try:
-        limit = min(int(q.get("limit", "1000")), 10_000)
-        min_margin = float(q.get("min_margin", str(gw.settings.dpo_min_margin)))
-    except ValueError as exc:
-        raise InvalidRequest("limit and min_margin must be numbers", code="invalid_value") from exc
+    limit = _number(q.get("limit", "1000"), "limit", int, 1, 10_000)
+    min_margin = _number(q.get("min_margin", str(gw.settings.dpo_min_margin)), "min_margin", float, 0, 1)
     after = None
     if q.get("cursor"):
         stamp, _, pair_id = q["cursor"].rpartition("|")
         moment = _time(stamp, "cursor")
-        if moment is None or not pair_id.isdigit():
+        if moment is None or not pair_id.isdigit() or len(pair_id) > 18:
             raise InvalidRequest(
                 "cursor must be as given in x-next-cursor", param="cursor", code="invalid_value"
             )
         after = (moment, int(pair_id))
+    since = _time(q.get("since"), "since")
     lines: list[bytes] = []
     cursor: tuple[datetime, int] | None = None
-    async for record, position in dpo.export_records(
-        gw.store,
-        kind=kind,
-        fmt=fmt,
-        since=_time(q.get("since"), "since"),
-        min_margin=min_margin,
-        specs={m.name: m for m in gw.settings.models},
-        after=after,
-        limit=limit,
-    ):
-        lines.append(orjson.dumps(record, default=str) + b"\n")
-        cursor = position
+
+    async def collect() -> None:
+        nonlocal cursor
+        async for record, position in dpo.export_records(
+            gw.store,
+            kind=kind,
+            fmt=fmt,
+            since=since,
+            min_margin=min_margin,
+            specs={m.name: m for m in gw.settings.models},
+            after=after,
+            limit=limit,
+            caller=q.get("caller") or None,  # one tenant's pairs, or every tenant's
+        ):
+            lines.append(orjson.dumps(record, default=str) + b"\n")
+            cursor = position
+
+    await bounded(gw, collect())
     headers = {}
     if cursor is not None and len(lines) == limit:
         headers["x-next-cursor"] = f"{cursor[0].isoformat()}|{cursor[1]}"

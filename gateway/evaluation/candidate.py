@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.embedder import CacheStats, Embedder, routing_text
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation.logs import LoggedCall
+from gateway.health import Unavailable
 from gateway.routing.router import Router, RouterStore
 
 ALIASES = {"policy": "router_policy"}
@@ -107,8 +108,11 @@ class LoggedAvailability:
     def is_available(self, name: str) -> bool:
         return name not in self.down
 
-    def why_unavailable(self, name: str) -> str | None:
-        return "unavailable when the call was logged" if name in self.down else None
+    def why_unavailable(self, name: str) -> Unavailable | None:
+        # a passing kind (not one of errors.LASTING): down then, not misconfigured
+        if name not in self.down:
+            return None
+        return Unavailable("unavailable when the call was logged", "logged_down")
 
     def in_flight(self, name: str) -> int:
         return 0

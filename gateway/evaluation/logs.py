@@ -58,7 +58,7 @@ def logged_call(stored: StoredCall) -> LoggedCall | str:
     context = decision.get("context") or {
         "prompt_tokens": tokens_of([len(str(m.get("content", ""))) for m in rec.messages])
     }
-    ctx = RouteContext.from_logged(rec.id, rec.requested_model, rec.messages, context)
+    ctx = RouteContext.from_logged(rec.id, rec.requested_model, rec.messages, context, tenant=rec.caller)
     return LoggedCall(
         id=rec.id,
         created_at=rec.created_at,
@@ -106,9 +106,16 @@ async def snapshot(calls: Iterable[StoredCall], at: datetime) -> MemoryStore:
     store = MemoryStore(max_calls=max(1, len(calls)))
     await store.write_calls([c.record for c in calls])
     ratings = sorted(
-        ((f.created_at, c.record.id, f) for c in calls for f in c.feedback if f.created_at < at),
-        key=lambda r: (r[0], r[1]),
+        (
+            (f.created_at, c.record.caller, c.record.id, f)
+            for c in calls
+            for f in c.feedback
+            if f.created_at < at
+        ),
+        key=lambda r: (r[0], r[1], r[2]),
     )
-    for _, request_id, f in ratings:
-        await store.add_feedback(Feedback(request_id, f.score, f.feedback_text, f.source, f.created_at))
+    for _, caller, request_id, f in ratings:  # each rating is its tenant's (its call's caller)
+        await store.add_feedback(
+            Feedback(request_id, f.score, f.feedback_text, f.source, f.created_at, caller=caller)
+        )
     return store

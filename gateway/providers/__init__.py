@@ -1,16 +1,48 @@
 """Upstream providers: anything that answers an OpenAI chat request.
 
 The seam is `Provider`: `chat(payload) -> response dict`, `stream(payload) -> async iterator of
-chunk dicts`, `aclose()`. Providers raise `ProviderError` only; the dispatcher (`gateway.upstreams`)
-decides about retries, fallbacks and circuit breakers, and maps the last error to the client's.
+chunk dicts`, `aclose()`. A provider that also speaks the rest of the OpenAI API (embeddings, the
+Responses API) is an `ApiProvider` as well: `send(api, payload)` and `send_stream(api, payload)`.
+Providers raise `ProviderError` only; the dispatcher (`gateway.upstreams`) decides about retries,
+fallbacks and circuit breakers, and maps the last error to the client's.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
-ErrorKind = Literal["connect", "timeout", "status", "protocol", "unconfigured", "stream"]
+# `refused`: a local upstream (Ollama, vLLM, anything on loopback) refused the connection: it is not
+# running, and no retry will start it. `unconfigured`: the model cannot be called as configured.
+ErrorKind = Literal["connect", "refused", "timeout", "status", "protocol", "unconfigured", "stream"]
+
+
+@dataclass(frozen=True)
+class Api:
+    """One of the OpenAI APIs an upstream may speak, as providers and the dispatcher see it."""
+
+    name: str
+    path: str  # under the model's base URL
+    answer_key: str  # what a successful answer holds ("choices", "output", "data")
+    token_caps: tuple[str, ...] = ()  # the fields a model's max_output_tokens caps (the last is set)
+    # Stream events after which a stream is complete (besides `[DONE]`, which ends any stream).
+    terminal: frozenset[str] = frozenset()
+
+    def failed(self, obj: dict[str, Any]) -> bool:
+        """An error sent with HTTP 200 (OpenRouter does), or an error event in a stream."""
+        return obj.get("type") == "error" or ("error" in obj and self.answer_key not in obj)
+
+
+CHAT = Api("chat", "/chat/completions", "choices", ("max_completion_tokens", "max_tokens"))
+RESPONSES = Api(
+    "responses",
+    "/responses",
+    "output",
+    ("max_output_tokens",),
+    terminal=frozenset({"response.completed", "response.incomplete", "response.failed"}),
+)
+EMBEDDINGS = Api("embeddings", "/embeddings", "data")
 
 
 class ProviderError(Exception):
@@ -56,3 +88,12 @@ class Provider(Protocol):
     def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ApiProvider(Protocol):
+    """A provider that speaks the OpenAI APIs beyond chat completions."""
+
+    async def send(self, api: Api, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def send_stream(self, api: Api, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...

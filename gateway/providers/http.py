@@ -1,4 +1,5 @@
 """The OpenAI-compatible HTTP provider: OpenRouter, OpenAI, Ollama (`/v1`), vLLM, any compatible server.
+It speaks chat completions, embeddings and the Responses API (`gateway.providers.Api`).
 
 It uses one pooled `aiohttp.ClientSession` shared by every model (owned by the app's lifespan).
 aiohttp rather than httpx because the client is on the hot path: measured on this 2-core machine,
@@ -7,6 +8,7 @@ httpx spent 1.16 ms of CPU per request at concurrency 32 and aiohttp 0.07 ms (RE
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +16,7 @@ import aiohttp
 import orjson
 
 from gateway.catalogue import ModelSpec
-from gateway.providers import ProviderError
+from gateway.providers import CHAT, Api, ProviderError
 
 
 def error_message(body: Any, fallback: str) -> tuple[str, dict[str, Any] | None]:
@@ -28,6 +30,15 @@ def error_message(body: Any, fallback: str) -> tuple[str, dict[str, Any] | None]
         if body.get("message"):
             return str(body["message"]), None
     return fallback, None
+
+
+_START = {"ollama": "start it (`ollama serve`) or set OLLAMA_BASE_URL", "vllm": "start the vLLM server"}
+
+
+def refused(spec: ModelSpec) -> str:
+    """What a client and /health are told about a local upstream that refuses connections."""
+    fix = _START.get(spec.provider, "start it or correct its base_url")
+    return f"nothing answers at {spec.base_url} (connection refused): {fix}"
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -51,7 +62,7 @@ class HTTPProvider:
         assert spec.base_url is not None
         self.spec = spec
         self.session = session
-        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self.base_url = spec.base_url.rstrip("/")
         headers = {"content-type": "application/json", "accept": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -67,11 +78,14 @@ class HTTPProvider:
     async def aclose(self) -> None:
         """The shared session is closed by its owner, the app's lifespan."""
 
-    def _map(self, exc: BaseException) -> ProviderError:
+    def _map(self, exc: BaseException, url: str) -> ProviderError:
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return ProviderError("connect", f"connect timeout to {self.url}", retryable=True)
+            return ProviderError("connect", f"connect timeout to {url}", retryable=True)
         if isinstance(exc, aiohttp.ClientConnectorError):
-            return ProviderError("connect", f"cannot connect to {self.url} ({exc.os_error})", retryable=True)
+            if self.spec.is_local and getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
+                # Nothing listens there: a local server that is not running. No retry starts it.
+                return ProviderError("refused", refused(self.spec))
+            return ProviderError("connect", f"cannot connect to {url} ({exc.os_error})", retryable=True)
         if isinstance(exc, TimeoutError):
             return ProviderError("timeout", f"no answer within {self.spec.read_timeout_s:g} s")
         return ProviderError("protocol", f"{type(exc).__name__}: {exc}", retryable=True)
@@ -95,9 +109,16 @@ class HTTPProvider:
         )
 
     async def chat(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.send(CHAT, payload)
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.send_stream(CHAT, payload)
+
+    async def send(self, api: Api, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self.base_url + api.path
         try:
             async with self.session.post(
-                self.url,
+                url,
                 data=orjson.dumps(payload),
                 headers=self.headers,
                 timeout=self.timeout,
@@ -109,14 +130,14 @@ class HTTPProvider:
         except ProviderError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._map(exc) from exc
+            raise self._map(exc, url) from exc
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ProviderError("protocol", "the response is not JSON", retryable=True) from exc
         if not isinstance(data, dict):
             raise ProviderError("protocol", "the response is not a JSON object", retryable=True)
-        if "error" in data and "choices" not in data:
+        if api.failed(data):
             # OpenRouter can answer 200 with an error body.
             message, err = error_message(data, "unknown error")
             code = err.get("code") if err else None
@@ -124,24 +145,26 @@ class HTTPProvider:
             raise ProviderError("status", message, status=status, retryable=status >= 500, body=err)
         return data
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields each SSE `data:` payload as a dict; returns at `[DONE]`.
+    async def send_stream(self, api: Api, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields each SSE `data:` payload as a dict; returns at `[DONE]`, or at the end of the body
+        after a terminal event of `api` (the Responses API ends with `response.completed`).
 
-        A stream that ends without `[DONE]`, or carries an error event, raises ProviderError
+        A stream that ends without either, or carries an error event, raises ProviderError
         (kind "stream" once something was yielded). Closing the generator closes the connection,
         so a client that goes away cancels the upstream request.
         """
+        url = self.base_url + api.path
         try:
             resp = await self.session.post(
-                self.url,
+                url,
                 data=orjson.dumps(payload),
                 headers=self.headers,
                 timeout=self.timeout,
                 allow_redirects=False,  # the API key must not follow a redirect elsewhere
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._map(exc) from exc
-        started = False
+            raise self._map(exc, url) from exc
+        started = complete = False
         try:
             if resp.status != 200:
                 raise await self._status_error(resp)
@@ -168,7 +191,7 @@ class HTTPProvider:
                     raise ProviderError(
                         "stream" if started else "protocol", "a stream event is not a JSON object"
                     )
-                if "error" in event and "choices" not in event:
+                if api.failed(event):
                     message, err = error_message(event, "stream error")
                     raise ProviderError(
                         "stream" if started else "status",
@@ -178,7 +201,10 @@ class HTTPProvider:
                         body=err,
                     )
                 started = True
+                complete = event.get("type") in api.terminal
                 yield event
+            if complete:
+                return
             raise ProviderError(
                 "stream" if started else "protocol",
                 "the stream ended before [DONE]",
@@ -187,7 +213,7 @@ class HTTPProvider:
         except ProviderError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            mapped = self._map(exc)
+            mapped = self._map(exc, url)
             if started:
                 mapped = ProviderError("stream", f"stream interrupted: {mapped.message}")
             raise mapped from exc

@@ -217,16 +217,33 @@ class LinTS:
             self.n[arm] = 0
         return self.a_inv[arm], self.b[arm]
 
-    def update(self, arm: str, x: np.ndarray, score: float, previous: float | None = None) -> None:
+    def update(
+        self, arm: str, x: np.ndarray, score: float, previous: float | None = None, weight: float = 1.0
+    ) -> None:
+        """One observation, with `weight` (a re-rating: the weight it was absorbed with)."""
         a_inv, b = self._arm(arm)
         xv = self._x(x)
         if previous is not None:  # a re-rating: same x, only the target changes
-            b += (score - previous) * xv
+            b += weight * (score - previous) * xv
             return
         ax = a_inv @ xv
-        a_inv -= np.outer(ax, ax) / (1.0 + xv @ ax)
-        b += (score - self.prior_mean) * xv
+        a_inv -= weight * np.outer(ax, ax) / (1.0 + weight * (xv @ ax))
+        b += weight * (score - self.prior_mean) * xv
         self.n[arm] += 1
+
+    def forget(self, arm: str, x: np.ndarray, score: float, weight: float = 1.0) -> None:
+        """Takes an observation out again (it left the recency window): Sherman-Morrison backwards."""
+        if arm not in self.a_inv:
+            return
+        a_inv, b = self.a_inv[arm], self.b[arm]
+        xv = self._x(x)
+        ax = a_inv @ xv
+        denominator = 1.0 - weight * (xv @ ax)
+        if denominator <= 1e-9:  # numerically unsafe: keep the observation rather than break A
+            return
+        a_inv += weight * np.outer(ax, ax) / denominator
+        b -= weight * (score - self.prior_mean) * xv
+        self.n[arm] = max(0, self.n[arm] - 1)
 
     def update_many(self, arm: str, xs: np.ndarray, scores: np.ndarray) -> None:
         """Many new observations at once (a replica warming up): one inversion instead of one

@@ -10,14 +10,15 @@ from typing import Protocol
 
 from gateway.catalogue import ModelSpec, RouterConstraints
 from gateway.domain import ArmStats
-from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest, unavailable
+from gateway.health import Unavailable
 from gateway.routing import RouteContext
 
 
 class Availability(Protocol):
     def is_available(self, name: str) -> bool: ...
 
-    def why_unavailable(self, name: str) -> str | None: ...
+    def why_unavailable(self, name: str) -> Unavailable | None: ...
 
     def in_flight(self, name: str) -> int: ...
 
@@ -135,6 +136,8 @@ def eligible(
         )
     available = [a for a in arms if availability.is_available(a)]
     if not available:
-        reasons = "; ".join(f"{a}: {availability.why_unavailable(a)}" for a in arms)
-        raise ServiceUnavailable(f"no eligible model is available: {reasons}", headers={"retry-after": "5"})
+        why = {a: availability.why_unavailable(a) for a in arms}
+        reasons = "; ".join(f"{a}: {r}" for a, r in why.items())
+        kinds = {r.kind if r else "" for r in why.values()}
+        raise unavailable(f"no eligible model is available: {reasons}", kinds)
     return available

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -31,7 +32,7 @@ from gateway.domain import Neighbour, Rating, utcnow
 from gateway.routing.bandit import ArmView, Choice, Knobs, LinTS, choose, knn_posteriors
 from gateway.routing.stats import ArmStatsCache
 from gateway.routing.strategies import rank
-from gateway.store import NeighbourStore, RatingStore
+from gateway.store import Key, NeighbourStore, RatingStore
 
 log = logging.getLogger("gateway.router")
 
@@ -41,14 +42,27 @@ class RoutingPolicy(Protocol):
     layer: ClassVar[str]  # the decision's layer when this policy picks
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
-    ) -> Choice: ...
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
+    ) -> Choice:
+        """`tenant`: whose request this is (its contextual evidence is its own)."""
+        ...
 
-    def observe(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
-    ) -> None: ...
+    def observe(self, rating: Observed) -> None: ...
 
     async def sync(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A rating this replica took: which tenant's call, of which model, the score and the one it
+    replaces, and the call's embedding if known."""
+
+    caller: str
+    request_id: str
+    model: str
+    score: float
+    previous: float | None
+    embedding: np.ndarray | None
 
 
 class PolicyStore(NeighbourStore, RatingStore, Protocol):
@@ -83,6 +97,8 @@ def pinned(model: str, views: list[ArmView], knobs: Knobs) -> Choice:
 
 
 class KnnTS:
+    """Contextual evidence per tenant: the neighbours are the tenant's own rated calls."""
+
     needs_embedding: ClassVar[bool] = True
     layer: ClassVar[str] = "bandit"
 
@@ -92,25 +108,25 @@ class KnnTS:
         self.store_down_until = float("-inf")
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
     ) -> Choice:
         arms = [v.name for v in views]
         if embedding is not None and self.deps.store is not None:
             t = time.perf_counter()
-            neighbours = await self._neighbours(self.deps.store, embedding, arms)
+            neighbours = await self._neighbours(self.deps.store, embedding, arms, tenant)
             timings["neighbours_ms"] = (time.perf_counter() - t) * 1000
             eligible = set(arms)
             neighbours = [n for n in neighbours if n.model in eligible]
             cache = self.deps.arms
             posteriors, evidence, _, _ = knn_posteriors(
-                arms, cache.stats, neighbours, self.deps.knobs, cache.hints
+                arms, cache.view_stats(arms, tenant), neighbours, self.deps.knobs, cache.hints
             )
             for view, posterior, ev in zip(views, posteriors, evidence, strict=True):
                 view.posterior, view.evidence = posterior, ev
         return thompson(views, self.deps.knobs, self.deps.rng, timings)
 
     async def _neighbours(
-        self, store: NeighbourStore, embedding: np.ndarray, arms: list[str]
+        self, store: NeighbourStore, embedding: np.ndarray, arms: list[str], tenant: str
     ) -> list[Neighbour]:
         """Similar rated calls; an unreachable or slow database means routing without context
         (and no more tries for a few seconds), never a failed call."""
@@ -121,9 +137,11 @@ class KnnTS:
         since = utcnow() - timedelta(days=s.recency_days)
         try:
             query = (
-                store.neighbours(embedding, s.neighbours_per_arm, since, s.similarity_threshold, arms)
+                store.neighbours(embedding, s.neighbours_per_arm, since, s.similarity_threshold, arms, tenant)
                 if s.neighbours_per_arm
-                else store.neighbours(embedding, s.max_similar_requests, since, s.similarity_threshold)
+                else store.neighbours(
+                    embedding, s.max_similar_requests, since, s.similarity_threshold, None, tenant
+                )
             )
             return await asyncio.wait_for(query, s.neighbour_timeout_s)
         except Exception as exc:
@@ -131,9 +149,7 @@ class KnnTS:
             log.warning("neighbour search failed (%s); routing without context for 5 s", type(exc).__name__)
             return []
 
-    def observe(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
-    ) -> None:
+    def observe(self, rating: Observed) -> None:
         """Nothing to do: the rating is in the store, where the next neighbour search finds it."""
 
     async def sync(self) -> None:
@@ -141,6 +157,12 @@ class KnnTS:
 
 
 class LinTSPolicy:
+    """One linear model shared by every tenant, each tenant's influence capped: a tenant's ratings
+    of an arm weigh 1 up to TENANT_RATING_CAP of them, then CAP/n each (an open gateway is one
+    tenant: uncapped). What it has absorbed is bounded to RECENCY_DAYS: older ratings are taken
+    out again (their embeddings read back from the store), so a long-running replica learns from
+    the same window as a fresh one."""
+
     needs_embedding: ClassVar[bool] = True
     layer: ClassVar[str] = "bandit"
 
@@ -148,13 +170,14 @@ class LinTSPolicy:
         s = deps.settings
         self.deps = deps
         self.lin = LinTS(ridge=s.lin_ridge, noise=s.lin_noise, prior_mean=s.optimistic_prior)
-        # What the linear model has absorbed, per call: ratings from other replicas (read from the
-        # store) and re-ratings are applied once each.
-        self.seen: dict[str, float] = {}
+        # What the linear model has absorbed, per call, oldest rating first: ratings from other
+        # replicas (read from the store) and re-ratings are applied once each.
+        self.seen: OrderedDict[Key, _Absorbed] = OrderedDict()
+        self.counts: dict[tuple[str, str], int] = {}  # (caller, model) -> ratings absorbed
         self.synced = utcnow() - timedelta(days=s.recency_days)
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
     ) -> Choice:
         if embedding is not None:
             for view in views:
@@ -162,25 +185,37 @@ class LinTSPolicy:
                 view.evidence = float(self.lin.n.get(view.name, 0))
         return thompson(views, self.deps.knobs, self.deps.rng, timings)
 
-    def observe(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
-    ) -> None:
-        if embedding is not None:
-            self._absorb(request_id, model, score, embedding)
+    def observe(self, rating: Observed) -> None:
+        if rating.embedding is not None:
+            key = (rating.caller, rating.request_id)
+            self._absorb(key, rating.model, rating.score, rating.embedding, utcnow())
 
-    def _absorb(self, request_id: str, model: str, score: float, embedding: np.ndarray) -> bool:
+    def _weight(self, caller: str, model: str) -> float:
+        n = self.counts.get((caller, model), 0) + 1
+        self.counts[(caller, model)] = n
+        cap = self.deps.settings.tenant_rating_cap
+        return 1.0 if caller == "" or n <= cap else cap / n
+
+    def _absorb(self, key: Key, model: str, score: float, embedding: np.ndarray, at: datetime) -> bool:
         """Apply one rating to the linear model, once (a re-rating moves it, a repeat does not)."""
-        previous = self.seen.get(request_id)
-        if previous == score:
+        seen = self.seen.get(key)
+        if seen is not None and seen.score == score:
             return False
-        self.lin.update(model, embedding, score, previous)
-        self.seen[request_id] = score
+        if seen is not None:
+            self.lin.update(model, embedding, score, seen.score, seen.weight)
+            self.seen[key] = _Absorbed(model, score, seen.weight, at)
+            self.seen.move_to_end(key)
+            return True
+        weight = self._weight(key[0], model)
+        self.lin.update(model, embedding, score, None, weight)
+        self.seen[key] = _Absorbed(model, score, weight, at)
         return True
 
     async def sync(self) -> None:
         store = self.deps.store
         if store is None:
             return
+        await self._forget(store)
         while True:
             # Look 10 s back: a rating becomes visible when its transaction commits, a little after
             # its time. What was already absorbed (same call, same score) is skipped, and only the
@@ -188,23 +223,53 @@ class LinTSPolicy:
             rows = await store.rated_since(self.synced - timedelta(seconds=10), limit=10_000)
             for r in rows:
                 self.synced = max(self.synced, r.at)
-            todo = [r for r in rows if self.seen.get(r.request_id) != r.score]
-            embeddings = await store.embeddings_of([r.request_id for r in todo]) if todo else {}
+            todo = [r for r in rows if (seen := self.seen.get(r.key)) is None or seen.score != r.score]
+            embeddings = await store.embeddings_of([r.key for r in todo]) if todo else {}
             new: dict[str, list[Rating]] = {}
             for r in todo:
-                if r.request_id not in embeddings:
+                if r.key not in embeddings:
                     continue  # no embedding (yet): nothing to learn from
-                if r.request_id in self.seen:
-                    self._absorb(r.request_id, r.model, r.score, embeddings[r.request_id])  # a re-rating
+                if r.key in self.seen or r.caller != "":
+                    self._absorb(r.key, r.model, r.score, embeddings[r.key], r.at)
                 else:
                     new.setdefault(r.model, []).append(r)
-            for model, ratings in new.items():
-                xs = np.stack([embeddings[r.request_id] for r in ratings])
+            for model, ratings in new.items():  # one tenant, weight 1: all at once
+                xs = np.stack([embeddings[r.key] for r in ratings])
                 self.lin.update_many(model, xs, np.array([r.score for r in ratings]))
                 for r in ratings:
-                    self.seen[r.request_id] = r.score
+                    self.counts[("", model)] = self.counts.get(("", model), 0) + 1
+                    self.seen[r.key] = _Absorbed(model, r.score, 1.0, r.at)
             if len(rows) < 10_000 or not todo:
                 return
+
+    async def _forget(self, store: PolicyStore) -> None:
+        """Takes ratings older than RECENCY_DAYS out of the model again."""
+        horizon = utcnow() - timedelta(days=self.deps.settings.recency_days)
+        old: list[tuple[Key, _Absorbed]] = []
+        for key, absorbed in self.seen.items():
+            if absorbed.at >= horizon or len(old) >= 10_000:
+                break
+            old.append((key, absorbed))
+        if not old:
+            return
+        embeddings = await store.embeddings_of([key for key, _ in old])
+        for key, absorbed in old:
+            if self.seen.get(key) is not absorbed:
+                continue  # re-rated meanwhile: it stays
+            del self.seen[key]
+            x = embeddings.get(key)
+            if x is not None:
+                self.lin.forget(absorbed.model, x, absorbed.score, absorbed.weight)
+            count = (key[0], absorbed.model)
+            self.counts[count] = max(0, self.counts.get(count, 0) - 1)
+
+
+@dataclass(frozen=True)
+class _Absorbed:
+    model: str
+    score: float
+    weight: float
+    at: datetime
 
 
 class DefaultPolicy:
@@ -215,16 +280,14 @@ class DefaultPolicy:
         self.deps = deps
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float]
+        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
     ) -> Choice:
         model = self.deps.settings.default_model
         if model is not None and any(v.name == model for v in views):
             return pinned(model, views, self.deps.knobs)
         return thompson(views, self.deps.knobs, self.deps.rng, timings)
 
-    def observe(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
-    ) -> None:
+    def observe(self, rating: Observed) -> None:
         """The global statistics (moved by the router) are all this policy uses."""
 
     async def sync(self) -> None:

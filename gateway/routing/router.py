@@ -28,9 +28,9 @@ from gateway.config import Settings
 from gateway.domain import ArmStats
 from gateway.embedder import Embedder, routing_text
 from gateway.routing import Decision, RouteContext
-from gateway.routing.bandit import Choice, Knobs
+from gateway.routing.bandit import ArmView, Choice, Knobs
 from gateway.routing.eligibility import Availability, eligible
-from gateway.routing.policies import POLICIES, PolicyDeps, PolicyStore, RoutingPolicy, pinned
+from gateway.routing.policies import POLICIES, Observed, PolicyDeps, PolicyStore, RoutingPolicy, pinned
 from gateway.routing.rules import KeywordRules, SemanticRoutes
 from gateway.routing.stats import ArmStatsCache
 from gateway.routing.strategies import rank
@@ -68,7 +68,9 @@ class Router:
         self.clock = clock
         self.knobs = Knobs.from_settings(settings)
         self.specs = {m.name: m for m in settings.models}
-        self.arms = ArmStatsCache(settings.models, self.knobs, store)
+        # The arms `auto` may choose: models that chat (not an embeddings-only model).
+        self.chat_models = [m.name for m in settings.models if "chat" in m.capabilities]
+        self.arms = ArmStatsCache(settings.models, self.knobs, store, settings.tenant_rating_cap)
         self.policy: RoutingPolicy = POLICIES[settings.router_policy](
             PolicyDeps(
                 settings,
@@ -119,14 +121,22 @@ class Router:
 
     # --- learning
     def observe_feedback(
-        self, request_id: str, model: str, score: float, previous: float | None, embedding: np.ndarray | None
+        self,
+        caller: str,
+        request_id: str,
+        model: str,
+        score: float,
+        previous: float | None,
+        embedding: np.ndarray | None,
     ) -> None:
-        """Feedback moves the global statistics at once, and the policy's own model."""
-        self.arms.observe(model, score, previous)
-        self.policy.observe(request_id, model, score, previous, embedding)
+        """Feedback moves the global statistics at once (the rating tenant's share), and the
+        policy's own model."""
+        self.arms.observe(model, score, previous, caller)
+        self.policy.observe(Observed(caller, request_id, model, score, previous, embedding))
 
-    def quality(self, name: str) -> float:
-        return self.arms.quality(name)
+    def quality(self, name: str, tenant: str | None = None) -> float:
+        """The arm's estimated quality, as `tenant` sees it (None: every tenant's ratings)."""
+        return self.arms.quality(name, tenant)
 
     # --- deciding
     async def embed(self, text: str) -> np.ndarray | None:
@@ -176,23 +186,26 @@ class Router:
         named = self.settings.policies.get(policy_name) if policy_name else None
         strategy = c.strategy or (named.strategy if named else None) or "bandit"
         arms = eligible(
-            list(named.models) if named else list(self.specs),
+            list(named.models) if named else self.chat_models,
             ctx,
             c,
             self.specs,
             self.arms.stats,
             cost=lambda a: self.arms.estimated_cost(a, ctx),
-            quality=self.arms.quality,
+            quality=lambda a: self.arms.quality(a, ctx.tenant),
             availability=self.availability,
         )
         choice: Choice
+        views: list[ArmView] = []
         if target is not None and target.model is not None and target.model in arms:
-            choice = pinned(target.model, self.arms.views(arms, ctx), self.knobs)
+            views = self.arms.views(arms, ctx)
+            choice = pinned(target.model, views, self.knobs)
             layer = target.layer
         elif strategy == "bandit":
             if embedding is None and "embed_ms" not in timings and self.policy.needs_embedding:
                 embedding = await self._timed_embed(text, timings)
-            choice = await self.policy.choose(self.arms.views(arms, ctx), embedding, timings)
+            views = self.arms.views(arms, ctx)
+            choice = await self.policy.choose(views, embedding, timings, ctx.tenant)
             layer = target.layer if target else self.policy.layer
         else:
             choice = self._fixed(strategy, arms, ctx)
@@ -209,6 +222,8 @@ class Router:
             propensity=choice.propensity,
             embedding=embedding,
             timings=timings,
+            explored=choice.explored,
+            arms=views,
             propensities=choice.propensities,
             propensity_error=choice.propensity_error,
             context=ctx,

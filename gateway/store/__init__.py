@@ -29,16 +29,22 @@ from gateway.domain import (
     StoredCall,
     UsageRow,
 )
+from gateway.insights import BucketRow, CallQuery, CallRow, LatencySummary, PairBucket, Window
+
+Key = tuple[str, str]  # a call's key: (caller, request id)
 
 
 class CallStore(Protocol):
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
-        """Idempotent: a call id already stored keeps its first record."""
+    async def write_calls(self, records: Sequence[CallRecord]) -> int:
+        """Idempotent: a call (caller, id) already stored keeps its first record. Returns how many
+        records were new."""
         ...
 
-    async def get_call(self, request_id: str) -> StoredCall | None: ...
+    async def get_call(self, caller: str | None, request_id: str) -> StoredCall | None:
+        """That tenant's call (`caller=None`: any tenant's, the newest: for the admin)."""
+        ...
 
-    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None: ...
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None: ...
 
 
 class FeedbackStore(Protocol):
@@ -48,7 +54,7 @@ class FeedbackStore(Protocol):
 class RatingStore(Protocol):
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]: ...
 
-    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]: ...
 
 
 class NeighbourStore(Protocol):
@@ -59,32 +65,45 @@ class NeighbourStore(Protocol):
         since: datetime,
         threshold: float,
         per_model: list[str] | None = None,
+        caller: str = "",
     ) -> list[Neighbour]:
-        """Rated calls nearest to `embedding` since `since`: the k nearest (or, with `per_model`,
-        the k nearest of each of those models), then those at or above `threshold`, nearest first."""
+        """That tenant's rated calls nearest to `embedding` since `since`: the k nearest (or, with
+        `per_model`, the k nearest of each of those models), then those at or above `threshold`,
+        nearest first."""
         ...
 
 
 class StatsStore(Protocol):
-    async def arm_stats(self) -> dict[str, ArmStats]: ...
+    async def arm_stats(self) -> dict[str, ArmStats]:
+        """Every tenant's calls and ratings together, per model."""
+        ...
+
+    async def tenant_ratings(self) -> dict[str, dict[str, tuple[int, float]]]:
+        """model -> caller -> (rated, score_sum)."""
+        ...
 
     async def usage_stats(self, since: datetime) -> list[UsageRow]: ...
 
 
 class PairStore(Protocol):
     async def pair_candidates(
-        self, request_id: str, similarity: float, limit: int = 50
-    ) -> tuple[RatedCall | None, list[RatedCall]]: ...
+        self, caller: str, request_id: str, similarity: float, limit: int = 50
+    ) -> tuple[RatedCall | None, list[RatedCall]]:
+        """That call and its candidates for a pair: calls of the same tenant only."""
+        ...
 
     async def save_pair(self, pair: DPOPair) -> bool: ...
 
-    async def delete_pair(self, a: str, b: str) -> bool: ...
+    async def delete_pair(self, caller: str, a: str, b: str) -> bool: ...
 
 
 class LogStore(Protocol):
-    def iter_calls(self, since: datetime, until: datetime, page: int = 1000) -> AsyncIterator[StoredCall]:
-        """Every call created in [since, until), oldest first (ties by id), each with its ratings:
-        what off-policy evaluation reads (the calls to evaluate, and the state learned before)."""
+    def iter_calls(
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        """The calls created in [since, until), that tenant's (`caller=None`: every tenant's),
+        oldest first (ties by caller, then id), each with its ratings: what off-policy evaluation
+        reads (the calls to evaluate, and the state learned before)."""
         ...
 
 
@@ -95,9 +114,36 @@ class ExportStore(Protocol):
         min_margin: float,
         after: tuple[datetime, int] | None = None,
         limit: int | None = None,
-    ) -> AsyncIterator[DPOPair]: ...
+        caller: str | None = None,
+    ) -> AsyncIterator[DPOPair]:
+        """Pairs of that tenant (`caller=None`: every tenant's)."""
+        ...
 
-    def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]: ...
+    def iter_comparisons(
+        self, since: datetime | None, caller: str | None = None
+    ) -> AsyncIterator[Comparison]: ...
+
+
+class CallInsights(Protocol):
+    """The dashboard's reads of calls (gateway/ui): a filtered page, and aggregates over time."""
+
+    async def list_calls(self, query: CallQuery) -> list[CallRow]:
+        """Newest first (created_at, then id, descending), at most `query.limit`."""
+        ...
+
+    async def call_buckets(self, window: Window) -> list[BucketRow]:
+        """One row per (bucket, model) that has calls, in time order."""
+        ...
+
+    async def latency(self, window: Window) -> LatencySummary: ...
+
+
+class PairInsights(Protocol):
+    async def pair_buckets(self, window: Window) -> list[PairBucket]: ...
+
+    async def pairs_of(self, caller: str, request_id: str) -> list[DPOPair]:
+        """The DPO pairs a call is in (as chosen or rejected), oldest update first."""
+        ...
 
 
 class Store(
@@ -109,6 +155,8 @@ class Store(
     PairStore,
     ExportStore,
     LogStore,
+    CallInsights,
+    PairInsights,
     Protocol,
 ):
     async def aclose(self) -> None: ...

@@ -78,5 +78,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
     async with database(settings) as dsn:
         if settings.run_migrations:
             await migrate(dsn, ssl=settings.database_ssl_mode)
-        async with postgres_store(dsn, ssl=settings.database_ssl_mode) as store:
+        async with postgres_store(
+            dsn, ssl=settings.database_ssl_mode, timeout_s=settings.store_timeout_s
+        ) as store:
             yield store

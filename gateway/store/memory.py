@@ -1,12 +1,13 @@
 """A bounded in-memory store (ENABLE_PERSISTENCE=false): same contract, nothing survives a restart.
 
 The oldest calls are evicted beyond `max_calls`; their feedback goes with them, the arm statistics
-they contributed stay.
+they contributed stay. A call keeps its last MAX_RATINGS ratings (the effective score is the
+latest's anyway).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -31,6 +32,10 @@ from gateway.domain import (
     utcnow,
 )
 from gateway.errors import NotFound
+from gateway.store import Key
+from gateway.store.memory_insights import InsightQueries
+
+MAX_RATINGS = 100  # ratings kept per call: a client re-rating one call forever cannot grow memory
 
 
 class _Index:
@@ -38,15 +43,17 @@ class _Index:
     search is a few numpy operations, and a new rating appends a row (amortised O(1))."""
 
     def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.rows: dict[str, int] = {}
+        self.ids: list[Key] = []
+        self.rows: dict[Key, int] = {}
         self.matrix = np.zeros((0, 384), dtype=np.float32)
         self.models = np.zeros(0, dtype=object)
+        self.callers = np.zeros(0, dtype=object)
         self.times = np.zeros(0, dtype=np.float64)
         self.gone: set[int] = set()
 
     def add(self, rec: CallRecord) -> None:
-        if rec.id in self.rows or rec.embedding is None or rec.model is None:
+        key = (rec.caller, rec.id)
+        if key in self.rows or rec.embedding is None or rec.model is None:
             return
         n = len(self.ids)
         if n == len(self.matrix):
@@ -55,17 +62,20 @@ class _Index:
             matrix[:n] = self.matrix[:n]
             models = np.zeros(size, dtype=object)
             models[:n] = self.models[:n]
+            callers = np.zeros(size, dtype=object)
+            callers[:n] = self.callers[:n]
             times = np.zeros(size, dtype=np.float64)
             times[:n] = self.times[:n]
-            self.matrix, self.models, self.times = matrix, models, times
+            self.matrix, self.models, self.callers, self.times = matrix, models, callers, times
         self.matrix[n] = rec.embedding
         self.models[n] = rec.model
+        self.callers[n] = rec.caller
         self.times[n] = rec.created_at.timestamp()
-        self.rows[rec.id] = n
-        self.ids.append(rec.id)
+        self.rows[key] = n
+        self.ids.append(key)
 
-    def remove(self, request_id: str) -> None:
-        row = self.rows.pop(request_id, None)
+    def remove(self, key: Key) -> None:
+        row = self.rows.pop(key, None)
         if row is not None:
             self.gone.add(row)
 
@@ -75,18 +85,23 @@ class _Call:
 
     def __init__(self, record: CallRecord) -> None:
         self.record = record
-        self.feedback: list[Feedback] = []
+        self.feedback: deque[Feedback] = deque(maxlen=MAX_RATINGS)
         self.score: float | None = None
         self.score_source: str | None = None
         self.score_at: datetime | None = None
 
+    def stored(self) -> StoredCall:
+        ratings = [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in self.feedback]
+        return StoredCall(replace(self.record), self.score, self.score_source, self.score_at, ratings)
 
-class MemoryStore:
+
+class MemoryStore(InsightQueries):
     def __init__(self, max_calls: int = 100_000) -> None:
         self.max_calls = max_calls
-        self.calls: OrderedDict[str, _Call] = OrderedDict()
+        self.calls: OrderedDict[Key, _Call] = OrderedDict()
         self.arms: dict[str, ArmStats] = {}
-        self.pairs: dict[tuple[str, str], DPOPair] = {}
+        self.ratings: dict[str, dict[str, tuple[int, float]]] = {}  # model -> caller -> sums
+        self.pairs: dict[tuple[str, str, str], DPOPair] = {}
         self._pair_ids = 0
         self.index = _Index()
 
@@ -102,11 +117,13 @@ class MemoryStore:
             arm = self.arms[model] = ArmStats(model)
         return arm
 
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(self, records: Sequence[CallRecord]) -> int:
+        new = 0
         for rec in records:
-            if rec.id in self.calls:
+            if (rec.caller, rec.id) in self.calls:
                 continue  # a reused request id keeps its first record (as in Postgres)
-            self.calls[rec.id] = _Call(rec)
+            new += 1
+            self.calls[(rec.caller, rec.id)] = _Call(rec)
             if rec.counts_for_arm:
                 assert rec.model is not None
                 self._arm(rec.model).add_call(rec)
@@ -119,21 +136,20 @@ class MemoryStore:
                 if c.score is not None:
                     index.add(c.record)
             self.index = index
+        return new
 
-    async def get_call(self, request_id: str) -> StoredCall | None:
-        call = self.calls.get(request_id)
-        if call is None:
-            return None
-        return StoredCall(
-            replace(call.record),
-            call.score,
-            call.score_source,
-            call.score_at,
-            [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in call.feedback],
-        )
+    def _find(self, caller: str | None, request_id: str) -> _Call | None:
+        if caller is not None:
+            return self.calls.get((caller, request_id))
+        found = [c for (_, rid), c in self.calls.items() if rid == request_id]
+        return max(found, key=lambda c: c.record.created_at) if found else None
+
+    async def get_call(self, caller: str | None, request_id: str) -> StoredCall | None:
+        call = self._find(caller, request_id)
+        return None if call is None else call.stored()
 
     async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
-        call = self.calls.get(feedback.request_id)
+        call = self.calls.get((feedback.caller, feedback.request_id))
         if call is None:
             raise NotFound(
                 f"no request with id {feedback.request_id!r}", param="request_id", code="request_not_found"
@@ -150,11 +166,16 @@ class MemoryStore:
             model = call.record.model
             if model is not None:
                 self._arm(model).add_rating(feedback.score, previous)
+                rated, total = self.ratings.setdefault(model, {}).get(feedback.caller, (0, 0.0))
+                self.ratings[model][feedback.caller] = (
+                    rated + (previous is None),
+                    total + feedback.score - (previous or 0.0),
+                )
             self.index.add(call.record)
         return FeedbackOutcome(feedback.request_id, call.record.model, previous, call.score, applies)
 
-    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None:
-        call = self.calls.get(request_id)
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None:
+        call = self.calls.get((caller, request_id))
         if call is not None and call.record.embedding is None:
             call.record.embedding = embedding
             if call.score is not None:
@@ -167,6 +188,7 @@ class MemoryStore:
         since: datetime,
         threshold: float,
         per_model: list[str] | None = None,
+        caller: str = "",
     ) -> list[Neighbour]:
         index = self.index
         n = len(index.ids)
@@ -175,7 +197,7 @@ class MemoryStore:
         sims = index.matrix[:n] @ embedding.astype(np.float32)
         live = np.ones(n, dtype=bool)
         live[list(index.gone)] = False
-        recent = live & (index.times[:n] >= since.timestamp())
+        recent = live & (index.times[:n] >= since.timestamp()) & (index.callers[:n] == caller)
         groups = [recent & (index.models[:n] == m) for m in per_model] if per_model else [recent]
         chosen: list[int] = []
         for mask in groups:
@@ -199,7 +221,7 @@ class MemoryStore:
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         out = [
-            Rating(c.record.id, c.record.model, c.score, c.score_at)
+            Rating(c.record.id, c.record.model, c.score, c.score_at, c.record.caller)
             for c in self.calls.values()
             if c.score is not None
             and c.score_at is not None
@@ -209,16 +231,19 @@ class MemoryStore:
         out.sort(key=lambda r: r.at)
         return out[:limit]
 
-    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
         out = {}
-        for rid in request_ids:
-            call = self.calls.get(rid)
+        for key in keys:
+            call = self.calls.get(key)
             if call is not None and call.record.embedding is not None:
-                out[rid] = call.record.embedding
+                out[key] = call.record.embedding
         return out
 
     async def arm_stats(self) -> dict[str, ArmStats]:
         return {name: replace(arm) for name, arm in self.arms.items()}
+
+    async def tenant_ratings(self) -> dict[str, dict[str, tuple[int, float]]]:
+        return {model: dict(by_caller) for model, by_caller in self.ratings.items()}
 
     async def usage_stats(self, since: datetime) -> list[UsageRow]:
         rows: dict[str, dict[str, Any]] = {}
@@ -251,30 +276,32 @@ class MemoryStore:
         ]
 
     async def iter_calls(
-        self, since: datetime, until: datetime, page: int = 1000
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
     ) -> AsyncIterator[StoredCall]:
-        found = [c for c in self.calls.values() if since <= c.record.created_at < until]
-        found.sort(key=lambda c: (c.record.created_at, c.record.id))
+        found = [
+            c
+            for (who, _), c in self.calls.items()
+            if since <= c.record.created_at < until and caller in (None, who)
+        ]
+        found.sort(key=lambda c: (c.record.created_at, c.record.caller, c.record.id))
         for call in found:
-            stored = await self.get_call(call.record.id)
-            if stored is not None:
-                yield stored
+            yield call.stored()
 
     # --- DPO
     def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:
         return RatedCall.of(call.record, call.score, similarity)
 
     async def pair_candidates(
-        self, request_id: str, similarity: float, limit: int = 50
+        self, caller: str, request_id: str, similarity: float, limit: int = 50
     ) -> tuple[RatedCall | None, list[RatedCall]]:
-        call = self.calls.get(request_id)
+        call = self.calls.get((caller, request_id))
         me = self._rated_call(call) if call is not None else None
         if call is None or me is None:
             return None, []
         emb = call.record.embedding
         found: list[RatedCall] = []
         for other in self.calls.values():
-            if other is call or other.record.model == me.model:
+            if other is call or other.record.model == me.model or other.record.caller != caller:
                 continue
             sim = 1.0
             if other.record.prompt_hash != me.prompt_hash:
@@ -290,9 +317,9 @@ class MemoryStore:
         found = found[:limit]
         # and every call this one is paired with now, however old: a re-rating must revisit them
         have = {r.id for r in found}
-        for (a, b), pair in self.pairs.items():
-            if request_id in (a, b):
-                partner_call = self.calls.get(b if a == request_id else a)
+        for (owner, a, b), pair in self.pairs.items():
+            if owner == caller and request_id in (a, b):
+                partner_call = self.calls.get((caller, b if a == request_id else a))
                 partner = (
                     self._rated_call(partner_call, pair.similarity) if partner_call is not None else None
                 )
@@ -301,7 +328,8 @@ class MemoryStore:
         return me, found
 
     async def save_pair(self, pair: DPOPair) -> bool:
-        existing = self.pairs.get(pair.key)
+        key = (pair.caller, *pair.key)
+        existing = self.pairs.get(key)
         if existing is not None:
             if existing.same_preference(pair):
                 return False
@@ -310,11 +338,11 @@ class MemoryStore:
             self._pair_ids += 1
             pair.id = self._pair_ids
         pair.updated_at = utcnow()
-        self.pairs[pair.key] = pair
+        self.pairs[key] = pair
         return True
 
-    async def delete_pair(self, a: str, b: str) -> bool:
-        key = (a, b) if a < b else (b, a)
+    async def delete_pair(self, caller: str, a: str, b: str) -> bool:
+        key = (caller, a, b) if a < b else (caller, b, a)
         return self.pairs.pop(key, None) is not None
 
     async def iter_pairs(
@@ -323,9 +351,12 @@ class MemoryStore:
         min_margin: float,
         after: tuple[datetime, int] | None = None,
         limit: int | None = None,
+        caller: str | None = None,
     ) -> AsyncIterator[DPOPair]:
         n = 0
         for pair in sorted(self.pairs.values(), key=lambda p: (p.updated_at, p.id)):
+            if caller is not None and pair.caller != caller:
+                continue
             if since is not None and pair.updated_at < since:
                 continue
             if after is not None and (pair.updated_at, pair.id) <= after:
@@ -337,17 +368,22 @@ class MemoryStore:
             if limit is not None and n >= limit:
                 return
 
-    async def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]:
-        groups: dict[str, dict[str, list[float]]] = {}
-        prompts: dict[str, list[dict[str, Any]]] = {}
+    async def iter_comparisons(
+        self, since: datetime | None, caller: str | None = None
+    ) -> AsyncIterator[Comparison]:
+        groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+        prompts: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for call in self.calls.values():
             rec = call.record
             if call.score is None or rec.model is None or rec.status != "ok":
                 continue
-            if since is not None and rec.created_at < since:
+            if (since is not None and rec.created_at < since) or (
+                caller is not None and rec.caller != caller
+            ):
                 continue
-            groups.setdefault(rec.prompt_hash, {}).setdefault(rec.model, []).append(call.score)
-            prompts.setdefault(rec.prompt_hash, rec.messages)
+            h = (rec.caller, rec.prompt_hash)  # within one tenant
+            groups.setdefault(h, {}).setdefault(rec.model, []).append(call.score)
+            prompts.setdefault(h, rec.messages)
         for h, by_model in groups.items():
             models = sorted(by_model)
             for i, a in enumerate(models):

@@ -14,6 +14,7 @@ import orjson
 from pgvector.asyncpg import register_vector
 from sqlalchemy import literal_column, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gateway.errors import NotFound, StoreUnavailable
@@ -35,14 +36,27 @@ SERVER_SETTINGS = {
 }
 
 
-def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> AsyncEngine:
-    connect_args: dict[str, Any] = {"server_settings": SERVER_SETTINGS, "timeout": 5}
+def server_settings(timeout_s: float) -> dict[str, str]:
+    # The server gives up on a statement after STORE_TIMEOUT_S; asyncpg's command_timeout is the
+    # client's side of it (a hung server answers nothing, not even a cancellation).
+    return {**SERVER_SETTINGS, "statement_timeout": str(int(timeout_s * 1000))}
+
+
+def make_engine(
+    dsn: str, *, ssl: str | None = None, pool_size: int = 10, timeout_s: float = 5.0
+) -> AsyncEngine:
+    connect_args: dict[str, Any] = {
+        "server_settings": server_settings(timeout_s),
+        "timeout": timeout_s,
+        "command_timeout": timeout_s,
+    }
     if ssl:
         connect_args["ssl"] = ssl
     return create_async_engine(
         dsn,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=timeout_s,  # waiting for a pooled connection
         pool_recycle=1800,
         json_serializer=json_dumps,
         json_deserializer=orjson.loads,
@@ -51,7 +65,17 @@ def make_engine(dsn: str, *, ssl: str | None = None, pool_size: int = 10) -> Asy
     )
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """The database did not answer within STORE_TIMEOUT_S (hung, or overloaded)."""
+    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError | SATimeoutError):
+        return True
+    cause = exc.__cause__ or getattr(exc, "orig", None)
+    return cause is not None and cause is not exc and is_timeout(cause)
+
+
 def is_unavailable(exc: BaseException) -> bool:
+    if is_timeout(exc):
+        return True
     if isinstance(
         exc, OSError | ConnectionError | asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
     ):
@@ -70,6 +94,8 @@ def unreachable(exc: BaseException) -> str:
     """The message of StoreUnavailable: the error's kind only, never its text (which can hold SQL
     parameters: other callers' prompts)."""
     cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+    if is_timeout(exc):
+        return f"the database did not answer in time ({type(cause).__name__})"
     return f"the database is unreachable ({type(cause).__name__})"
 
 
@@ -95,7 +121,7 @@ async def retrying(work: Callable[[], Awaitable[T]]) -> T:
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
-            if attempt == 1:
+            if attempt == 1 or is_timeout(exc):  # a hung database: one bound is enough
                 raise StoreUnavailable(unreachable(exc)) from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -103,9 +129,10 @@ async def retrying(work: Callable[[], Awaitable[T]]) -> T:
 class PgBase:
     """The engine (SQLAlchemy Core, for most queries) and a plain asyncpg pool (for the hot path)."""
 
-    def __init__(self, engine: AsyncEngine, *, ssl: str | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, *, ssl: str | None = None, timeout_s: float = 5.0) -> None:
         self.engine = engine
         self.ssl = ssl
+        self.timeout_s = timeout_s
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
@@ -145,7 +172,8 @@ class PgBase:
                     max_size=8,
                     init=register_vector,
                     ssl=self.ssl,
-                    server_settings=SERVER_SETTINGS,
-                    timeout=5,
+                    server_settings=server_settings(self.timeout_s),
+                    timeout=self.timeout_s,
+                    command_timeout=self.timeout_s,
                 )
             return self._pool

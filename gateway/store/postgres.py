@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +28,14 @@ from gateway.domain import (
     rating_delta,
 )
 from gateway.errors import NotFound
+from gateway.store import Key
 from gateway.store.pg import clean, make_engine, retrying
+from gateway.store.postgres_insights import InsightQueries
+from gateway.store.postgres_logs import RECORD_FIELDS, LogQueries, stored_call
 from gateway.store.postgres_pairs import PairQueries
-from gateway.store.schema import arm_stats, calls, feedback
+from gateway.store.schema import arm_ratings, arm_stats, calls, feedback
 
 __all__ = ["NEIGHBOURS_SQL", "PostgresStore", "make_engine", "postgres_store"]
-
-# A call record's fields are the `calls` table's columns (the table has the score besides).
-_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(CallRecord))
 
 # Rated calls nearest to $1: ORDER BY distance LIMIT k, so that the HNSW index serves it. Only the
 # partial index's own predicate and the time window: more IS NOT NULL filters make the planner
@@ -44,7 +43,7 @@ _RECORD_FIELDS = tuple(f.name for f in dataclass_fields(CallRecord))
 NEIGHBOURS_SQL = """
 SELECT id, model, score, 1 - (embedding <=> $1) AS similarity, created_at
 FROM calls
-WHERE score IS NOT NULL AND created_at >= $2
+WHERE score IS NOT NULL AND created_at >= $2 AND caller = $4
 ORDER BY embedding <=> $1
 LIMIT $3
 """
@@ -58,40 +57,45 @@ FROM unnest($4::text[]) AS arm(model)
 CROSS JOIN LATERAL (
     SELECT id, model, score, 1 - (embedding <=> $1) AS similarity, created_at
     FROM calls
-    WHERE score IS NOT NULL AND created_at >= $2 AND model = arm.model
+    WHERE score IS NOT NULL AND created_at >= $2 AND model = arm.model AND caller = $5
     ORDER BY embedding <=> $1
     LIMIT $3
 ) AS n
 """
 
 
-class PostgresStore(PairQueries):
+class PostgresStore(PairQueries, InsightQueries, LogQueries):
     # --- calls
     @staticmethod
     def _row(rec: CallRecord) -> dict[str, Any]:
-        return clean({name: getattr(rec, name) for name in _RECORD_FIELDS})
+        return clean({name: getattr(rec, name) for name in RECORD_FIELDS})
 
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(self, records: Sequence[CallRecord]) -> int:
         if not records:
-            return
-        by_id: dict[str, CallRecord] = {}
+            return 0
+        by_key: dict[Key, CallRecord] = {}
         for r in records:
-            by_id.setdefault(r.id, r)  # a reused request id keeps its first record
-        rows = [self._row(r) for r in by_id.values()]
+            by_key.setdefault((r.caller, r.id), r)  # a reused request id keeps its first record
+        rows = [self._row(r) for r in by_key.values()]
 
-        async def tx(conn: AsyncConnection) -> None:
-            stmt = pg_insert(calls).on_conflict_do_nothing(index_elements=[calls.c.id]).returning(calls.c.id)
-            inserted = (await conn.execute(stmt, rows)).scalars().all()
+        async def tx(conn: AsyncConnection) -> int:
+            stmt = (
+                pg_insert(calls)
+                .on_conflict_do_nothing(index_elements=[calls.c.id, calls.c.caller])
+                .returning(calls.c.caller, calls.c.id)
+            )
+            inserted = (await conn.execute(stmt, rows)).all()
             sums: dict[str, ArmStats] = {}
-            for rid in inserted:
-                rec = by_id[rid]
+            for caller, rid in inserted:
+                rec = by_key[(caller, rid)]
                 if rec.counts_for_arm:
                     assert rec.model is not None
                     sums.setdefault(rec.model, ArmStats(rec.model)).add_call(rec)
             if sums:
                 await self._bump_arms(conn, [vars(s) for _, s in sorted(sums.items())])
+            return len(inserted)
 
-        await self._run(tx, write=True)
+        return await self._run(tx, write=True)
 
     @staticmethod
     async def _bump_arms(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -107,17 +111,21 @@ class PostgresStore(PairQueries):
         for row in rows:  # one statement per model: few models per batch
             await conn.execute(stmt.values(**row))
 
-    async def get_call(self, request_id: str) -> StoredCall | None:
+    async def get_call(self, caller: str | None, request_id: str) -> StoredCall | None:
+        stmt = select(calls).where(calls.c.id == request_id)
+        if caller is not None:
+            stmt = stmt.where(calls.c.caller == caller)
+
         async def q(conn: AsyncConnection) -> StoredCall | None:
-            row = (await conn.execute(select(calls).where(calls.c.id == request_id))).mappings().first()
+            row = (await conn.execute(stmt.order_by(calls.c.created_at.desc()).limit(1))).mappings().first()
             if row is None:
                 return None
             fb = await conn.execute(
                 select(feedback.c.score, feedback.c.feedback_text, feedback.c.source, feedback.c.created_at)
-                .where(feedback.c.request_id == request_id)
+                .where(feedback.c.request_id == request_id, feedback.c.caller == row["caller"])
                 .order_by(feedback.c.created_at, feedback.c.id)
             )
-            return self._stored(row, [FeedbackEntry(*r) for r in fb.all()])
+            return stored_call(row, [FeedbackEntry(*r) for r in fb.all()])
 
         return await self._run(q)
 
@@ -126,7 +134,7 @@ class PostgresStore(PairQueries):
             row = (
                 await conn.execute(
                     select(calls.c.model, calls.c.score, calls.c.score_source)
-                    .where(calls.c.id == fb.request_id)
+                    .where(calls.c.id == fb.request_id, calls.c.caller == fb.caller)
                     .with_for_update()
                 )
             ).first()
@@ -142,27 +150,40 @@ class PostgresStore(PairQueries):
                     feedback_text=clean(fb.text),
                     source=fb.source,
                     created_at=fb.created_at,
+                    caller=fb.caller,
                 )
             )
             if not feedback_applies(fb.source, previous_source):
                 return FeedbackOutcome(fb.request_id, model, previous, previous, False)
             await conn.execute(
                 update(calls)
-                .where(calls.c.id == fb.request_id)
+                .where(calls.c.id == fb.request_id, calls.c.caller == fb.caller)
                 .values(score=fb.score, score_source=fb.source, score_at=fb.created_at)
             )
             if model is not None:
                 rated, moved = rating_delta(fb.score, previous)
                 await self._bump_arms(conn, [{"model": model, "rated": rated, "score_sum": moved}])
+                stmt = pg_insert(arm_ratings).values(
+                    model=model, caller=fb.caller, rated=rated, score_sum=moved
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[arm_ratings.c.model, arm_ratings.c.caller],
+                        set_={
+                            "rated": arm_ratings.c.rated + stmt.excluded.rated,
+                            "score_sum": arm_ratings.c.score_sum + stmt.excluded.score_sum,
+                        },
+                    )
+                )
             return FeedbackOutcome(fb.request_id, model, previous, fb.score, True)
 
         return await self._run(tx, write=True)
 
-    async def set_embedding(self, request_id: str, embedding: np.ndarray) -> None:
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None:
         async def tx(conn: AsyncConnection) -> None:
             await conn.execute(
                 update(calls)
-                .where(and_(calls.c.id == request_id, calls.c.embedding.is_(None)))
+                .where(and_(calls.c.id == request_id, calls.c.caller == caller, calls.c.embedding.is_(None)))
                 .values(embedding=embedding)
             )
 
@@ -176,13 +197,14 @@ class PostgresStore(PairQueries):
         since: datetime,
         threshold: float,
         per_model: list[str] | None = None,
+        caller: str = "",
     ) -> list[Neighbour]:
 
         async def fetch() -> list[asyncpg.Record]:
             pool = await self._hot()
             if per_model:
-                return await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model)
-            return await pool.fetch(NEIGHBOURS_SQL, embedding, since, k)
+                return await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model, caller)
+            return await pool.fetch(NEIGHBOURS_SQL, embedding, since, k, caller)
 
         rows = await retrying(fetch)
         out = [
@@ -195,26 +217,28 @@ class PostgresStore(PairQueries):
 
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]:
         stmt = (
-            select(calls.c.id, calls.c.model, calls.c.score, calls.c.score_at)
+            select(calls.c.id, calls.c.model, calls.c.score, calls.c.score_at, calls.c.caller)
             .where(calls.c.score_at > since, calls.c.score.is_not(None), calls.c.model.is_not(None))
             .order_by(calls.c.score_at)
             .limit(limit)
         )
 
         async def q(conn: AsyncConnection) -> list[Rating]:
-            return [Rating(r[0], r[1], float(r[2]), r[3]) for r in (await conn.execute(stmt)).all()]
+            return [Rating(r[0], r[1], float(r[2]), r[3], r[4]) for r in (await conn.execute(stmt)).all()]
 
         return await self._run(q)
 
-    async def embeddings_of(self, request_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        if not request_ids:
+    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
+        if not keys:
             return {}
-        stmt = select(calls.c.id, calls.c.embedding).where(
-            calls.c.id.in_(list(request_ids)), calls.c.embedding.is_not(None)
+        stmt = select(calls.c.caller, calls.c.id, calls.c.embedding).where(
+            tuple_(calls.c.id, calls.c.caller).in_([(rid, caller) for caller, rid in keys]),
+            calls.c.embedding.is_not(None),
         )
 
-        async def q(conn: AsyncConnection) -> dict[str, np.ndarray]:
-            return {r[0]: np.asarray(r[1], dtype=np.float32) for r in (await conn.execute(stmt)).all()}
+        async def q(conn: AsyncConnection) -> dict[Key, np.ndarray]:
+            rows = (await conn.execute(stmt)).all()
+            return {(r[0], r[1]): np.asarray(r[2], dtype=np.float32) for r in rows}
 
         return await self._run(q)
 
@@ -237,49 +261,14 @@ class PostgresStore(PairQueries):
 
         return await self._run(q)
 
-    async def iter_calls(
-        self, since: datetime, until: datetime, page: int = 1000
-    ) -> AsyncIterator[StoredCall]:
-        after: tuple[datetime, str] | None = None
-        while True:
-            stmt = select(calls).where(calls.c.created_at >= since, calls.c.created_at < until)
-            if after is not None:
-                stmt = stmt.where(tuple_(calls.c.created_at, calls.c.id) > tuple_(*after))
-            stmt = stmt.order_by(calls.c.created_at, calls.c.id).limit(page)
+    async def tenant_ratings(self) -> dict[str, dict[str, tuple[int, float]]]:
+        async def q(conn: AsyncConnection) -> dict[str, dict[str, tuple[int, float]]]:
+            out: dict[str, dict[str, tuple[int, float]]] = {}
+            for model, caller, rated, total in (await conn.execute(select(arm_ratings))).all():
+                out.setdefault(model, {})[caller] = (int(rated), float(total))
+            return out
 
-            async def q(conn: AsyncConnection, stmt: Any = stmt) -> list[StoredCall]:
-                rows = (await conn.execute(stmt)).mappings().all()
-                ratings: dict[str, list[FeedbackEntry]] = {}
-                if rows:
-                    fb = await conn.execute(
-                        select(
-                            feedback.c.request_id,
-                            feedback.c.score,
-                            feedback.c.feedback_text,
-                            feedback.c.source,
-                            feedback.c.created_at,
-                        )
-                        .where(feedback.c.request_id.in_([r["id"] for r in rows]))
-                        .order_by(feedback.c.created_at, feedback.c.id)
-                    )
-                    for r in fb.all():
-                        ratings.setdefault(r[0], []).append(FeedbackEntry(*r[1:]))
-                return [self._stored(r, ratings.get(r["id"], [])) for r in rows]
-
-            batch = await self._run(q)
-            for stored in batch:
-                yield stored
-            if len(batch) < page:
-                return
-            last = batch[-1].record
-            after = (last.created_at, last.id)
-
-    @staticmethod
-    def _stored(row: Any, ratings: list[FeedbackEntry]) -> StoredCall:
-        fields = {name: row[name] for name in _RECORD_FIELDS}
-        if fields["embedding"] is not None:
-            fields["embedding"] = np.asarray(fields["embedding"], dtype=np.float32)
-        return StoredCall(CallRecord(**fields), row["score"], row["score_source"], row["score_at"], ratings)
+        return await self._run(q)
 
     async def usage_stats(self, since: datetime) -> list[UsageRow]:
         ok = calls.c.status == "ok"
@@ -305,8 +294,10 @@ class PostgresStore(PairQueries):
 
 
 @contextlib.asynccontextmanager
-async def postgres_store(dsn: str, *, ssl: str | None = None) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(make_engine(dsn, ssl=ssl), ssl=ssl)
+async def postgres_store(
+    dsn: str, *, ssl: str | None = None, timeout_s: float = 5.0
+) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(make_engine(dsn, ssl=ssl, timeout_s=timeout_s), ssl=ssl, timeout_s=timeout_s)
     try:
         await store._hot()  # open the hot-path pool now, not under a request's 250 ms budget
         yield store

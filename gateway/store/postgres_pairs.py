@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import orjson
-from sqlalchemy import delete, func, select, text, tuple_
+from sqlalchemy import RowMapping, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -14,6 +14,27 @@ from gateway.domain import Comparison, DPOPair, RatedCall
 from gateway.errors import StoreUnavailable
 from gateway.store.pg import PgBase, is_unavailable, unreachable
 from gateway.store.schema import calls, dpo_pairs
+
+
+def pair_of(r: RowMapping) -> DPOPair:
+    """A `dpo_pairs` row as a DPOPair."""
+    return DPOPair(
+        prompt_hash=r["prompt_hash"],
+        messages=r["messages"],
+        chosen_id=r["chosen_id"],
+        chosen_model=r["chosen_model"],
+        chosen=r["chosen"],
+        chosen_score=r["chosen_score"],
+        rejected_id=r["rejected_id"],
+        rejected_model=r["rejected_model"],
+        rejected=r["rejected"],
+        rejected_score=r["rejected_score"],
+        similarity=r["similarity"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        id=r["id"],
+        caller=r["caller"],
+    )
 
 
 class PairQueries(PgBase):
@@ -35,13 +56,15 @@ class PairQueries(PgBase):
     )
 
     async def pair_candidates(
-        self, request_id: str, similarity: float, limit: int = 50
+        self, caller: str, request_id: str, similarity: float, limit: int = 50
     ) -> tuple[RatedCall | None, list[RatedCall]]:
+        mine = calls.c.caller == caller  # pairs are mined within one tenant's calls
+
         async def q(conn: AsyncConnection) -> tuple[RatedCall | None, list[RatedCall]]:
             row = (
                 await conn.execute(
                     select(*self._PAIR_COLS, calls.c.embedding).where(
-                        calls.c.id == request_id, *self._PAIRABLE
+                        calls.c.id == request_id, mine, *self._PAIRABLE
                     )
                 )
             ).first()
@@ -53,6 +76,7 @@ class PairQueries(PgBase):
                 select(*self._PAIR_COLS)
                 .where(
                     calls.c.prompt_hash == me.prompt_hash,
+                    mine,
                     calls.c.id != me.id,
                     calls.c.model != me.model,
                     *self._PAIRABLE,
@@ -66,7 +90,7 @@ class PairQueries(PgBase):
                 distance = calls.c.embedding.cosine_distance(row[6])
                 near = await conn.execute(
                     select(*self._PAIR_COLS, (1 - distance).label("similarity"))
-                    .where(calls.c.score.is_not(None))  # the HNSW index's predicate
+                    .where(calls.c.score.is_not(None), mine)  # the HNSW index's predicate, the tenant
                     .order_by(distance)
                     .limit(limit)
                 )
@@ -79,21 +103,24 @@ class PairQueries(PgBase):
             ok = {
                 r[0]
                 for r in (
-                    await conn.execute(select(calls.c.id).where(calls.c.id.in_(list(found)), *self._PAIRABLE))
+                    await conn.execute(
+                        select(calls.c.id).where(calls.c.id.in_(list(found)), mine, *self._PAIRABLE)
+                    )
                 )
             }
             candidates = [c for c in found.values() if c.id in ok][:limit]
             # and every call this one is paired with now, however old: a re-rating must revisit them
             paired = await conn.execute(
                 select(dpo_pairs.c.call_a, dpo_pairs.c.call_b, dpo_pairs.c.similarity).where(
-                    (dpo_pairs.c.call_a == me.id) | (dpo_pairs.c.call_b == me.id)
+                    (dpo_pairs.c.call_a == me.id) | (dpo_pairs.c.call_b == me.id),
+                    dpo_pairs.c.caller == caller,
                 )
             )
             partners = {(a if b == me.id else b): float(sim) for a, b, sim in paired}
             missing = [p for p in partners if p not in {c.id for c in candidates}]
             if missing:
                 rows = await conn.execute(
-                    select(*self._PAIR_COLS).where(calls.c.id.in_(missing), *self._PAIRABLE)
+                    select(*self._PAIR_COLS).where(calls.c.id.in_(missing), mine, *self._PAIRABLE)
                 )
                 candidates += [
                     RatedCall(r[0], r[1], r[2], r[3], r[4], float(r[5]), partners[r[0]]) for r in rows
@@ -119,6 +146,7 @@ class PairQueries(PgBase):
             "rejected_score": pair.rejected_score,
             "margin": pair.margin,
             "similarity": pair.similarity,
+            "caller": pair.caller,
         }
         insert_stmt = pg_insert(dpo_pairs).values(**values)
         changing = (
@@ -161,13 +189,13 @@ class PairQueries(PgBase):
 
         return await self._run(tx, write=True)
 
-    async def delete_pair(self, a: str, b: str) -> bool:
+    async def delete_pair(self, caller: str, a: str, b: str) -> bool:
         a, b = sorted((a, b))
 
         async def tx(conn: AsyncConnection) -> bool:
             stmt = (
                 delete(dpo_pairs)
-                .where(dpo_pairs.c.call_a == a, dpo_pairs.c.call_b == b)
+                .where(dpo_pairs.c.call_a == a, dpo_pairs.c.call_b == b, dpo_pairs.c.caller == caller)
                 .returning(dpo_pairs.c.id)
             )
             return (await conn.execute(stmt)).first() is not None
@@ -180,8 +208,11 @@ class PairQueries(PgBase):
         min_margin: float,
         after: tuple[datetime, int] | None = None,
         limit: int | None = None,
+        caller: str | None = None,
     ) -> AsyncIterator[DPOPair]:
         stmt = select(dpo_pairs).where(dpo_pairs.c.margin >= min_margin)
+        if caller is not None:
+            stmt = stmt.where(dpo_pairs.c.caller == caller)
         if since is not None:
             stmt = stmt.where(dpo_pairs.c.updated_at >= since)
         if after is not None:
@@ -193,42 +224,35 @@ class PairQueries(PgBase):
             async with self.engine.connect() as conn:
                 result = await conn.stream(stmt.execution_options(yield_per=500))
                 async for r in result.mappings():
-                    yield DPOPair(
-                        prompt_hash=r["prompt_hash"],
-                        messages=r["messages"],
-                        chosen_id=r["chosen_id"],
-                        chosen_model=r["chosen_model"],
-                        chosen=r["chosen"],
-                        chosen_score=r["chosen_score"],
-                        rejected_id=r["rejected_id"],
-                        rejected_model=r["rejected_model"],
-                        rejected=r["rejected"],
-                        rejected_score=r["rejected_score"],
-                        similarity=r["similarity"],
-                        created_at=r["created_at"],
-                        updated_at=r["updated_at"],
-                        id=r["id"],
-                    )
+                    yield pair_of(r)
         except Exception as exc:
             if is_unavailable(exc):
                 raise StoreUnavailable(unreachable(exc)) from exc
             raise
 
-    async def iter_comparisons(self, since: datetime | None) -> AsyncIterator[Comparison]:
+    async def iter_comparisons(
+        self, since: datetime | None, caller: str | None = None
+    ) -> AsyncIterator[Comparison]:
         where = "score IS NOT NULL AND status = 'ok' AND model IS NOT NULL"
+        params: dict[str, object] = {}
         if since is not None:
             where += " AND created_at >= :since"
+            params["since"] = since
+        if caller is not None:
+            where += " AND caller = :caller"
+            params["caller"] = caller
+        # Within one tenant: two tenants' answers to one prompt are not compared.
         sql = text(f"""
             WITH per_model AS (
-                SELECT prompt_hash, model, avg(score) AS score,
+                SELECT caller, prompt_hash, model, avg(score) AS score,
                        (array_agg(messages ORDER BY created_at))[1] AS messages
-                FROM calls WHERE {where} GROUP BY prompt_hash, model
+                FROM calls WHERE {where} GROUP BY caller, prompt_hash, model
             )
             SELECT a.messages, a.model, a.score, b.model, b.score
-            FROM per_model a JOIN per_model b ON a.prompt_hash = b.prompt_hash AND a.model < b.model
-            ORDER BY a.prompt_hash, a.model, b.model
+            FROM per_model a JOIN per_model b
+              ON a.caller = b.caller AND a.prompt_hash = b.prompt_hash AND a.model < b.model
+            ORDER BY a.caller, a.prompt_hash, a.model, b.model
         """)
-        params = {"since": since} if since is not None else {}
         async with self.engine.connect() as conn:
             result = await conn.stream(sql.execution_options(yield_per=500), params)
             async for r in result:

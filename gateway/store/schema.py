@@ -11,7 +11,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
-    ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -33,7 +33,8 @@ calls = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("kind", Text, nullable=False, server_default="call"),  # call | duel | judge
     Column("duel_of", Text),
-    Column("caller", Text),
+    # The tenant ("" on an open gateway): the key is (id, caller).
+    Column("caller", Text, primary_key=True, server_default=""),
     Column("requested_model", Text, nullable=False),
     Column("model", Text),
     Column("upstream_model", Text),
@@ -64,7 +65,10 @@ calls = Table(
     Column("score_at", DateTime(timezone=True)),
     # A response no model wrote (the replay provider's placeholder): never part of a DPO pair.
     Column("synthetic", Boolean, nullable=False, server_default=text("false")),
+    Column("trace_id", Text),  # the call's OpenTelemetry trace, when traced
     Index("calls_created_at_idx", "created_at"),
+    Index("calls_caller_created_at_idx", "caller", "created_at"),
+    Index("calls_trace_id_idx", "trace_id", postgresql_where=text("trace_id IS NOT NULL")),
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
     Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
@@ -82,13 +86,17 @@ feedback = Table(
     "feedback",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("request_id", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("request_id", Text, nullable=False),
     Column("score", Float, nullable=False),
     Column("feedback_text", Text),
     Column("source", Text, nullable=False, server_default="user"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("caller", Text, nullable=False, server_default=""),
     CheckConstraint("score >= 0 AND score <= 1", name="feedback_score_range"),
-    Index("feedback_request_id_idx", "request_id", "created_at"),
+    ForeignKeyConstraint(
+        ["request_id", "caller"], ["calls.id", "calls.caller"], name="feedback_call_fkey", ondelete="CASCADE"
+    ),
+    Index("feedback_request_id_idx", "request_id", "caller", "created_at"),
 )
 
 arm_stats = Table(
@@ -109,8 +117,8 @@ dpo_pairs = Table(
     "dpo_pairs",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("call_a", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
-    Column("call_b", Text, ForeignKey("calls.id", ondelete="CASCADE"), nullable=False),
+    Column("call_a", Text, nullable=False),
+    Column("call_b", Text, nullable=False),
     Column("prompt_hash", Text, nullable=False),
     Column("messages", JSONB, nullable=False),
     Column("chosen_id", Text, nullable=False),
@@ -125,7 +133,27 @@ dpo_pairs = Table(
     Column("similarity", Float, nullable=False, server_default="1"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    UniqueConstraint("call_a", "call_b", name="dpo_pairs_calls_key"),
+    Column("caller", Text, nullable=False, server_default=""),
+    ForeignKeyConstraint(
+        ["call_a", "caller"], ["calls.id", "calls.caller"], name="dpo_pairs_call_a_fkey", ondelete="CASCADE"
+    ),
+    ForeignKeyConstraint(
+        ["call_b", "caller"], ["calls.id", "calls.caller"], name="dpo_pairs_call_b_fkey", ondelete="CASCADE"
+    ),
+    UniqueConstraint("caller", "call_a", "call_b", name="dpo_pairs_calls_key"),
     CheckConstraint("call_a < call_b", name="dpo_pairs_ordered"),
     Index("dpo_pairs_updated_at_idx", "updated_at", "id"),
+    Index("dpo_pairs_call_b_idx", "call_b"),
+    Index("dpo_pairs_created_at_idx", "created_at"),
+)
+
+# Each tenant's rating sums per model (arm_stats holds every tenant's together): the router weighs
+# tenants so that one cannot swing another's view of an arm.
+arm_ratings = Table(
+    "arm_ratings",
+    metadata,
+    Column("model", Text, primary_key=True),
+    Column("caller", Text, primary_key=True),
+    Column("rated", BigInteger, nullable=False, server_default="0"),
+    Column("score_sum", Float, nullable=False, server_default="0"),
 )
