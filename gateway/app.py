@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, embeddings, keys, ops, records, responses
+from gateway.api import chat, embeddings, evaluate, keys, ops, records, responses
 from gateway.api.routed import RoutedEndpoint
 from gateway.auth import Keys
 from gateway.auth_failures import AuthFailures
@@ -34,6 +34,7 @@ from gateway.config_sources import environ
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
+from gateway.evaluation.service import Evaluator
 from gateway.feedback import Learner
 from gateway.keys import KeyDirectory
 from gateway.limits import RateLimits
@@ -259,6 +260,7 @@ def create_app(
                 embedder=the_embedder,
                 tracing=tracing,
                 readiness=ReadinessCache(lambda: ops.readiness(services), settings.health_cache_s),
+                evaluator=Evaluator(settings, the_store, the_embedder),
             )
             stack.push_async_callback(services.calls.drain)  # before the recorder closes
             metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
@@ -315,6 +317,7 @@ def create_app(
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
         *keys.ROUTES,
+        Route("/v1/evaluate", evaluate.evaluate, methods=["POST"]),
         *ui_routes(),  # the dashboard (/ui) and its JSON API (/ui/api/...)
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to

@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli_keys import add_parser
 
     add_parser(sub, common).set_defaults(func=keys_cmd)
+    from gateway.cli_evaluate import add_parsers
+
+    add_parsers(sub, common, _settings)
 
     def lab(p: argparse.ArgumentParser, store: str) -> None:
         common(p)
@@ -370,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models-dir", help="the embedding model's ONNX export (default: MODELS_DIR)")
     p.set_defaults(func=demo_cmd)
+
     return parser
 
 

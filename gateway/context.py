@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.domain import CallRecord, VirtualKey
 from gateway.limits import Policy, Quota, RateLimits, Reservation
+from gateway.routing import Decision
 from gateway.tracing import CallTrace
 
 STATE_KEY = "request"
@@ -33,6 +34,7 @@ class RequestState:
     reservation: Reservation | None = None  # tokens (prompt, most output) and cost held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
+    decision: Decision | None = None  # how its model was chosen
     trace: CallTrace | None = None  # its trace, when tracing is on
 
     def elapsed_ms(self) -> float:

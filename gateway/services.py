@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.duels import Duels
     from gateway.embedder import Embedder
+    from gateway.evaluation.service import Evaluator
     from gateway.feedback import Learner
     from gateway.keys import KeyDirectory
     from gateway.limits import RateLimits
@@ -49,6 +50,7 @@ class Services:
     embedder: Embedder | None
     tracing: Tracing
     readiness: ReadinessCache  # what /ready and /health answer from
+    evaluator: Evaluator
 
 
 def services_of(scope: MutableMapping[str, Any]) -> Services:

@@ -174,6 +174,64 @@ async def serving(
         await task
 
 
+async def drive(
+    settings: Settings,
+    embedder: MiniLMEmbedder,
+    data: ReplayData,
+    order: list[int],
+    mask: list[bool] | None,
+    seed: int,
+    *,
+    strategy: str | None = None,
+    first: int = 0,
+    progress: Callable[[int, str], None] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """Send the prompts of `order` through a real gateway with `model="auto"`, request ids
+    `r{first + t}`, and rate the picks `mask` says (no mask: the gateway learns nothing, nor
+    refreshes what it knows). The picks, and how many calls each layer decided."""
+    picks: list[str] = []
+    layers: dict[str, int] = {}
+    async with serving(settings, embedder, seed) as (url, gw), aiohttp.ClientSession() as http:
+        for t, i in enumerate(order):
+            record = data.records[i]
+            body: dict[str, Any] = {
+                "model": "auto",
+                "messages": record.messages,
+                "metadata": {"replay_id": record.id},
+            }
+            if strategy:
+                body["router"] = {"strategy": strategy}
+            headers = {"x-request-id": f"r{first + t}"}
+            async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
+                chosen = resp.headers["x-router-model"]
+                request_id = resp.headers["x-request-id"]
+                layer = resp.headers.get("x-router-layer", "")
+            layers[layer] = layers.get(layer, 0) + 1
+            picks.append(chosen)
+            if mask is not None and mask[t]:
+                fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
+                async with http.post(url + "/feedback", json=fb) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"feedback failed: {resp.status} {(await resp.read())[:300]!r}")
+            # Reproducible runs: each decision sees every earlier call and rating, whatever the
+            # timing of the write-behind recorder and of the statistics refresh.
+            await gw.recorder.flush()
+            if mask is not None:
+                await gw.router.refresh_stats()
+            if progress is not None:
+                progress(t, chosen)
+    return picks, layers
+
+
+def trace_of(name: str, data: ReplayData, order: list[int], picks: list[str], meta: dict[str, Any]) -> Trace:
+    scores = np.array([data.records[i].outcomes[m].score for i, m in zip(order, picks, strict=True)])
+    costs = np.array([data.cost(data.records[i], m) for i, m in zip(order, picks, strict=True)])
+    return Trace(name, picks, scores, costs, meta)
+
+
 async def run_router(
     data: ReplayData,
     order: list[int],
@@ -187,54 +245,21 @@ async def run_router(
     """Stream the prompts through a real gateway with `model="auto"` and learn from feedback."""
     embedder = MiniLMEmbedder(encoder, cache_size=len(texts) + 1000)
     embedder.prime([texts[i] for i in order], vectors[order])
-    picks: list[str] = []
-    layers: dict[str, int] = {}
     t0 = time.perf_counter()
     async with lab_database(options) as dsn:
         settings = lab_settings(data, options, dsn)
-        async with serving(settings, embedder, options.seed) as (url, gw), aiohttp.ClientSession() as http:
-            for t, i in enumerate(order):
-                record = data.records[i]
-                body: dict[str, Any] = {
-                    "model": "auto",
-                    "messages": record.messages,
-                    "metadata": {"replay_id": record.id},
-                }
-                if options.strategy:
-                    body["router"] = {"strategy": options.strategy}
-                async with http.post(url + "/v1/chat/completions", json=body) as resp:
-                    payload = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
-                    chosen = resp.headers["x-router-model"]
-                    request_id = resp.headers["x-request-id"]
-                    layer = resp.headers.get("x-router-layer", "")
-                layers[layer] = layers.get(layer, 0) + 1
-                picks.append(chosen)
-                if mask[t]:
-                    fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
-                    async with http.post(url + "/feedback", json=fb) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(
-                                f"feedback failed: {resp.status} {(await resp.read())[:300]!r}"
-                            )
-                # Reproducible runs: each decision sees every earlier call and rating, whatever the
-                # timing of the write-behind recorder and of the statistics refresh.
-                await gw.recorder.flush()
-                await gw.router.refresh_stats()
-                if progress is not None:
-                    progress(t, chosen)
+        picks, layers = await drive(
+            settings, embedder, data, order, mask, options.seed, strategy=options.strategy, progress=progress
+        )
     await embedder.aclose()
     elapsed = time.perf_counter() - t0
-    scores = np.array([data.records[i].outcomes[m].score for i, m in zip(order, picks, strict=True)])
-    costs = np.array([data.cost(data.records[i], m) for i, m in zip(order, picks, strict=True)])
     meta = {
         "seconds": round(elapsed, 1),
         "ms_per_request": round(elapsed * 1000 / len(order), 2),
         "layers": layers,
         "settings": _knobs(settings),
     }
-    return Trace("auto", picks, scores, costs, meta)
+    return trace_of("auto", data, order, picks, meta)
 
 
 def _knobs(settings: Settings) -> dict[str, Any]:

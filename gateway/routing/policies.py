@@ -3,7 +3,10 @@
 A policy forms each arm's quality posterior for the request and makes the pick (`choose`), learns
 from this replica's feedback at once (`observe`), and catches up with what other replicas learnt
 (`sync`, every STATS_REFRESH_S). The Thompson step itself, the posteriors' arithmetic and the
-propensities are the pure core in `gateway.routing.bandit`.
+propensities are the pure core in `gateway.routing.bandit`. The `Choice` must say every eligible
+arm's propensity (`propensities`, or a `pending` computation: `bandit.choose` does both); that is
+what off-policy evaluation (`gateway.evaluation`) weights the logs by, and it evaluates any policy
+of this registry through the real Router.
 
 - `knn_ts`: Thompson sampling on the similar past requests found in the store (pgvector).
 - `lin_ts`: linear Thompson sampling on the embedding (per-arm Bayesian ridge regression).
@@ -90,7 +93,7 @@ def pinned(model: str, views: list[ArmView], knobs: Knobs) -> Choice:
     quality behind it as fallbacks."""
     rest = [v for v in views if v.name != model]
     ranked = rank("quality_optimized", rest, knobs) if rest else None
-    return Choice(model, False, 1.0, [model, *(ranked.ranking if ranked else [])])
+    return Choice.deterministic([model, *(ranked.ranking if ranked else [])])
 
 
 class KnnTS:

@@ -159,7 +159,14 @@ class Router:
     async def decide(self, ctx: RouteContext) -> Decision:
         spec = self.specs.get(ctx.requested_model)
         if spec is not None:
-            return Decision(model=spec.name, layer="explicit", fallbacks=list(spec.fallbacks))
+            return Decision(
+                model=spec.name,
+                layer="explicit",
+                fallbacks=list(spec.fallbacks),
+                propensity=1.0,
+                propensities={spec.name: 1.0},
+                context=ctx,
+            )
         self._maybe_refresh()
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -225,6 +232,11 @@ class Router:
             timings=timings,
             explored=choice.explored,
             arms=views,
+            propensities=choice.propensities,
+            propensity_error=choice.propensity_error,
+            context=ctx,
+            unavailable=[m for m in self.specs if not self.availability.is_available(m)],
+            choice=choice,
         )
 
     def _fixed(self, strategy: str, arms: list[str], ctx: RouteContext) -> Choice:

@@ -113,10 +113,4 @@ def rank(
         }
         for i in order
     ]
-    return Choice(
-        arm=arms[order[0]].name,
-        explored=False,
-        propensity=1.0,
-        ranking=[arms[i].name for i in order],
-        candidates=candidates,
-    )
+    return Choice.deterministic([arms[i].name for i in order], candidates)

@@ -99,6 +99,16 @@ class PairStore(Protocol):
     async def delete_pair(self, caller: str, a: str, b: str) -> bool: ...
 
 
+class LogStore(Protocol):
+    def iter_calls(
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        """The calls created in [since, until), that tenant's (`caller=None`: every tenant's),
+        oldest first (ties by caller, then id), each with its ratings: what off-policy evaluation
+        reads (the calls to evaluate, and the state learned before)."""
+        ...
+
+
 class ExportStore(Protocol):
     def iter_pairs(
         self,
@@ -169,6 +179,7 @@ class Store(
     StatsStore,
     PairStore,
     ExportStore,
+    LogStore,
     CallInsights,
     PairInsights,
     KeyStore,

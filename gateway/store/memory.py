@@ -91,6 +91,10 @@ class _Call:
         self.score_source: str | None = None
         self.score_at: datetime | None = None
 
+    def stored(self) -> StoredCall:
+        ratings = [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in self.feedback]
+        return StoredCall(replace(self.record), self.score, self.score_source, self.score_at, ratings)
+
 
 class MemoryStore(InsightQueries, MemoryKeys):
     def __init__(self, max_calls: int = 100_000) -> None:
@@ -147,15 +151,7 @@ class MemoryStore(InsightQueries, MemoryKeys):
 
     async def get_call(self, caller: str | None, request_id: str) -> StoredCall | None:
         call = self._find(caller, request_id)
-        if call is None:
-            return None
-        return StoredCall(
-            replace(call.record),
-            call.score,
-            call.score_source,
-            call.score_at,
-            [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in call.feedback],
-        )
+        return None if call is None else call.stored()
 
     async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
         call = self.calls.get((feedback.caller, feedback.request_id))
@@ -283,6 +279,18 @@ class MemoryStore(InsightQueries, MemoryKeys):
             )
             for r in rows.values()
         ]
+
+    async def iter_calls(
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        found = [
+            c
+            for (who, _), c in self.calls.items()
+            if since <= c.record.created_at < until and caller in (None, who)
+        ]
+        found.sort(key=lambda c: (c.record.created_at, c.record.caller, c.record.id))
+        for call in found:
+            yield call.stored()
 
     # --- DPO
     def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:
