@@ -16,6 +16,7 @@ import pytest
 from gateway.cli import build_parser, serve_settings
 from gateway.lab import baselines
 from gateway.lab.commands import replay, sweep
+from gateway.lab.frontier import Curve
 from gateway.lab.report import Trace, aiq, halves, hull, model_shares, regret, summary
 from gateway.lab.runner import Options, feedback_mask, parse_set, stream_order
 from gateway.providers.replay import load
@@ -299,7 +300,16 @@ def test_replay_end_to_end_learns_and_reports(topics_file, tmp_path, data_dir, s
     )
     report = replay(str(topics_file), options, str(tmp_path / "out"))
     s = report["strategies"]
-    assert set(s) == {"auto", "best_single", "cheapest", "oracle", "random", "round_robin", "original_proxy"}
+    assert set(s) == {
+        "auto",
+        "best_single",
+        "cheapest",
+        "oracle",
+        "random",
+        "round_robin",
+        "original_proxy",
+        "noncontextual_ts",
+    }
     auto = s["auto"]["second_half"]
     assert auto["mean_score"] > s["random"]["second_half"]["mean_score"]
     assert auto["mean_score"] >= 0.8 * s["oracle"]["second_half"]["mean_score"]
@@ -307,9 +317,21 @@ def test_replay_end_to_end_learns_and_reports(topics_file, tmp_path, data_dir, s
     assert report["router"]["layers"] == {"bandit": 240}
     assert report["mode"].startswith("http") and report["mode"].endswith("store: postgres")
     out = tmp_path / "out"
-    for name in ("report.json", "score_cost.png", "model_share.png", "regret.png"):
+    for name in ("report.json", "score_cost.png", "model_share.png", "regret.png", "cost_quality.png"):
         assert (out / name).stat().st_size > 1000
     saved = json.loads((out / "report.json").read_text())
+    # against the zero router: the router's point is its second-half shares, its lift is read off
+    # the zero router's hull at its cost share; the same for the non-contextual sampler
+    front = saved["frontier_second_half"]
+    assert front["best_single_model"] == "dear" and front["prompts"] == 120
+    zero = Curve([(c, q) for c, q in front["zero_router"]["hull"]])
+    for name in ("auto", "noncontextual_ts"):
+        op = front[name]["points"][name]
+        assert op["cost_share"] == pytest.approx(s[name]["second_half"]["cost_share_of_best"])
+        assert op["score_share"] == pytest.approx(s[name]["second_half"]["score_share_of_best"])
+        assert op["lift"] == pytest.approx(op["score_share"] - zero.at(op["cost_share"]))
+    assert set(front["auto"]["hull_at_cost_share"]) == {"10%", "20%", "35%", "50%"}
+    assert set(front["auto"]["cost_share_for_score_share"]) == {"95%", "100%"}
     assert saved["strategies"]["auto"]["all"]["n"] == 240
     # the router's numbers are the recorded outcomes of what it picked
     shares = saved["model_share_second_half"]
@@ -338,6 +360,19 @@ def test_sweep_over_a_grid(topics_file, tmp_path, data_dir, st_model):
     assert all(not math.isnan(v) for v in report["aiq_second_half"].values())
     for name in ("cost_quality.png", "heatmap_score.png", "heatmap_cost.png"):
         assert (tmp_path / "sw" / name).is_file()
+    # every setting's lift, the hull of the settings, and the non-contextual sampler with each
+    # setting's objective (COST_WEIGHT changes it, the policy does not)
+    front = report["frontier_second_half"]
+    labels = {r["label"] for r in report["runs"]}
+    assert set(front["router"]["points"]) == set(front["noncontextual_ts"]["points"]) == labels
+    ts = front["noncontextual_ts"]["points"]
+    assert ts["cost_weight=-0.1,policy=knn_ts"] == ts["cost_weight=-0.1,policy=lin_ts"]
+    assert (
+        ts["cost_weight=-0.8,policy=knn_ts"]["cost_share"]
+        < ts["cost_weight=-0.1,policy=knn_ts"]["cost_share"]
+    )
+    shares = [(p["cost_share"], p["score_share"]) for p in front["router"]["points"].values()]
+    assert front["router"]["hull"] == [list(p) for p in hull(shares)]
 
 
 @pytest.mark.skipif(

@@ -1,5 +1,6 @@
 """Baselines, run on the same order as the router: random, round robin, always-cheapest,
-always-best-single, the per-prompt oracle, and the original proxy's algorithm."""
+always-best-single, the per-prompt oracle, the original proxy's algorithm, and Thompson sampling
+without context (the router's objective on the arms' global posteriors)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gateway.domain import ArmStats
 from gateway.lab.report import Trace
 from gateway.providers.replay import ReplayData
+from gateway.routing import RouteContext
+from gateway.routing.bandit import Knobs, choose
+from gateway.routing.stats import ArmStatsCache
+from gateway.wire import estimate_tokens
 
 
 def _trace(name: str, data: ReplayData, order: Sequence[int], picks: Sequence[int]) -> Trace:
@@ -116,3 +122,40 @@ def original_proxy(
         past_model.append(pick)
         past_reward.append(0.6 * feedback + 0.2 * 1.0 - 0.2 * cost_norm[pick])
     return _trace("original_proxy", data, order, picks)
+
+
+def noncontextual_ts(
+    data: ReplayData, order: Sequence[int], rated: Sequence[bool], seed: int, knobs: Knobs
+) -> Trace:
+    """Thompson sampling without context, with the router's own objective: each arm's global Beta
+    posterior from its rated calls (on the catalogue's prior, as the router's arm statistics form
+    it), scored by the router's Thompson step (`bandit.choose` with the lab's knobs: FEEDBACK_WEIGHT
+    x quality + COST_WEIGHT x the log-normalised estimated cost + the exploration bonus and rate).
+    The cost estimate is the router's: the prompt's estimated tokens at the arm's prices plus its
+    running mean completion tokens. Fed as the gateway is: every call's tokens, the score of the
+    rated calls (`rated`, the router's feedback mask). It reads a record's messages (for the
+    prompt's length) and the chosen model's outcome, never its task nor any embedding: what
+    context is worth is the router's lift over this. Seeded: the same seed, the same picks."""
+    rng = np.random.default_rng(seed)
+    cache = ArmStatsCache(data.catalogue(), knobs)
+    names = list(data.models)
+    picks: list[int] = []
+    for t, i in enumerate(order):
+        record = data.records[i]
+        ctx = RouteContext(
+            request_id=f"r{t}",
+            requested_model="auto",
+            messages=record.messages,
+            prompt_tokens=estimate_tokens(record.messages),
+        )
+        model = choose(cache.views(names, ctx), knobs, rng).arm
+        outcome = record.outcomes[model]
+        stats = cache.stats.setdefault(model, ArmStats(model))
+        stats.calls += 1
+        stats.ok_calls += 1
+        stats.completion_tokens_sum += outcome.completion_tokens or 0  # what the provider reports
+        stats.cost_usd_sum += data.cost(record, model)
+        if rated[t]:
+            cache.observe(model, outcome.score, None)
+        picks.append(names.index(model))
+    return _trace("noncontextual_ts", data, order, picks)

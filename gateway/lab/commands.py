@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gateway.catalogue import STRATEGIES
 from gateway.config import setting_key
 from gateway.config_errors import ConfigError
-from gateway.lab import plots
+from gateway.lab import frontier, plots
 from gateway.lab.report import Trace, aiq, halves, model_shares, regret
 from gateway.lab.runner import (
     Options,
@@ -25,10 +25,12 @@ from gateway.lab.runner import (
     embeddings_for,
     feedback_mask,
     lab_settings,
+    noncontextual_ts,
     run_router,
     stream_order,
 )
 from gateway.providers import replay as replay_data
+from gateway.routing.bandit import Knobs
 from gateway.routing.policies import POLICIES
 from gateway.spelling import unknown
 
@@ -117,13 +119,38 @@ def _pct(value: float) -> str:
     return "    n/a" if math.isnan(value) else f"{value:7.1%}"
 
 
+def _mean_point(trace: Trace) -> tuple[float, float]:
+    return float(trace.costs.mean()), float(trace.scores.mean())
+
+
+def _singles(data: Any, rows: list[int]) -> dict[str, tuple[float, float]]:
+    """Each model's mean cost and score on `rows`."""
+    idx = np.asarray(rows)
+    costs, scores = data.costs()[idx], data.scores()[idx]
+    return {m: (float(costs[:, j].mean()), float(scores[:, j].mean())) for j, m in enumerate(data.models)}
+
+
+def _frontier_note(best: str) -> str:
+    return (
+        f"against the zero router (second half; shares of {best}'s cost and score on the same prompts; "
+        "a hull of one point is n/a below it)"
+    )
+
+
 def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
     data, order, mask, texts, vectors, encoder = _prepare(file, options, [options])
     out_dir = _out_dir(out, data.name, "replay")
     router = _run(data, order, mask, texts, vectors, encoder, options, f"replay {data.name}")
     base = baseline_traces(data, order, mask, vectors, options.seed)
+    base["noncontextual_ts"] = noncontextual_ts(data, order, mask, options)
     traces = {"auto": router, **base}
     best = base["best_single"]
+    mid = len(order) // 2
+    zero = frontier.zero_router(data, order, best.picks[0])
+    front: dict[str, Any] = {
+        n: frontier.figures({n: frontier.point(traces[n].window(mid), best.window(mid))}, zero)
+        for n in ("auto", "noncontextual_ts")
+    }
     strategies = {name: halves(tr, best) for name, tr in traces.items()}
     singles = {
         m: (float(data.costs()[:, j].mean()), float(data.scores()[:, j].mean()))
@@ -147,8 +174,26 @@ def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
         },
         "zero_router_aiq": aiq(list(singles.values())),
         "single_models": {m: {"mean_cost_usd": c, "mean_score": q} for m, (c, q) in singles.items()},
+        "frontier_second_half": {
+            "best_single_model": best.picks[0],
+            "prompts": len(order) - mid,
+            "zero_router": zero.figures(),
+            **front,
+        },
     }
-    files = plots.replay_plots(out_dir, router, base, data.models, _title(data.name, len(order), options))
+    title = _title(data.name, len(order), options)
+    files = plots.replay_plots(out_dir, router, base, data.models, title)
+    half = {n: _mean_point(tr.window(mid)) for n, tr in traces.items()}
+    files.append(
+        plots.cost_quality_plot(
+            out_dir / "cost_quality.png",
+            {"auto": half.pop("auto")},
+            _singles(data, order[mid:]),
+            title + "; second half",
+            {n: p for n, p in half.items() if n != "noncontextual_ts"},
+            {"noncontextual_ts": half["noncontextual_ts"]},
+        )
+    )
     report["plots"] = [str(f) for f in files]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(
@@ -160,6 +205,7 @@ def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
         print(_row(name, s))
     if not float(best.costs.sum()):
         print(f"cost: unknown ({data.name} has no costs or prices): the shares of cost are n/a")
+    print("\n" + frontier.table({"zero router": zero.figures(), **front}, _frontier_note(best.picks[0])))
     print(f"\nreport: {out_dir / 'report.json'} ({router.meta['ms_per_request']} ms per request)")
     print("plots: " + "  ".join(str(f) for f in files))
     return report
@@ -212,21 +258,41 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
     out_dir = _out_dir(out, data.name, "sweep")
     base = baseline_traces(data, order, mask, vectors, options.seed)
     best = base["best_single"]
+    mid = len(order) // 2
+    zero = frontier.zero_router(data, order, best.picks[0])
     runs = []
+    contextless: dict[Any, Trace] = {}  # one per distinct set of the router's knobs
+    ts_points: dict[str, tuple[float, float]] = {}  # label -> second-half mean cost and score
     for setting, opts in plans:
         label = ",".join(f"{k}={v}" for k, v in setting.items())
         trace = _run(data, order, mask, texts, vectors, encoder, opts, label)
+        knobs = Knobs.from_settings(lab_settings(data, opts, None))
+        if knobs not in contextless:
+            contextless[knobs] = noncontextual_ts(data, order, mask, opts)
+        ts = contextless[knobs].window(mid)
+        ts_points[label] = _mean_point(ts)
         summary = halves(trace, best)
+        op = frontier.operating(frontier.point(trace.window(mid), best.window(mid)), zero)
+        ts_op = frontier.operating(frontier.point(ts, best.window(mid)), zero)
         runs.append(
-            {"setting": setting, "label": label, **summary, "ms_per_request": trace.meta["ms_per_request"]}
+            {
+                "setting": setting,
+                "label": label,
+                **summary,
+                "ms_per_request": trace.meta["ms_per_request"],
+                "frontier_second_half": op,
+                "noncontextual_ts_second_half": ts_op,
+            }
         )
         h = summary["second_half"]
         print(
             f"{label:<48} second half: score {h['mean_score']:.4f} ({_pct(h['score_share_of_best']).strip()} "
-            f"of best) cost {h['mean_cost_usd']:.3e} ({_pct(h['cost_share_of_best']).strip()} of best)",
+            f"of best) cost {h['mean_cost_usd']:.3e} ({_pct(h['cost_share_of_best']).strip()} of best); "
+            f"lift over the zero router {_lift(op['lift'])}, non-contextual TS "
+            f"{_share(ts_op['score_share'])} at {_share(ts_op['cost_share'])} cost "
+            f"(lift {_lift(ts_op['lift'])})",
             flush=True,
         )
-    mid = len(order) // 2
     points = {r["label"]: (r["second_half"]["mean_cost_usd"], r["second_half"]["mean_score"]) for r in runs}
     singles = {}
     for j, m in enumerate(data.models):
@@ -240,6 +306,15 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         "router_on_model_range": aiq(list(points.values()), single_lo, single_hi),
         "zero_router_on_model_range": aiq(list(singles.values()), single_lo, single_hi),
     }
+    shares = {r["label"]: r["frontier_second_half"] for r in runs}
+    ts_shares = {r["label"]: r["noncontextual_ts_second_half"] for r in runs}
+    front: dict[str, Any] = {
+        "best_single_model": best.picks[0],
+        "prompts": len(order) - mid,
+        "zero_router": zero.figures(),
+        "router": {"points": shares, **frontier.Curve.of(_shares(shares)).figures()},
+        "noncontextual_ts": {"points": ts_shares, **frontier.Curve.of(_shares(ts_shares)).figures()},
+    }
     report: dict[str, Any] = {
         "file": str(data.path),
         "records": len(order),
@@ -249,6 +324,7 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         "runs": runs,
         "baselines": {n: halves(tr, best) for n, tr in base.items()},
         "aiq_second_half": aiqs,
+        "frontier_second_half": front,
     }
     title = _title(data.name, len(order), options, f"; grid {', '.join(keys)}; second half")
     others = {
@@ -256,7 +332,7 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         for n, s in report["baselines"].items()
         for h in [s["second_half"]]
     }
-    files = [plots.cost_quality_plot(out_dir / "cost_quality.png", points, singles, title, others)]
+    files = [plots.cost_quality_plot(out_dir / "cost_quality.png", points, singles, title, others, ts_points)]
     if len(grid) == 2:
         (k1, v1), (k2, v2) = grid
         half = {(r["setting"][k1], r["setting"][k2]): r["second_half"] for r in runs}
@@ -279,6 +355,29 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         f"range router {aiqs['router_on_model_range']:.4f} vs zero router "
         f"{aiqs['zero_router_on_model_range']:.4f}"
     )
+    lines = {
+        "zero router": front["zero_router"],
+        f"router ({len(runs)} settings)": front["router"],
+        "non-contextual TS": front["noncontextual_ts"],
+    }
+    print("\n" + frontier.table(lines, _frontier_note(best.picks[0])))
     print(f"report: {out_dir / 'report.json'}")
     print("plots: " + "  ".join(str(f) for f in files))
     return report
+
+
+def _shares(points: dict[str, dict[str, Any]]) -> list[tuple[float, float]]:
+    """(cost share, score share) of each operating point that has both."""
+    return [
+        (p["cost_share"], p["score_share"])
+        for p in points.values()
+        if p["cost_share"] is not None and p["score_share"] is not None
+    ]
+
+
+def _share(value: float | None) -> str:
+    return _pct(math.nan if value is None else value).strip()
+
+
+def _lift(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f} points"

@@ -26,10 +26,11 @@ COLOURS: dict[str, str] = {
     "random": "#7f7f7f",
     "round_robin": "#8c564b",
     "original_proxy": "#ff7f0e",
+    "noncontextual_ts": "#e377c2",
     "single models": "#7f7f7f",
     "router": "#1f77b4",
 }
-_OTHERS = ("#1f77b4", "#17becf", "#bcbd22", "#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
+_OTHERS = ("#1f77b4", "#17becf", "#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
 
 
 def colour(name: str) -> str:
@@ -164,9 +165,13 @@ def cost_quality_plot(
     singles: dict[str, tuple[float, float]],
     title: str,
     baselines: dict[str, tuple[float, float]] | None = None,
+    contextless: dict[str, tuple[float, float]] | None = None,
 ) -> Path:
-    """The router's settings and the single models in cost (log) x score, with each set's hull.
-    The hulls are drawn as straight segments between their vertices."""
+    """The router's settings and the single models in cost (log) x score, with each set's hull
+    (the single models' is the zero router's: dashed), the other baselines, and Thompson sampling
+    without context (`contextless`: one point per router setting, with their hull, dotted).
+    The hulls are drawn as straight segments between their vertices; the zero router's hull and
+    the non-contextual points carry the ids `zero-router-hull` and `noncontextual-ts` (SVG)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 5.5))
     labels = _Labels()
@@ -184,6 +189,7 @@ def cost_quality_plot(
         linestyle="--",
         linewidth=1,
         label="zero router hull (mixing single models)",
+        gid="zero-router-hull",
     )
     blue = colour("router")
     px, py = zip(*points.values(), strict=True)
@@ -195,6 +201,16 @@ def cost_quality_plot(
     for name, (c, q) in (baselines or {}).items():
         ax.scatter([c], [q], marker="D", color=colour(name), label=name, zorder=3)
     xs = [*sx, *px]
+    if contextless:
+        ts = colour("noncontextual_ts")
+        tx, ty = zip(*contextless.values(), strict=True)
+        ax.scatter(
+            tx, ty, marker="^", facecolors="none", edgecolors=ts, label="non-contextual TS", zorder=3
+        ).set_gid("noncontextual-ts")
+        if len(contextless) > 1:
+            h = hull(list(contextless.values()))
+            ax.plot([p[0] for p in h], [p[1] for p in h], color=ts, linestyle=":", linewidth=1.2)
+        xs += tx
     if costed:
         ax.set_xscale("log")
         ax.set_xlim(min(xs) / 1.6, max(xs) * 4)  # room on the right for the dearest labels

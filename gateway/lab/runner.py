@@ -28,6 +28,7 @@ from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
 from gateway.lab import baselines
 from gateway.lab.report import Trace
 from gateway.providers.replay import ReplayData
+from gateway.routing.bandit import Knobs
 from gateway.services import Services
 
 log = logging.getLogger("gateway.lab")
@@ -281,6 +282,13 @@ def _knobs(settings: Settings) -> dict[str, Any]:
         "lin_noise",
     )
     return {k: getattr(settings, k) for k in keys}
+
+
+def noncontextual_ts(data: ReplayData, order: list[int], mask: list[bool], options: Options) -> Trace:
+    """Thompson sampling without context, with the objective the lab's router runs with under
+    `options` (its knobs), on the same order, feedback and seed."""
+    knobs = Knobs.from_settings(lab_settings(data, options, None))
+    return baselines.noncontextual_ts(data, order, mask, options.seed, knobs)
 
 
 def baseline_traces(
