@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+DialMode = Literal["quality", "budget", "usd", "fixed"]
+QUALITY_TARGET_MAX = 1.5  # a quality target is a share of the best model's quality
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
 Strategy = Literal[
     "bandit",
@@ -160,6 +162,9 @@ class RouterConstraints(_Strict):
     min_quality: float | None = Field(default=None, ge=0, le=1)
     capability: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    # The dial (ROUTER_POLICY=hcts): what `auto` aims for on average (ROUTER_DIAL_MODE/_TARGET).
+    dial_mode: DialMode | None = None
+    dial_target: float | None = Field(default=None, gt=0, le=1000)
 
     @field_validator("capability", "models", mode="before")
     @classmethod

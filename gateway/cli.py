@@ -41,8 +41,8 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         # name catalogue models) do not apply; virtual models by strategy do.
         extra["rules"], extra["routes"], extra["policies"] = [], [], {}
         extra["virtual_models"] = {
-            "auto-cheap": {"strategy": "cost_optimized"},
-            "auto-quality": {"strategy": "quality_optimized"},
+            "auto-cheap": {"dial_mode": "quality", "dial_target": 0.85},
+            "auto-quality": {"dial_mode": "quality", "dial_target": 1.0},
         }
     return _settings(args, **extra)
 

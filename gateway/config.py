@@ -19,7 +19,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from gateway.catalogue import DEFAULT_BASE_URLS, ModelSpec, Policy, RouterConstraints, Rule, SemanticRoute
+from gateway.catalogue import (
+    DEFAULT_BASE_URLS,
+    QUALITY_TARGET_MAX,
+    ModelSpec,
+    Policy,
+    RouterConstraints,
+    Rule,
+    SemanticRoute,
+)
 
 
 def _comma_list(value: Any) -> Any:
@@ -120,10 +128,11 @@ class Settings(BaseSettings):
     local_probe_interval_s: float = Field(default=10.0, ge=1)
 
     # --- routing (names as the original proxy documented them)
-    # lin_ts: linear Thompson sampling on the embedding (the default: best in the lab, see README);
+    # hcts: hierarchical-cluster Thompson sampling with a calibrated dial (the default, issue 12);
+    # lin_ts: linear Thompson sampling on the embedding;
     # knn_ts: Thompson sampling on similar past requests from pgvector; default: `auto` goes to
     # DEFAULT_MODEL (rules, routes and strategies still apply).
-    router_policy: Literal["knn_ts", "lin_ts", "default"] = "lin_ts"
+    router_policy: Literal["hcts", "knn_ts", "lin_ts", "default"] = "hcts"
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
     cost_weight: float = -0.2  # applied to normalised cost: negative favours cheaper models
@@ -144,6 +153,15 @@ class Settings(BaseSettings):
     # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
     lin_ridge: float = Field(default=1.0, gt=0)
     lin_noise: float = Field(default=0.05, gt=0)
+    # --- the dial (ROUTER_POLICY=hcts; issue 12). What `auto` aims for, on average:
+    # quality: the mean score as a share of the best eligible model's (0.95: 95 % of the best);
+    # budget: the mean cost as a share of the best model's; usd: USD per call; fixed: the
+    # cost multiplier itself (research). Per request: `router.dial_mode` / `router.dial_target`
+    # (extra_body), X-Router-Dial-Mode / X-Router-Dial-Target, or a virtual model.
+    router_dial_mode: Literal["quality", "budget", "usd", "fixed"] = "quality"
+    router_dial_target: float = Field(default=0.95, gt=0)
+    # What `llm-router fit` stores and the gateway starts from (default DATA_DIR/router_state.npz).
+    router_state_path: Path | None = None
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)
@@ -243,6 +261,8 @@ class Settings(BaseSettings):
             else m
             for m in models
         ]
+        if self.router_dial_mode == "quality" and self.router_dial_target > QUALITY_TARGET_MAX:
+            raise ValueError(f"ROUTER_DIAL_TARGET: a quality target is at most {QUALITY_TARGET_MAX}")
         names = [m.name for m in models]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
@@ -323,6 +343,10 @@ class Settings(BaseSettings):
         if spec.api_key_env == "OPENROUTER_API_KEY" and self.openrouter_api_key is not None:
             return self.openrouter_api_key.get_secret_value() or None
         return environ().get(spec.api_key_env) or None
+
+    @property
+    def router_state_file(self) -> Path:
+        return self.router_state_path or self.data_dir / "router_state.npz"
 
     @property
     def spool_path(self) -> Path:
