@@ -164,6 +164,25 @@ def replay_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def fit_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.lab.fit import fit
+
+    settings = _settings(args)
+    try:
+        done = fit(args.files, settings, Path(args.out) if args.out else None, args.seed)
+    except (OSError, ValueError) as exc:
+        print(f"llm-router fit: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"fitted {done.prompts} prompts x {len(done.models)} models ({', '.join(done.models)}); "
+        f"clusters {done.clusters}, contextual {done.contextual}, lambda {done.lam:.4g}; "
+        f"stored in {done.path} (the gateway loads it at start: ROUTER_STATE_PATH)"
+    )
+    return 0
+
+
 def sweep_cmd(args: argparse.Namespace) -> int:
     from gateway.lab.commands import sweep
     from gateway.logs import setup_logging
@@ -255,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=sorted(POLICIES), help="ROUTER_POLICY")
     p.add_argument("--strategy", help="a per-request strategy instead of the bandit (e.g. cost_optimized)")
     p.set_defaults(func=replay_cmd)
+
+    p = sub.add_parser(
+        "fit", help="learn the router's starting state from replay-format files (all outcomes known)"
+    )
+    common(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="replay files (JSONL), the same models in each")
+    p.add_argument(
+        "--out", help="where to store it (default ROUTER_STATE_PATH, else DATA_DIR/router_state.npz)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=fit_cmd)
 
     p = sub.add_parser("sweep", help="replays over a grid of settings: cost-quality curve, AIQ, heatmap")
     lab(p, "memory")

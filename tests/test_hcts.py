@@ -195,3 +195,60 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
     gw2 = gateway(again, seed=2)  # a new replica (or a restart) on the same store
     core = gw2.services.router.policy.core
     assert core is not None and core.model.rated == 12 and core.model.seen == 12
+
+
+def test_fit_command_warm_starts_a_gateway(gateway, data_dir, tmp_path):
+    """`llm-router fit FILE` stores a state; a gateway with the same models routes well from its
+    first request (no feedback at all), and keeps learning."""
+    import json
+    import random
+
+    from test_router import CODING, COOKING, DISHES, TASKS
+
+    from gateway.cli import main
+    from gateway.providers.replay import load
+
+    rng = random.Random(0)
+    prompts = [("cooking", t.format(d)) for t in COOKING[:6] for d in DISHES[:20]]
+    prompts += [("coding", t.format(k)) for t in CODING[:6] for k in TASKS[:20]]
+    rng.shuffle(prompts)
+    good = {"cooking": "chef", "coding": "coder"}
+
+    def outcome(score: float) -> dict:
+        return {
+            "score": score,
+            "cost_usd": 0.001,
+            "response": "ok",
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+        }
+
+    records = [
+        {
+            "id": f"r{i}",
+            "task": "never read",
+            "messages": [{"role": "user", "content": text}],
+            "outcomes": {m: outcome(1.0 if good[topic] == m else 0.2) for m in ("chef", "coder")},
+        }
+        for i, (topic, text) in enumerate(prompts)
+    ]
+    path = tmp_path / "evals.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "state.npz"
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"data_dir: {data_dir}\nmodels: []\n")
+    assert main(["fit", str(path), "--out", str(out), "--config", str(config)]) == 0
+    assert out.is_file()
+    settings = make_settings(load(path).catalogue(), router_state_path=out, latency_weight=0.0)
+    gw = gateway(settings, seed=3)
+    core = gw.services.router.policy.core
+    assert core is not None and core.model.rated == len(records) and core.model.use_ctx
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    right = 0
+    for topic, text in prompts[:40]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": text}]
+        )
+        right += raw.headers["x-router-model"] == good[topic]
+    assert right >= 36
+    assert wait_for(lambda: core.calls == len(records) + 40)  # and it keeps learning
