@@ -1,7 +1,10 @@
-# LLM Router: a CPU-only image with the embedding model baked in.
+# LLM Router: a CPU-only image with the embedding model baked in. It runs the prod profile, which
+# refuses to start without client keys (GATEWAY_API_KEYS):
 #   docker build -t llm-router .
-#   docker run -p 8080:8080 -e OPENROUTER_API_KEY=... -e DATABASE_URL=postgresql://... llm-router
-# Without DATABASE_URL the gateway starts its embedded PostgreSQL in /data: mount a volume there.
+#   docker run -p 8080:8080 -v llm-router-data:/data -e OPENROUTER_API_KEY=sk-or-... -e GATEWAY_API_KEYS=sk-client-1 llm-router
+# Without DATABASE_URL the gateway runs its embedded PostgreSQL in /data (hence the volume). With
+# DATABASE_URL=postgresql://... the prod profile requires TLS to that database (DATABASE_SSL_MODE=require);
+# another profile: append `--config /app/config.dev.yaml` (or config.cost-optimized.yaml).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- builder: a venv with the gateway, and the ONNX export of all-MiniLM-L6-v2 -------------------

@@ -23,17 +23,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api import chat, embeddings, ops, records, responses
+from gateway.api import chat, embeddings, evaluate, keys, ops, records, responses
 from gateway.api.routed import RoutedEndpoint
 from gateway.auth import Keys
 from gateway.auth_failures import AuthFailures
 from gateway.calls import Calls
 from gateway.catalogue import ModelSpec
-from gateway.config import Settings, environ
+from gateway.config import Settings
+from gateway.config_sources import environ
 from gateway.duels import Duels
 from gateway.embedder import Embedder, MiniLMEmbedder
 from gateway.errors import GatewayError, NotFound
+from gateway.evaluation.service import Evaluator
 from gateway.feedback import Learner
+from gateway.keys import KeyDirectory
 from gateway.limits import RateLimits
 from gateway.logs import Redactor
 from gateway.metrics import Metrics
@@ -47,6 +50,7 @@ from gateway.recorder import Recorder
 from gateway.routing.policies import needs_embedder
 from gateway.routing.router import Router
 from gateway.services import SERVICES_KEY, Services
+from gateway.shared.factory import open_shared
 from gateway.spool import Spool
 from gateway.store import Store
 from gateway.tracing import tracing_from_env
@@ -156,7 +160,6 @@ def create_app(
     factories = {**PROVIDERS, **(providers or {})}
     redactor = redact or Redactor(settings.secrets())
     metrics = Metrics()
-    limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
     auth_failures = AuthFailures(settings.auth_failures_per_minute)
 
     @asynccontextmanager
@@ -182,6 +185,15 @@ def create_app(
                 the_store = await stack.enter_async_context(open_store(settings))
             else:
                 the_store = store
+            # Limits and budgets (shared across replicas with REDIS_URL), virtual keys.
+            shared = await stack.enter_async_context(open_shared(settings))
+            limits = RateLimits(
+                shared, rpm=settings.rate_limit_rpm, tpm=settings.rate_limit_tpm, ledger=the_store
+            )
+            stack.push_async_callback(limits.drain)
+            directory = await stack.enter_async_context(
+                KeyDirectory(the_store, shared, ttl_s=settings.key_cache_ttl_s)
+            )
             # A bounded pool: past UPSTREAM_POOL_SIZE connections, calls wait for one (within
             # their deadline) rather than opening sockets without limit.
             session = aiohttp.ClientSession(
@@ -241,10 +253,14 @@ def create_app(
                 duels=duels,
                 metrics=metrics,
                 limits=limits,
+                shared=shared,
+                keys=Keys.of(settings, directory),
+                directory=directory,
                 redact=redactor,
                 embedder=the_embedder,
                 tracing=tracing,
                 readiness=ReadinessCache(lambda: ops.readiness(services), settings.health_cache_s),
+                evaluator=Evaluator(settings, the_store, the_embedder),
             )
             stack.push_async_callback(services.calls.drain)  # before the recorder closes
             metrics.add_state(lambda: ops.gauges(services, auth_failures.total))
@@ -257,7 +273,8 @@ def create_app(
             )
             await probes.round()
             probe = asyncio.create_task(probes.run())
-            if not settings.gateway_api_keys:
+            # On loopback only this machine can reach it (the lab's and the demo's gateways).
+            if not settings.keys_required and settings.host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning(
                     "NO GATEWAY_API_KEYS: this gateway is OPEN; anyone who can reach it can spend "
                     "your upstream credit and read every call. Set GATEWAY_API_KEYS (and "
@@ -299,6 +316,8 @@ def create_app(
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/v1/dpo/pairs", records.dpo_pairs, methods=["GET"]),
         Route("/v1/stats", ops.stats, methods=["GET"]),
+        *keys.ROUTES,
+        Route("/v1/evaluate", evaluate.evaluate, methods=["POST"]),
         *ui_routes(),  # the dashboard (/ui) and its JSON API (/ui/api/...)
     ]
     # CORS outermost: it answers preflights (which carry no Authorization) and adds its headers to
@@ -317,9 +336,7 @@ def create_app(
     middleware.append(
         Middleware(
             RequestContext,
-            keys=Keys.of(settings),
             max_body_bytes=settings.max_body_bytes,
-            limits=limits,
             redact=redactor,
             in_flight=metrics.in_flight,
             log_prompts=settings.log_prompts,

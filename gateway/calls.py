@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,6 +18,8 @@ from gateway.domain import CallRecord
 from gateway.errors import GatewayError
 from gateway.routing import Decision
 from gateway.tracing import NoTracing, Tracing
+
+log = logging.getLogger("gateway")
 
 
 class Meter(Protocol):
@@ -53,14 +56,72 @@ def account(record: CallRecord, spec: ModelSpec, usage: dict[str, Any], prompt_e
     record.cost_usd = spec.cost_usd(pt, ct)
 
 
+def propensity_fields(decision: Decision) -> dict[str, Any]:
+    """Every eligible arm's propensity, whether the pick was deterministic, the numerical error."""
+    if not decision.propensities:
+        return {}
+    out: dict[str, Any] = {
+        "propensities": decision.propensities,
+        "deterministic": decision.propensities == {decision.model: 1.0},
+    }
+    if decision.propensity_error:
+        out["propensity_error"] = decision.propensity_error
+    return out
+
+
+def settle_propensities(record: CallRecord, decision: Decision) -> None:
+    """The propensities a Thompson pick left pending, computed now and put in the record (once: a
+    second call finds nothing pending); a failure costs the record its propensities, never the
+    record."""
+    if not decision.pending:
+        return
+    try:
+        decision.resolve()
+    except Exception:
+        log.exception("could not compute the propensities of call %s", record.id)
+        decision.choice = None  # given up: the record goes without them
+        return
+    record.propensity = decision.propensity
+    record.decision.update(propensity_fields(decision))
+
+
+SETTLE_AFTER_TURNS = 3
+
+
+def settle_soon(record: CallRecord, decision: Decision, turns: int = SETTLE_AFTER_TURNS) -> None:
+    """Computes the pending propensities `turns` turns of the event loop from now, when the call
+    has sent its request upstream (its task writes the request's head, aiohttp's writer task the
+    body, a turn each): the computation fills the wait for the answer rather than delaying it, and
+    the record is complete before it is kept. What is still pending when the call ends (it failed
+    at once) `Calls.finish` computes before keeping the record."""
+    loop = asyncio.get_running_loop()
+
+    def turn(left: int) -> None:
+        if left > 0:
+            loop.call_soon(turn, left - 1)
+        else:
+            settle_propensities(record, decision)
+
+    loop.call_soon(turn, turns)
+
+
 def decision_dict(decision: Decision) -> dict[str, Any]:
-    out: dict[str, Any] = {"fallbacks": decision.fallbacks}
+    """The decision as the call record keeps it: what was picked (`arm`; the record's `model` is
+    the model that answered, after any fallback), whether the pick was a uniform exploration,
+    every eligible arm's propensity (once known: see `settle_propensities`), and the context it
+    was decided from, so that other configurations can be evaluated on it off-line."""
+    out: dict[str, Any] = {"arm": decision.model, "fallbacks": decision.fallbacks}
     if decision.explored:
         out["explored"] = True
     if decision.rule:
         out["rule"] = decision.rule
     if decision.candidates:
         out["candidates"] = decision.candidates
+    out.update(propensity_fields(decision))
+    if decision.context is not None:
+        out["context"] = decision.context.logged()
+    if decision.unavailable:
+        out["unavailable"] = decision.unavailable
     if decision.timings:
         out["timings_ms"] = {k: round(v, 3) for k, v in decision.timings.items()}
     return out
@@ -90,9 +151,10 @@ def open_record(
         decision=decision_dict(decision),
         stream=stream,
         caller=state.tenant,
+        key_id=state.key.id if state.key is not None else None,
         trace_id=state.trace.trace_id_hex if state.trace is not None else None,
     )
-    state.record = record
+    state.record, state.decision = record, decision
     return record
 
 
@@ -120,9 +182,12 @@ class Calls:
         self._none_open = asyncio.Event()
         self._none_open.set()
 
-    def opened(self, record: CallRecord) -> CallRecord:
+    def opened(self, record: CallRecord, decision: Decision | None = None) -> CallRecord:
+        """A call goes upstream: counted until it finishes; its propensities computed meanwhile."""
         self.open += 1
         self._none_open.clear()
+        if decision is not None and decision.pending:
+            settle_soon(record, decision)
         return record
 
     async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a shutdown bound
@@ -132,21 +197,24 @@ class Calls:
             await asyncio.wait_for(self._none_open.wait(), timeout)
 
     async def finish(self, record: CallRecord, state: RequestState) -> None:
-        """A call ended (any way): settle its tokens, meter it, keep its record. Raises
+        """A call ended (any way): settle its tokens and propensities, meter it, keep its record. Raises
         RecorderUnavailable when the record cannot be kept: then the answer must not go out."""
         self.open -= 1
         if self.open <= 0:
             self.open = 0
             self._none_open.set()
         record.overhead_ms = state.overhead_ms
-        if state.reservation is not None:
-            state.reservation.settle((record.prompt_tokens or 0) + (record.completion_tokens or 0))
+        if state.reservation is not None and record.kind == "call":
+            used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+            state.reservation.settle(used, record.cost_usd or 0.0)
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
         if self.observer is not None:
             self.observer.observe_call(record)
-        await self.recorder.keep(record)
+        if state.decision is not None:  # what the wait upstream did not compute (a quick failure)
+            settle_propensities(record, state.decision)
+        await self.recorder.keep(record)  # with its propensities: the spool's copy has them too
         if state.trace is not None:
             self.tracing.end(state.trace, record, state.t0)
 

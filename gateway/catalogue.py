@@ -5,15 +5,17 @@ arms) and per-request constraints (also virtual models)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-DialMode = Literal["quality", "budget", "usd", "fixed"]
+from gateway.spelling import unknown
+
+DIAL_MODES = ("quality", "budget", "usd", "fixed")
 QUALITY_TARGET_MAX = 1.5  # a quality target is a share of the best model's quality
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
-Strategy = Literal[
+STRATEGIES = (
     "bandit",
     "cost_optimized",
     "latency_optimized",
@@ -21,6 +23,36 @@ Strategy = Literal[
     "balanced",
     "round_robin",
     "least_loaded",
+)
+# What a request can need of a model (gateway.wire.needs_of) and what the profiles name; a
+# catalogue may add its own (`code`), which `router.capability` then accepts too.
+CAPABILITIES = ("chat", "streaming", "tools", "json", "vision", "embeddings")
+
+
+def _known_strategy(value: Any) -> Any:
+    if isinstance(value, str) and value not in STRATEGIES:
+        raise ValueError(unknown("strategy", value, STRATEGIES))
+    return value
+
+
+def _known_dial_mode(value: Any) -> Any:
+    if isinstance(value, str) and value not in DIAL_MODES:
+        raise ValueError(unknown("dial mode", value, DIAL_MODES))
+    return value
+
+
+DialMode = Annotated[Literal["quality", "budget", "usd", "fixed"], BeforeValidator(_known_dial_mode)]
+Strategy = Annotated[
+    Literal[
+        "bandit",
+        "cost_optimized",
+        "latency_optimized",
+        "quality_optimized",
+        "balanced",
+        "round_robin",
+        "least_loaded",
+    ],
+    BeforeValidator(_known_strategy),
 ]
 
 DEFAULT_BASE_URLS: dict[str, str] = {
@@ -34,6 +66,17 @@ _DEFAULT_KEY_ENVS: dict[str, str] = {"openai": "OPENAI_API_KEY", "openrouter": "
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        """A misspelt key is an error that names the closest field (pydantic would only say
+        "extra inputs are not permitted")."""
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and key not in cls.model_fields:
+                    raise ValueError(unknown("field", key, cls.model_fields))
+        return data
 
 
 class ModelSpec(_Strict):

@@ -9,25 +9,28 @@ set any scalar knob by its field name (`exploration_rate: 0.3`, case-insensitive
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import yaml
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.catalogue import (
+    CAPABILITIES,
     DEFAULT_BASE_URLS,
     QUALITY_TARGET_MAX,
+    DialMode,
     ModelSpec,
     Policy,
     RouterConstraints,
     Rule,
     SemanticRoute,
 )
+from gateway.config_errors import ConfigError, describe
+from gateway.config_sources import YamlSource, environ, normalise_dsn, origin
+from gateway.profiles import DATA_ROOT, profile_name
+from gateway.spelling import closest, unknown
 
 
 def _comma_list(value: Any) -> Any:
@@ -37,44 +40,6 @@ def _comma_list(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], NoDecode]
-
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def environ() -> dict[str, str]:
-    """The process environment over `.env` (in the working directory), as Settings reads them:
-    for what Settings does not hold itself (API-key variables named in the catalogue, ${VAR})."""
-    from dotenv import dotenv_values
-
-    values = {k: v for k, v in dotenv_values(".env").items() if v} if os.path.isfile(".env") else {}
-    return {**values, **os.environ}
-
-
-def expand_env(text: str) -> str:
-    """`${VAR}` and `${VAR:-default}` in the YAML file take values from the environment (or .env)."""
-    env = environ()
-    return _ENV_REF.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
-        super().__init__(settings_cls)
-        self.path = path
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns everything at once
-
-    def __call__(self) -> dict[str, Any]:
-        if not self.path:
-            return {}
-        path = Path(self.path)
-        if not path.is_file():
-            raise ValueError(f"config file {self.path!r} does not exist")
-        data = yaml.safe_load(expand_env(path.read_text())) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {self.path!r}: expected a mapping at the top level")
-        return {str(k).lower(): v for k, v in data.items()}
 
 
 class Settings(BaseSettings):
@@ -128,10 +93,8 @@ class Settings(BaseSettings):
     local_probe_interval_s: float = Field(default=10.0, ge=1)
 
     # --- routing (names as the original proxy documented them)
-    # hcts: hierarchical-cluster Thompson sampling with a calibrated dial (the default, issue 12);
-    # lin_ts: linear Thompson sampling on the embedding;
-    # knn_ts: Thompson sampling on similar past requests from pgvector; default: `auto` goes to
-    # DEFAULT_MODEL (rules, routes and strategies still apply).
+    # hcts (default, issue 12): cluster Thompson sampling with a dial; lin_ts: linear TS on the
+    # embedding; knn_ts: TS on similar past requests (pgvector); default: `auto` -> DEFAULT_MODEL.
     router_policy: Literal["hcts", "knn_ts", "lin_ts", "default"] = "hcts"
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
@@ -153,15 +116,11 @@ class Settings(BaseSettings):
     # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
     lin_ridge: float = Field(default=1.0, gt=0)
     lin_noise: float = Field(default=0.05, gt=0)
-    # --- the dial (ROUTER_POLICY=hcts; issue 12). What `auto` aims for, on average:
-    # quality: the mean score as a share of the best eligible model's (0.95: 95 % of the best);
-    # budget: the mean cost as a share of the best model's; usd: USD per call; fixed: the
-    # cost multiplier itself (research). Per request: `router.dial_mode` / `router.dial_target`
-    # (extra_body), X-Router-Dial-Mode / X-Router-Dial-Target, or a virtual model.
-    router_dial_mode: Literal["quality", "budget", "usd", "fixed"] = "quality"
+    # --- the dial (hcts): what `auto` aims for on average (quality: share of the best model's score;
+    # budget: share of its cost; usd: USD per call; fixed: the multiplier). README: The dial.
+    router_dial_mode: DialMode = "quality"
     router_dial_target: float = Field(default=0.95, gt=0)
-    # What `llm-router fit` stores and the gateway starts from (default DATA_DIR/router_state.npz).
-    router_state_path: Path | None = None
+    router_state_path: Path | None = None  # `llm-router fit`'s (default DATA_DIR/router_state.npz)
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)
@@ -173,8 +132,8 @@ class Settings(BaseSettings):
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
     embedding_threads: int = Field(default=1, ge=1, le=64)
-    # Where the ONNX export of the embedding model lives (default DATA_DIR/models); the Docker image
-    # bakes it in at build time.
+    # Where the ONNX export of the embedding model lives (default DATA_DIR/models when DATA_DIR is
+    # set, else ./data/models, shared by every profile); the Docker image bakes it in at build time.
     models_dir: Path | None = None
 
     # --- persistence
@@ -186,7 +145,11 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = None
     database_name: str = "llm_router"
     database_ssl_mode: str | None = None
-    data_dir: Path = Path("./data")
+    # This gateway's own state (the embedded PostgreSQL): by default ./data/<profile>, so that
+    # gateways started from one checkout with different profiles or replay files never share
+    # learning or exports (see `profile_name`); set DATA_DIR to choose (./data is where every
+    # gateway kept its state before).
+    data_dir: Path = DATA_ROOT
     run_migrations: bool = True
     recorder_batch_size: int = Field(default=500, ge=1)
     memory_store_max_calls: int = Field(default=100_000, ge=1)
@@ -222,6 +185,17 @@ class Settings(BaseSettings):
     tenant_rating_cap: int = Field(default=1000, ge=1)
     health_cache_s: float = Field(default=1.0, ge=0)  # /health and /ready answer from a cache this old
 
+    # --- shared state, virtual keys and budgets (issue 16)
+    # A Redis-protocol server (Redis or Valkey) shared by every replica: rate limits, budgets and key
+    # revocations then hold across replicas. Unset: in-process (one replica).
+    redis_url: SecretStr | None = None
+    redis_timeout_s: float = Field(default=0.2, gt=0)  # per operation; then the server counts as down
+    # Server unreachable: false = go on with per-replica limits (fail-open); true = 503.
+    redis_fail_closed: bool = False
+    redis_prefix: str = "llm-router:"  # every key and channel of this gateway starts with it
+    # How long a replica trusts its cached copy of a virtual key when no revocation notice arrives.
+    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+
     # --- DPO flywheel
     duel_rate: float = Field(default=0.0, ge=0, le=1)
     judge_model: str | None = None
@@ -241,10 +215,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get("CONFIG_FILE")
+        given = getattr(init_settings, "init_kwargs", {})
+        path = given.get("config_file") or os.environ.get("CONFIG_FILE")
         if path is None:
             path = dotenv_settings().get("config_file")
-        return init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, path)
+        return init_settings, env_settings, dotenv_settings, YamlSource(settings_cls, path, frozenset(given))
 
     @model_validator(mode="after")
     def _catalogue(self) -> Settings:
@@ -268,6 +243,11 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate model names in the catalogue: {sorted(duplicates)}")
         self.models = models
+        chosen = "data_dir" in self.model_fields_set  # DATA_DIR given: used as it is
+        if not chosen:
+            self.data_dir = DATA_ROOT / profile_name(self.config_file, models)
+        if self.models_dir is None:
+            self.models_dir = (self.data_dir if chosen else DATA_ROOT) / "models"
         known_names = set(names)
         if self.default_model is None and models:
             self.default_model = models[0].name
@@ -280,19 +260,28 @@ class Settings(BaseSettings):
         for where, targets in self._model_references():
             for name in targets:
                 if name not in known_names:
-                    raise ValueError(f"{where}: model {name!r} is not in the catalogue")
+                    guess = closest(name, known_names)
+                    hint = f"; did you mean {guess!r}?" if guess else ""
+                    raise ValueError(f"{where}: model {name!r} is not in the catalogue{hint}")
         for where, policy in self._policy_references():
             if policy not in self.policies:
-                raise ValueError(f"{where}: policy {policy!r} is not defined under 'policies'")
-        for vname in self.virtual_models:
+                raise ValueError(f"{where}: {unknown('policy', policy, self.policies)} (see 'policies')")
+        known_capabilities = set(CAPABILITIES).union(*(m.capabilities for m in models))
+        for vname, vm in self.virtual_models.items():
             if vname in known_names:
                 raise ValueError(f"virtual model {vname!r} has the name of a catalogue model")
+            for capability in vm.capability:
+                if capability not in known_capabilities:
+                    raise ValueError(
+                        f"virtual model {vname!r}: {unknown('capability', capability, known_capabilities)}"
+                    )
         for m in models:
             self._check_key_destination(m)
-        if self.require_api_keys and not self.gateway_api_keys:
+        if self.require_api_keys and not self.gateway_api_keys and not self.admin_api_key:
             raise ValueError(
-                "REQUIRE_API_KEYS is set (the prod profile does) but GATEWAY_API_KEYS is empty: "
-                "refusing to start a gateway anyone can use; set GATEWAY_API_KEYS=key1,key2"
+                "REQUIRE_API_KEYS is set (the prod profile does) but GATEWAY_API_KEYS is empty and "
+                "there is no ADMIN_API_KEY to issue virtual keys with: refusing to start a gateway "
+                "nobody can use; set GATEWAY_API_KEYS=key1,key2 (or ADMIN_API_KEY)"
             )
         return self
 
@@ -306,10 +295,10 @@ class Settings(BaseSettings):
         home = homes.get(m.api_key_env or "")
         if home is None or m.base_url is None:
             return
-        if _origin(m.base_url) != _origin(home):
+        if origin(m.base_url) != origin(home):
             raise ValueError(
-                f"model {m.name!r} would send {m.api_key_env} to {_origin(m.base_url)}, but that key "
-                f"only goes to {_origin(home)}; give the model its own api_key_env"
+                f"model {m.name!r} would send {m.api_key_env} to {origin(m.base_url)}, but that key "
+                f"only goes to {origin(home)}; give the model its own api_key_env"
             )
 
     def _model_references(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -325,6 +314,12 @@ class Settings(BaseSettings):
         refs += [(f"route {r.name!r}", r.policy) for r in self.routes if r.policy]
         refs += [(f"virtual model {n!r}", v.policy) for n, v in self.virtual_models.items() if v.policy]
         return refs
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether protected paths need a key (GATEWAY_API_KEYS, or REQUIRE_API_KEYS with virtual
+        keys only)."""
+        return bool(self.gateway_api_keys) or self.require_api_keys
 
     def model(self, name: str) -> ModelSpec | None:
         for m in self.models:
@@ -345,10 +340,6 @@ class Settings(BaseSettings):
         return environ().get(spec.api_key_env) or None
 
     @property
-    def router_state_file(self) -> Path:
-        return self.router_state_path or self.data_dir / "router_state.npz"
-
-    @property
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
 
@@ -366,7 +357,13 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value this process knows, so that logs can be checked against them."""
-        values = [self.openrouter_api_key, self.admin_api_key, self.database_password, self.database_url]
+        values = [
+            self.openrouter_api_key,
+            self.admin_api_key,
+            self.database_password,
+            self.database_url,
+            self.redis_url,
+        ]
         out = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         out += [k for k in self.gateway_api_keys if k]
         for m in self.models:
@@ -376,22 +373,28 @@ class Settings(BaseSettings):
         return out
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return f"{parts.scheme}://{parts.hostname}:{port}"
-
-
-def normalise_dsn(url: str) -> str:
-    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
-    return url
-
-
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
-    """Build Settings; `overrides` (command-line flags) beat every other source."""
+    """Build Settings; `overrides` (command-line flags) beat every other source. What is wrong
+    with them is a ConfigError, one line (pydantic's own rendering is several lines a problem)."""
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if config_file:
         kwargs["config_file"] = config_file
-    return Settings(**kwargs)
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from exc
+
+
+def config_values(path: str) -> dict[str, Any]:
+    """The YAML file's values, keys lower-cased (an unknown key is a ConfigError)."""
+    return YamlSource(Settings, path)()
+
+
+def setting_key(key: str, option: str) -> str:
+    """A setting's field name from `KEY` or `key` (`--set`, `--grid`); an unknown one is a
+    ConfigError that names the closest setting."""
+    name = key.strip().lower()
+    if name not in Settings.model_fields:
+        shown = [f.upper() if key.strip().isupper() else f for f in Settings.model_fields]
+        raise ConfigError(f"{option}: {unknown('setting', key.strip(), shown)}")
+    return name

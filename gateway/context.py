@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.domain import CallRecord
-from gateway.limits import Reservation
+from gateway.domain import CallRecord, VirtualKey
+from gateway.limits import Policy, Quota, RateLimits, Reservation
+from gateway.routing import Decision
 from gateway.tracing import CallTrace
 
 STATE_KEY = "request"
@@ -21,13 +22,19 @@ class RequestState:
     t0: float  # time.perf_counter() at arrival
     request_id: str = ""
     caller: str | None = None  # the caller's key id
-    # The tenant whose request ids, ratings and pairs these are: the key id on a gateway with
-    # client keys, "" on an open one (one tenant: anyone may read and rate any call).
+    key: VirtualKey | None = None  # the caller's virtual key (models, limits, budgets)
+    # The tenant whose request ids, ratings, pairs and arm statistics these are: a virtual key's
+    # owner; an environment client key's id on a gateway that requires keys; "" otherwise (an open
+    # gateway: one tenant, anyone may read and rate its calls). See gateway.auth.Caller.
     tenant: str = ""
     limit_id: str | None = None  # whose rate limits apply: a key id, or "ip:<address>"
-    reservation: Reservation | None = None  # prompt tokens held for the call
+    policy: Policy | None = None  # the limits that apply to limit_id (None: none)
+    admitted: bool = False  # the request has been counted against `policy`
+    quotas: list[Quota] = field(default_factory=list)  # what is left, for the x-ratelimit-* headers
+    reservation: Reservation | None = None  # tokens (prompt, most output) and cost held for the call
     overhead_ms: float | None = None
     record: CallRecord | None = None  # the call this request made, once it has one
+    decision: Decision | None = None  # how its model was chosen
     trace: CallTrace | None = None  # its trace, when tracing is on
 
     def elapsed_ms(self) -> float:
@@ -47,3 +54,35 @@ class RequestState:
 def request_state(scope: MutableMapping[str, Any]) -> RequestState:
     state: RequestState = scope["state"][STATE_KEY]
     return state
+
+
+def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
+    """Newer figures replace older ones of the same name (a reservation after the admission)."""
+    names = {q.name for q in quotas}
+    state.quotas = [q for q in state.quotas if q.name not in names] + quotas
+
+
+async def admit(limits: RateLimits, state: RequestState, tokens: int | None = None) -> None:
+    """Counts the request against its caller's limits (once), holding `tokens` for a call that goes
+    upstream: the headers' figures go into `state`; a refusal is raised."""
+    if state.policy is None or state.limit_id is None or state.admitted:
+        return
+    state.admitted = True
+    held, quotas, refused = await limits.admit(state.limit_id, state.policy, tokens)
+    update_quotas(state, quotas)
+    if refused is not None:
+        raise refused
+    state.reservation = held
+
+
+async def hold_budget(limits: RateLimits, state: RequestState, cost_usd: float) -> None:
+    """Holds a call's estimated cost against its key's budgets, beside its tokens (refused: the
+    429 is raised)."""
+    if state.policy is None or state.limit_id is None or not state.policy.budgets:
+        return
+    state.reservation, quotas, refused = await limits.spend(
+        state.limit_id, state.policy, cost_usd, state.reservation
+    )
+    update_quotas(state, quotas)
+    if refused is not None:
+        raise refused

@@ -69,13 +69,15 @@ class CallRecord:
     cost_usd: float | None = None
     response: str | None = None
     upstream_model: str | None = None
-    # The tenant: the client key's id on a gateway with GATEWAY_API_KEYS, "" on an open one. A
-    # call's key is (caller, id): each tenant has its own request ids, ratings and DPO pairs.
+    # The tenant (gateway.auth.Caller.tenant): a virtual key's owner, an environment client key's
+    # id on a gateway that requires keys, "" on an open one. A call's key is (caller, id): each
+    # tenant has its own request ids, ratings and DPO pairs.
     caller: str = ""
     kind: str = "call"  # call | duel | judge
     duel_of: str | None = None
     synthetic: bool = False  # the response is a placeholder no model wrote (replay data without text)
     trace_id: str | None = None  # the OpenTelemetry trace of the call (32 hex digits), when traced
+    key_id: str | None = None  # the virtual key the call was made with: its budgets' ledger
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -310,3 +312,50 @@ class UsageRow:
     cost_usd: float
     feedback_count: int
     feedback_avg: float | None
+
+
+@dataclass(frozen=True)
+class VirtualKey:
+    """A client key issued by the gateway (`llm-router keys`, `/v1/keys`). Only a hash of its secret
+    is stored; calls made with it are recorded under its `id`, which survives rotation."""
+
+    id: str  # vk_<hex>, public
+    owner: str  # the tenant it belongs to
+    key_hash: str  # sha256 of the secret
+    prefix: str  # the secret's first characters, to recognise it in a list
+    name: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    models: tuple[str, ...] | None = None  # catalogue and virtual models it may use (None: all)
+    rpm: int | None = None  # None: the gateway's RATE_LIMIT_RPM; 0: none
+    tpm: int | None = None
+    budget_day_usd: float | None = None
+    budget_month_usd: float | None = None
+    budget_total_usd: float | None = None
+
+    def status(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def public(self, now: datetime) -> dict[str, Any]:
+        """What the admin API and the CLI show: everything but the hash."""
+        out = {k: v for k, v in self.__dict__.items() if k != "key_hash"}
+        out["models"] = list(self.models) if self.models is not None else None
+        out["status"] = self.status(now)
+        return out
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """One caller's calls on one UTC day with one model."""
+
+    day: str  # YYYY-MM-DD
+    model: str | None
+    requests: int
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int

@@ -172,16 +172,52 @@ def route_label(medium: str, large: str) -> str:
     return "ambiguous"
 
 
+@dataclass
+class RouteSkips:
+    """Why comparisons made no routing label: what `export-dpo --kind routes` says when it wrote
+    nothing (or less than the user expected)."""
+
+    comparisons: int = 0
+    unknown_model: int = 0  # a model no longer in the catalogue: its price is unknown
+    same_price: int = 0  # neither model is the cheaper one
+
+    def explain(self) -> str:
+        if self.comparisons == 0:
+            return (
+                "no prompt has rated answers from two different models yet (a routing label needs "
+                "the same prompt answered by two models and both answers rated; DUEL_RATE makes such "
+                "pairs on purpose)"
+            )
+        reasons = []
+        if self.same_price:
+            reasons.append(
+                f"{self.same_price} had two models of the same price (a label needs a cheaper and a "
+                "dearer model: give the catalogue's models their input_usd_per_mtok and "
+                "output_usd_per_mtok)"
+            )
+        if self.unknown_model:
+            reasons.append(f"{self.unknown_model} named a model that is not in the catalogue")
+        return f"of {self.comparisons} prompts answered by two models, " + "; ".join(reasons)
+
+
 def route_record(
-    c: Comparison, specs: dict[str, ModelSpec], correct: float, incorrect: float
+    c: Comparison,
+    specs: dict[str, ModelSpec],
+    correct: float,
+    incorrect: float,
+    skips: RouteSkips | None = None,
 ) -> dict[str, Any] | None:
     """{prompt, label, chosen_model, rejected_model} for a prompt answered by a cheaper and a stronger arm."""
+    skips = skips if skips is not None else RouteSkips()
+    skips.comparisons += 1
     a, b = specs.get(c.model_a), specs.get(c.model_b)
     if a is None or b is None:
+        skips.unknown_model += 1
         return None
     price_a = a.input_usd_per_mtok + a.output_usd_per_mtok
     price_b = b.input_usd_per_mtok + b.output_usd_per_mtok
     if price_a == price_b:
+        skips.same_price += 1
         return None  # neither is the cheaper arm
     (cheap, cheap_score), (strong, strong_score) = sorted(
         [(c.model_a, c.score_a), (c.model_b, c.score_b)],
@@ -202,6 +238,23 @@ def route_record(
 
 
 # --- export formats
+
+# The formats of each kind, the default first: `trl` is TRL's preference format (pairs only);
+# `labels` is {prompt, label, chosen_model, rejected_model}; `jsonl` is everything.
+EXPORT_FORMATS: dict[str, tuple[str, ...]] = {"responses": ("trl", "jsonl"), "routes": ("labels", "jsonl")}
+
+
+def export_format(kind: str, fmt: str | None) -> str:
+    """The format to export `kind` in (None: the kind's default); a format the kind does not have
+    is a ValueError that says which it has."""
+    formats = EXPORT_FORMATS.get(kind)
+    if formats is None:
+        raise ValueError(f"kind must be one of {', '.join(EXPORT_FORMATS)}, not {kind!r}")
+    if fmt is None:
+        return formats[0]
+    if fmt not in formats:
+        raise ValueError(f"format {fmt!r} does not apply to {kind}; its formats: {', '.join(formats)}")
+    return fmt
 
 
 def trl_record(pair: DPOPair) -> dict[str, Any]:
@@ -245,10 +298,13 @@ async def export_records(
     incorrect: float = 0.3,
     after: tuple[datetime, int] | None = None,
     limit: int | None = None,
+    skips: RouteSkips | None = None,
     caller: str | None = None,
 ) -> AsyncIterator[tuple[dict[str, Any], tuple[datetime, int] | None]]:
     """Records for export (one tenant's, or with `caller=None` every tenant's), each with its
-    paging cursor (responses) or None (routes)."""
+    paging cursor (responses) or None (routes); `skips` counts why comparisons made no routing
+    label."""
+    fmt = export_format(kind, fmt)
     if kind == "responses":
         async for pair in store.iter_pairs(since, min_margin, after, limit, caller):
             record = trl_record(pair) if fmt == "trl" else jsonl_record(pair)
@@ -256,14 +312,12 @@ async def export_records(
     elif kind == "routes":
         n = 0
         async for comparison in store.iter_comparisons(since, caller):
-            labelled = route_record(comparison, specs, correct, incorrect)
+            labelled = route_record(comparison, specs, correct, incorrect, skips)
             if labelled is None:
                 continue
-            if fmt == "trl":
+            if fmt == "labels":
                 labelled = {k: labelled[k] for k in ("prompt", "label", "chosen_model", "rejected_model")}
             yield labelled, None
             n += 1
             if limit is not None and n >= limit:
                 return
-    else:
-        raise ValueError(f"unknown export kind {kind!r}")

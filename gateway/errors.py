@@ -91,6 +91,18 @@ class RateLimited(GatewayError):
         self.type = kind
 
 
+class BudgetExceeded(RateLimited):
+    """A virtual key's budget (USD a day, a month, or in total) would be passed: 429 with
+    Retry-After until the period resets (none for a total budget, which never does)."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, period: str, retry_after_s: float | None, resets_at: Any = None) -> None:
+        super().__init__(message, "insufficient_quota", retry_after_s)
+        self.period = period
+        self.resets_at = resets_at
+
+
 class ServiceUnavailable(GatewayError):
     """No model can take the request (all circuits open, no key, unreachable), or the store is down."""
 

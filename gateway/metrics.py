@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,6 +30,7 @@ from gateway.domain import CallRecord
 from gateway.embedder import CacheStats
 from gateway.health import ModelStatus
 from gateway.recorder import RecorderState
+from gateway.shared import SharedStatus
 
 # Fine enough to resolve single milliseconds where the gateway's own overhead lives.
 OVERHEAD_BUCKETS = (
@@ -81,10 +89,14 @@ class Gauges:
     cache: CacheStats | None
     arms: dict[str, ArmGauge]
     auth_failures: int = 0
+    shared: SharedStatus | None = None
 
 
 class Metrics:
     def __init__(self) -> None:
+        # No `*_created` series (one per counter and histogram child, doubling the series count;
+        # Prometheus reads none of them). prometheus-client's switch is process-wide.
+        disable_created_metrics()
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "llm_router_requests",
@@ -252,3 +264,14 @@ class _StateCollector(Collector):
             rated.add_metric([model], arm.rated)
         yield posterior
         yield rated
+        if s.shared is not None:
+            yield GaugeMetricFamily(
+                "llm_router_shared_state_up",
+                "1 while the shared state (REDIS_URL) answers; 0: limits are per replica or refused",
+                value=1.0 if s.shared.up else 0.0,
+            )
+            yield CounterMetricFamily(
+                "llm_router_shared_state_fallbacks",
+                "Limit operations served per replica because the shared state was unreachable",
+                value=s.shared.fallbacks,
+            )

@@ -6,6 +6,7 @@ It is the outermost layer of the app, so every response (errors and 404s include
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -16,9 +17,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import send_error
-from gateway.auth import KEY_HEADERS, PROTECTED, Keys, presented
+from gateway.auth import KEY_HEADERS, PROTECTED, Caller, Keys, presented
 from gateway.auth_failures import AuthFailures
-from gateway.context import STATE_KEY, RequestState
+from gateway.context import STATE_KEY, RequestState, admit
 from gateway.errors import (
     AuthenticationError,
     ClientDisconnected,
@@ -26,11 +27,16 @@ from gateway.errors import (
     InvalidRequest,
     PayloadTooLarge,
 )
-from gateway.limits import RateLimits
+from gateway.limits import headers as quota_headers
+from gateway.services import services_of
 
 log = logging.getLogger("gateway.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch (`$` would pass a "\n")
+# Admitted by their endpoints once the body is read, with its tokens (one operation).
+ADMITTED_WITH_TOKENS = frozenset(
+    f"{v}/{api}" for v in ("", "/v1") for api in ("chat/completions", "responses", "embeddings")
+)
 _QUIET = ("/live", "/ready", "/health", "/metrics")  # probes and scrapes: no line each when fine
 
 
@@ -39,9 +45,7 @@ class RequestContext:
         self,
         app: ASGIApp,
         *,
-        keys: Keys,
         max_body_bytes: int,
-        limits: RateLimits | None = None,
         redact: Callable[[str], str] = str,
         in_flight: Any = None,
         log_prompts: bool = False,
@@ -49,8 +53,6 @@ class RequestContext:
     ) -> None:
         self.app = app
         self.auth_failures = auth_failures
-        self.keys = keys
-        self.limits = limits if limits is not None and limits.enabled else None
         self.redact = redact
         self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
@@ -102,13 +104,21 @@ class RequestContext:
                     param="X-Request-ID",
                     code="invalid_request_id",
                 )
-            state.caller = self._caller(scope, presented(auth))
-            state.tenant = (state.caller or "") if self.keys.keys else ""
-            if self.limits is not None and scope["path"].startswith(PROTECTED):
-                # By key; without keys, by address (a made-up bearer token must not reset a limit).
-                client = scope.get("client") or ("unknown", 0)
-                state.limit_id = state.caller if self.keys.keys else f"ip:{client[0]}"
-                self.limits.take_request(state.limit_id or "")
+            services = services_of(scope)
+            caller = await self._caller(scope, services.keys, presented(auth))
+            if caller is not None:
+                state.caller, state.key, state.tenant = caller.id, caller.key, caller.tenant
+            if scope["path"].startswith(PROTECTED):
+                policy = services.limits.policy(state.key)
+                if policy.limited:
+                    # By key; without a checked key, by address (a made-up bearer token must not
+                    # reset a limit).
+                    client = scope.get("client") or ("unknown", 0)
+                    verified = caller is not None and caller.verified
+                    state.limit_id = caller.id if caller and verified else f"ip:{client[0]}"
+                    state.policy = policy
+                    if not (scope["method"] == "POST" and scope["path"] in ADMITTED_WITH_TOKENS):
+                        await admit(services.limits, state)  # the others: with their tokens, once read
             if content_length is not None and content_length > self.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
             await self.app(scope, self._limited(receive), send_wrapper)
@@ -119,6 +129,9 @@ class RequestContext:
                 log.warning("request failed after its response started: %s", exc.message)
                 return
             status = exc.status
+            if state.policy is not None and not state.admitted:  # refused before the chat counted it
+                with contextlib.suppress(GatewayError):
+                    await admit(services_of(scope).limits, state)
             await send_error(send_wrapper, exc, redact=self.redact)
         except Exception:
             if started:
@@ -134,15 +147,15 @@ class RequestContext:
                 self.in_flight.dec()
             self._log(scope, state, status)
 
-    def _caller(self, scope: Scope, given: list[bytes]) -> str | None:
-        """The caller's key id (of the keys `given`); failed authentications are counted per
-        address (and limited)."""
-        if self.auth_failures is None or not self.keys.keys or not scope["path"].startswith(PROTECTED):
-            return self.keys.caller(scope["path"], given)
+    async def _caller(self, scope: Scope, keys: Keys, given: list[bytes]) -> Caller | None:
+        """The caller (of the keys `given`); failed authentications, virtual keys' included, are
+        counted per address (and limited)."""
+        if self.auth_failures is None or not scope["path"].startswith(PROTECTED):
+            return await keys.caller(scope["path"], given)
         address = (scope.get("client") or ("unknown", 0))[0]
         self.auth_failures.check(address)
         try:
-            return self.keys.caller(scope["path"], given)
+            return await keys.caller(scope["path"], given)
         except AuthenticationError:
             self.auth_failures.failed(address)
             raise
@@ -152,8 +165,8 @@ class RequestContext:
         if state.request_id:
             out.append((b"x-request-id", state.request_id.encode()))
         out.append((b"x-router-overhead-ms", f"{state.overhead():.3f}".encode()))
-        if self.limits is not None and state.limit_id is not None:
-            out += self.limits.headers(state.limit_id)
+        if state.quotas:
+            out += quota_headers(state.quotas)
         return out
 
     def _log(self, scope: Scope, state: RequestState, status: int) -> None:

@@ -9,17 +9,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.auth import Keys
     from gateway.calls import Calls
     from gateway.config import Settings
     from gateway.duels import Duels
     from gateway.embedder import Embedder
+    from gateway.evaluation.service import Evaluator
     from gateway.feedback import Learner
+    from gateway.keys import KeyDirectory
     from gateway.limits import RateLimits
     from gateway.logs import Redactor
     from gateway.metrics import Metrics
     from gateway.readiness import ReadinessCache
     from gateway.recorder import Recorder
     from gateway.routing.router import Router
+    from gateway.shared import Backend
     from gateway.store import Store
     from gateway.tracing import Tracing
     from gateway.upstreams import Upstreams
@@ -39,10 +43,14 @@ class Services:
     duels: Duels
     metrics: Metrics
     limits: RateLimits
+    shared: Backend
+    keys: Keys
+    directory: KeyDirectory
     redact: Redactor
     embedder: Embedder | None
     tracing: Tracing
     readiness: ReadinessCache  # what /ready and /health answer from
+    evaluator: Evaluator
 
 
 def services_of(scope: MutableMapping[str, Any]) -> Services:

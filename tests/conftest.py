@@ -26,6 +26,7 @@ from gateway.catalogue import ModelSpec
 from gateway.config import Settings
 from gateway.server import uvicorn_config
 from tests.fake_upstream import FakeUpstream
+from tests.valkey import Valkey
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -217,3 +218,21 @@ def query(dsn: str, sql: str, *args: Any) -> list[Any]:
 def dsn(pg: PG) -> str:
     """A fresh database, migrated to head (cloned from a migrated template)."""
     return pg.new_database()
+
+
+# --- a Redis-protocol server (Valkey): one per session, emptied for each test that asks for it
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
+    server = Valkey(tmp_path_factory.mktemp("valkey")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def valkey(valkey_server: Valkey) -> Valkey:
+    if not valkey_server.ping():  # a test stopped it
+        valkey_server.restart()
+    valkey_server.flush()
+    return valkey_server

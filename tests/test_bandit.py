@@ -145,14 +145,18 @@ def test_exploration_rate_is_observed_over_many_draws():
 
 
 def test_propensities_sum_to_one_and_match_frequencies():
-    k = Knobs(exploration_rate=0.2, propensity_samples=4000)
+    k = Knobs(exploration_rate=0.2)
     arms = [view("a", 0.6, strength=20), view("b", 0.55, strength=20), view("c", 0.3, strength=20)]
     rng = np.random.default_rng(7)
     first = choose(arms, k, rng)
-    assert sum(c["propensity"] for c in first.candidates) == pytest.approx(1.0, abs=1e-3)
+    assert first.propensity is None and first.pending is not None  # computed when asked for
+    first.resolve()
+    assert first.propensity == first.propensities[first.arm] and first.pending is None
+    assert sum(first.propensities.values()) == pytest.approx(1.0, abs=1e-9)
+    assert first.propensity_error < 1e-3
     picks = [choose(arms, k, rng).arm for _ in range(3000)]
-    for cand in first.candidates:
-        assert picks.count(cand["model"]) / len(picks) == pytest.approx(cand["propensity"], abs=0.03)
+    for model, p in first.propensities.items():
+        assert picks.count(model) / len(picks) == pytest.approx(p, abs=0.03)
 
 
 def test_a_seeded_choice_is_reproducible():

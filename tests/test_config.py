@@ -139,7 +139,7 @@ def test_database_parts(monkeypatch):
         ("models: [{name: a}]\n", "needs base_url"),
         ("models: [{name: a, provider: replay}]\n", "needs replay_file"),
         (CATALOGUE + "policies: {p: {models: [zz]}}\n", "policy 'p': model 'zz' is not in the catalogue"),
-        (CATALOGUE + "rules: [{name: r, pattern: x, policy: nope}]\n", "policy 'nope' is not defined"),
+        (CATALOGUE + "rules: [{name: r, pattern: x, policy: nope}]\n", "unknown policy 'nope'"),
         (CATALOGUE + "rules: [{name: r, pattern: '(', model: a}]\n", r"missing \), unterminated subpattern"),
         (
             CATALOGUE + "virtual_models: {a: {strategy: cost_optimized}}\n",
@@ -147,7 +147,21 @@ def test_database_parts(monkeypatch):
         ),
         (CATALOGUE + "virtual_models: {x: {strategy: cheapest}}\n", "strategy"),
         (CATALOGUE + "exploration_rate: 2\n", "exploration_rate"),
-        (CATALOGUE + "unknown_models_key: [1]\nmodels: [{name: a, base_url: x, colour: red}]\n", "colour"),
+        ("models: [{name: a, base_url: x, colour: red}]\n", "unknown field 'colour'"),
+        # typos name the closest valid spelling (issue 17)
+        (CATALOGUE + "cost_weightt: 0\n", "unknown setting 'cost_weightt'; did you mean 'cost_weight'"),
+        ("models: [{name: a, base_url: x, input_usd_per_mtk: 1}]\n", "did you mean 'input_usd_per_mtok'"),
+        (CATALOGUE + "virtual_models: {x: {strategy: cost_optimised}}\n", "did you mean 'cost_optimized'"),
+        (CATALOGUE + "virtual_models: {x: {stratgy: cost_optimized}}\n", "did you mean 'strategy'"),
+        (
+            CATALOGUE + "policies: {code: {models: [a]}}\nvirtual_models: {x: {policy: cod}}\n",
+            "did you mean 'code'",
+        ),
+        (
+            CATALOGUE + "policies: {p: {models: [aa]}}\n",
+            "model 'aa' is not in the catalogue; did you mean 'a'",
+        ),
+        (CATALOGUE + "virtual_models: {v: {capability: [visoin]}}\n", "did you mean 'vision'"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(tmp_path, text, message):

@@ -13,7 +13,7 @@ from conftest import make_settings, model, wait_for
 from gateway.routing import hcts_state
 from gateway.routing.hcts import Hcts
 from gateway.routing.hcts_dial import DialSpec
-from gateway.routing.hcts_math import argmax_probs
+from gateway.routing.hcts_math import argmax_probs, propensities
 
 DIM = 16
 
@@ -99,6 +99,12 @@ def test_propensities_sum_to_one_and_match_monte_carlo():
         mc = np.bincount(draws.argmax(axis=1), minlength=k) / 200_000
         assert p.sum() == pytest.approx(1.0)
         assert np.abs(p - mc).max() < 0.006, (p, mc, bound)
+    # the policy's propensities (more nodes than above) and their estimated error
+    for k in (2, 3, 7, 10):
+        u, s = rng.normal(0.5, 0.1, k), rng.uniform(0.005, 0.3, k)
+        p, error = propensities(u, s)
+        fine, _ = argmax_probs(u, s, np.linspace(-8, 8, 4000))
+        assert error < 2e-3 and np.abs(p - fine).max() <= max(error, 1e-6)
     # the policy's own: every eligible arm above the floor, the others 0, the picks as propensities say
     x, t = topics(400, 3, rng)
     policy = Hcts(3, DIM, seed=9)
@@ -177,6 +183,12 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
     assert {c["model"] for c in candidates} == {"cheap", "dear"}
     assert sum(c["propensity"] for c in candidates) == pytest.approx(1, abs=1e-6)
     assert record["propensity"] == pytest.approx(candidates[0]["propensity"], abs=1e-6)
+    # HCTS's own propensities, known at decision time (nothing left for the record to compute)
+    decision = record["decision"]
+    assert decision["propensities"] == pytest.approx(
+        {c["model"]: c["propensity"] for c in candidates}, abs=1e-6
+    )
+    assert decision["deterministic"] is False and decision.get("propensity_error", 0) < 2e-3
     for bad, where in [
         ({"router": {"dial_mode": "cheapest"}}, None),
         ({"router": {"dial_target": -1}}, None),
@@ -191,6 +203,13 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
                 extra_headers=where,
             )
         assert err.value.status_code == 400 and err.value.body["code"] == "invalid_value"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="auto",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"router": {"dial_mode": "qualty"}},
+        )
+    assert "did you mean 'quality'" in err.value.body["message"]  # type: ignore[index]
     again = make_settings(catalogue, enable_persistence=True, database_url=dsn)
     gw2 = gateway(again, seed=2)  # a new replica (or a restart) on the same store
     core = gw2.services.router.policy.core

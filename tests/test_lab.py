@@ -253,10 +253,10 @@ def test_options_helpers():
     assert len(shuffled) == 10 and shuffled == stream_order(100, "shuffle", 3, 10)
     mask = feedback_mask(1000, 0.3, 0)
     assert 250 < sum(mask) < 350 and mask == feedback_mask(1000, 0.3, 0)
-    assert parse_set(["COST_WEIGHT=-0.5", "router_policy=lin_ts", 'x={"a": 1}']) == {
+    assert parse_set(["COST_WEIGHT=-0.5", "router_policy=lin_ts", 'policies={"p": {"models": ["m"]}}']) == {
         "cost_weight": -0.5,
         "router_policy": "lin_ts",
-        "x": {"a": 1},
+        "policies": {"p": {"models": ["m"]}},
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_set(["oops"])

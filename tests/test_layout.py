@@ -86,7 +86,8 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_the_core_never_imports_the_lab():
     graph = import_graph()
-    core = [m for m in graph if not m.startswith("gateway.lab") and m != "gateway.cli"]
+    # the command line (gateway.cli and its gateway.cli_* parts) is the front door to both
+    core = [m for m in graph if not m.startswith(("gateway.lab", "gateway.cli"))]
     offenders = {m: sorted(d for d in graph[m] if d.startswith("gateway.lab")) for m in core}
     assert not {m: d for m, d in offenders.items() if d}
 

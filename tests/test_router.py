@@ -332,8 +332,17 @@ def test_the_decision_is_recorded_for_offline_evaluation(fake, gateway, catalogu
     assert 0 < record["propensity"] <= 1
     candidates = record["decision"]["candidates"]
     assert {c["model"] for c in candidates} == {"cheap", "mid", "premium"}
-    assert candidates[0]["model"] == record["model"]
-    assert sum(c["propensity"] for c in candidates) == pytest.approx(1, abs=0.01)
+    assert candidates[0]["model"] == record["model"] == record["decision"]["arm"]
+    # every eligible arm's propensity, computed (not resampled), with its numerical error
+    propensities = record["decision"]["propensities"]
+    assert set(propensities) == {"cheap", "mid", "premium"}
+    assert sum(propensities.values()) == pytest.approx(1, abs=1e-9)
+    assert propensities[record["model"]] == record["propensity"]
+    assert record["decision"]["deterministic"] is False
+    assert 0 <= record["decision"].get("propensity_error", 0) < 1e-3
+    # the context to decide it again from: the token estimate, no constraints, nothing down
+    assert record["decision"]["context"]["prompt_tokens"] > 0
+    assert "constraints" not in record["decision"]["context"] and "unavailable" not in record["decision"]
     timings = record["decision"]["timings_ms"]
     stages = {"embed_ms", "sample_ms", "routing_ms"} | ({"neighbours_ms"} if policy == "knn_ts" else set())
     assert stages == set(timings)

@@ -19,6 +19,7 @@ import pytest
 
 from gateway.limits import RateLimits
 from gateway.logs import Redactor
+from gateway.shared.local import LocalState
 from tests.conftest import make_settings, model, query, wait_for
 from tests.test_errors import assert_openai_error
 
@@ -126,27 +127,30 @@ def test_tokens_per_minute_count_what_calls_really_used(fake, gateway):
     assert "larger than the limit of 400 tokens" in err["message"] and "retry-after" not in huge.headers
 
 
-def test_token_buckets_refill_and_carry_debt():
+async def test_token_buckets_refill_and_carry_debt():
     now = [0.0]
-    limits = RateLimits(rpm=60, tpm=600, clock=lambda: now[0])
-    for _ in range(60):
-        limits.take_request("k")
-    with pytest.raises(Exception, match="60 requests per minute"):
-        limits.take_request("k")
-    now[0] += 1.0  # one request a second comes back
-    limits.take_request("k")
-    held = limits.reserve("k", 500)
-    assert held is not None
+    limits = RateLimits(LocalState(clock=lambda: now[0]), rpm=60, tpm=600)
+    policy = limits.policy(None)
+    for _ in range(59):
+        assert (await limits.admit("k", policy))[2] is None
+    held, _, refused = await limits.admit("k", policy, 500)  # a chat call: a request and its tokens
+    assert held is not None and refused is None
+    _, _, refused = await limits.admit("k", policy)
+    assert refused is not None and "60 requests per minute" in refused.message
     held.settle(1200)  # the call used 1,200: a debt of 600
     held.settle(5000)  # settled once only
+    await limits.drain()
     now[0] += 59.0
-    with pytest.raises(Exception, match="tokens per minute"):
-        limits.reserve("k", 100)  # 590 tokens back: the bucket is still 10 in debt
+    _, _, refused = await limits.admit("k", policy, 100)
+    assert refused is not None and "tokens per minute" in refused.message  # still 10 in debt
     now[0] += 11.0  # 110 more: exactly 100 available
-    refused = limits.reserve("k", 100)
-    assert refused is not None and limits.buckets["k"][1] == pytest.approx(0.0)
-    refused.release()  # a call refused before it went upstream gets its tokens back
-    assert limits.buckets["k"][1] == pytest.approx(100.0)
+    held, quotas, _ = await limits.admit("k", policy, 100)
+    assert held is not None and quotas[1].remaining == pytest.approx(0.0, abs=1e-3)
+    held.release()  # a call refused before it went upstream gets its tokens back
+    await limits.drain()
+    _, quotas, _ = await limits.admit("k", policy)
+    assert [q.name for q in quotas] == ["requests", "tokens"]
+    assert quotas[1].remaining == pytest.approx(100.0, abs=1e-3)
 
 
 # --- size limits and per-model caps

@@ -317,6 +317,55 @@ async def test_neighbours_per_model_keep_every_arm_in_view(store):
     }
 
 
+async def test_calls_of_a_window_come_oldest_first_with_their_ratings(store):
+    now = utcnow()
+    records = [
+        call(f"w{i}", created_at=now - timedelta(minutes=10 - i), embedding=unit(1, i), model=f"m{i % 2}")
+        for i in range(7)
+    ]
+    records.append(call("tie", created_at=records[3].created_at))  # same time: ordered by id
+    await store.write_calls(records)
+    await store.add_feedback(Feedback("w2", 0.2, "meh", created_at=now - timedelta(minutes=5)))
+    await store.add_feedback(Feedback("w2", 0.9, source="app", created_at=now - timedelta(minutes=4)))
+    await store.add_feedback(Feedback("w4", 0.5, source="judge"))
+    since, until = records[1].created_at, records[6].created_at
+    got = [c async for c in store.iter_calls(since, until, page=2)]  # pages of two: keyset paging
+    assert [c.record.id for c in got] == ["w1", "w2", "tie", "w3", "w4", "w5"]
+    w2 = got[1]
+    assert (w2.score, w2.score_source) == (0.9, "app")
+    assert [(f.score, f.feedback_text, f.source) for f in w2.feedback] == [
+        (0.2, "meh", "user"),
+        (0.9, None, "app"),
+    ]
+    assert w2.feedback[0].created_at < w2.feedback[1].created_at
+    assert got[4].score == 0.5 and got[4].feedback[0].source == "judge"
+    assert np.allclose(got[0].record.embedding, unit(1, 1), atol=1e-6) and got[0].record.model == "m1"
+    assert [c async for c in store.iter_calls(until, until)] == []
+
+
+async def test_calls_of_a_window_are_each_tenants_own(store):
+    now = utcnow()
+    t = now - timedelta(minutes=5)
+    # the same request id under two keys, at the same time: two calls, each with its own ratings
+    await store.write_calls(
+        [
+            call("r", created_at=t, caller="key_b", model="m2"),
+            call("r", created_at=t, caller="key_a"),
+            call("s", created_at=t + timedelta(seconds=1), caller="key_a"),
+        ]
+    )
+    await store.add_feedback(Feedback("r", 0.9, caller="key_a"))
+    await store.add_feedback(Feedback("r", 0.1, caller="key_b"))
+    since, until = now - timedelta(hours=1), now
+    every = [c async for c in store.iter_calls(since, until, page=1)]
+    assert [(c.record.caller, c.record.id) for c in every] == [("key_a", "r"), ("key_b", "r"), ("key_a", "s")]
+    assert [c.score for c in every] == [0.9, 0.1, None]
+    assert [[f.score for f in c.feedback] for c in every] == [[0.9], [0.1], []]
+    mine = [c async for c in store.iter_calls(since, until, caller="key_b")]
+    assert [(c.record.id, c.record.model, c.score) for c in mine] == [("r", "m2", 0.1)]
+    assert [c async for c in store.iter_calls(since, until, caller="key_c")] == []
+
+
 # --- the dashboard's reads (CallInsights, PairInsights)
 
 HOUR = timedelta(hours=1)

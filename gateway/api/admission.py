@@ -1,6 +1,8 @@
-"""Admitting a routed call, whatever API it came in: the size limits, the routing constraints (a
-virtual model's, the body's `router`, the X-Router-* headers), room to record it, the rate-limit
-reservation (the prompt and the most output it may ask for) and the router's decision."""
+"""Admitting a routed call, whatever API it came in: the size limits, the caller's limits (one
+request, the prompt and the most output it may ask for, in one operation before any routing work),
+the routing constraints (a virtual model's, the body's `router`, the X-Router-* headers, narrowed to
+a virtual key's models), room to record it, the router's decision, and the budget reservation (the
+most the call may cost on the dearest model it may end on)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from typing import Any
 
 from starlette.types import Scope
 
-from gateway.catalogue import QUALITY_TARGET_MAX, RouterConstraints
-from gateway.context import RequestState
+from gateway.catalogue import QUALITY_TARGET_MAX, ModelSpec, RouterConstraints
+from gateway.context import RequestState, hold_budget
+from gateway.context import admit as admit_limits
 from gateway.domain import text_of
 from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.keys import fallbacks_for, narrow
 from gateway.routing import Decision, RouteContext
 from gateway.services import Services
 from gateway.wire import tokens_of
@@ -69,15 +73,32 @@ def measure(services: Services, messages: list[dict[str, Any]]) -> int:
     return tokens_of(lengths)
 
 
+def _each(asked: int | None, cap: int | None) -> int | None:
+    """One choice's most output: what it asks for, cut to `cap` (None: neither says)."""
+    return min(asked, cap) if asked and cap else (asked or cap)
+
+
 def output_tokens(services: Services, n: int, asked: int | None) -> int:
     """The output tokens a call may use at most, all choices together (what its token reservation
     holds beside the prompt): n x (what it asks for cut to MAX_OUTPUT_TOKENS, or MAX_OUTPUT_TOKENS)."""
     settings = services.settings
     if n > settings.max_n:
         raise InvalidRequest(f"n is {n}, at most {settings.max_n} (MAX_N)", param="n", code="invalid_value")
-    cap = settings.max_output_tokens
-    each = min(asked, cap) if asked and cap else (asked or cap)
-    return n * each
+    return n * (_each(asked, settings.max_output_tokens) or 0)
+
+
+def most_cost_usd(services: Services, chain: list[str], prompt_tokens: int, ask: Ask) -> float:
+    """What a call may cost at most (its budget reservation): its prompt and its most output (n x
+    what it asks for, cut to the model's cap or MAX_OUTPUT_TOKENS; with neither, what the model's
+    context window leaves), at the price of the dearest model it may end on (fallbacks included)."""
+    worst = 0.0
+    for name in chain:
+        spec: ModelSpec | None = services.settings.model(name)
+        if spec is not None:
+            each = _each(ask.max_tokens, services.upstreams.output_cap(spec))
+            out = ask.n * (each or max(1, spec.context_window - prompt_tokens))
+            worst = max(worst, spec.cost_usd(prompt_tokens, out))
+    return worst
 
 
 def constraints_of(
@@ -130,14 +151,16 @@ class Ask:
 async def admit(
     services: Services, state: RequestState, scope: Scope, ask: Ask
 ) -> tuple[RouteContext, Decision]:
-    """Size limits, constraints, room to record the call, the rate-limit reservation and the
-    router's decision."""
+    """Size limits, the caller's limits, constraints, room to record the call, the router's
+    decision and the budget reservation."""
     prompt_tokens = measure(services, ask.messages)
     most = prompt_tokens + output_tokens(services, ask.n, ask.max_tokens)
-    constraints = constraints_of(services, scope, ask.model, ask.router)
+    await admit_limits(services.limits, state, most)  # before any routing work
+    catalogue = {m.name for m in services.settings.models}
+    constraints = narrow(
+        state.key, ask.model, constraints_of(services, scope, ask.model, ask.router), catalogue
+    )
     services.recorder.admit()  # no room to record the call: refuse it before it costs
-    if state.limit_id is not None:
-        state.reservation = services.limits.reserve(state.limit_id, most)
     ctx = RouteContext(
         request_id=state.request_id,
         requested_model=ask.model,
@@ -148,7 +171,10 @@ async def admit(
         max_tokens=ask.max_tokens,
         tenant=state.tenant,
     )
-    return ctx, await services.router.decide(ctx)
+    decision = await services.router.decide(ctx)
+    decision.fallbacks = fallbacks_for(state.key, decision.fallbacks, catalogue)
+    await hold_budget(services.limits, state, most_cost_usd(services, decision.chain, prompt_tokens, ask))
+    return ctx, decision
 
 
 def refused(services: Services, state: RequestState, exc: GatewayError) -> None:

@@ -4,9 +4,12 @@ which must have the `embeddings` capability; the body goes upstream unchanged bu
 Embeddings are not routed: vectors from different models do not compare, so `auto` and virtual
 models are refused with the list of embedding models, and a failing model does not fall back to
 another (it is retried, as any upstream). The call is rate-limited (its input tokens estimated,
-then settled with the upstream's count), metered in /metrics and logged; it is not recorded as a
-call (nor traced, nor refused when the recorder's spool is full), since there is no answer to rate
-or learn from. Its body fields are checked against the embeddings API's allowlist (`gateway.fields`).
+then settled with the upstream's count), held against a virtual key's budgets when the model has a
+price (settled with the real cost), checked against the key's models, metered in /metrics and
+logged; it is not recorded as a call (nor traced, nor refused when the recorder's spool is full),
+since there is no answer to rate or learn from: so its spend is in the budgets' shared counters, not
+in the ledger of calls (`/v1/keys/{id}/spend`, and a counter seeded again from it). Its body
+fields are checked against the embeddings API's allowlist (`gateway.fields`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from gateway.api import json_response, services
 from gateway.api.routed import within_deadline
 from gateway.asgi import header_value, until_disconnect
 from gateway.catalogue import ModelSpec
-from gateway.context import request_state
+from gateway.context import admit, hold_budget, request_state
 from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.keys import allow
 from gateway.providers import EMBEDDINGS
 from gateway.schemas import EmbeddingsRequest, parse_json_object, require_model, validate
 from gateway.services import Services
@@ -64,6 +68,7 @@ async def embeddings(request: Request) -> Response:
     req: EmbeddingsRequest = validate(EmbeddingsRequest, data)
     fields.check(data, gw.settings.models, EMBEDDINGS)
     spec = embedding_model(gw, req.model)
+    allow(state.key, spec.name)
     chars, tokens = input_size(req.input)
     if chars > gw.settings.max_input_chars:
         raise InvalidRequest(
@@ -71,13 +76,14 @@ async def embeddings(request: Request) -> Response:
             param="input",
             code="input_too_long",
         )
-    if state.limit_id is not None:
-        state.reservation = gw.limits.reserve(state.limit_id, tokens)
+    await admit(gw.limits, state, tokens)
     body = {k: v for k, v in data.items() if k != "router"}
     try:
+        if spec.input_usd_per_mtok:
+            await hold_budget(gw.limits, state, spec.cost_usd(tokens, 0))
         work = gw.upstreams.answer([spec.name], lambda _: (EMBEDDINGS, body))
         result = await until_disconnect(request.receive, within_deadline(gw, state, work))
-    except Exception as exc:  # an error, or the client gone (ClientDisconnected): nothing was used
+    except Exception as exc:  # refused, an error, or the client gone (ClientDisconnected): nothing used
         if state.reservation is not None:
             state.reservation.release()
         status = exc.status if isinstance(exc, GatewayError) else 499
@@ -87,7 +93,7 @@ async def embeddings(request: Request) -> Response:
     used = reported if isinstance(reported, int) else tokens
     cost = spec.cost_usd(used, 0)
     if state.reservation is not None:
-        state.reservation.settle(used)
+        state.reservation.settle(used, cost)
     state.mark_overhead(result.upstream_ms)
     gw.metrics.embedded(spec.name, 200, used, cost)
     upstream_model = result.data.get("model")

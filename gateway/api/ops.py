@@ -35,6 +35,9 @@ async def readiness(s: Services) -> dict[str, str]:
     else:  # say why: a key to set, a local server to start (the probes keep this true)
         why = "; ".join(f"{m.name}: {s.upstreams.why_unavailable(m.name)}" for m in s.settings.models)
         checks["models"] = f"no model available: {why}" if why else "no model configured"
+    shared = s.shared.status()
+    if not shared.up and s.settings.redis_fail_closed:
+        checks["shared_state"] = "unreachable: limited requests are refused (REDIS_FAIL_CLOSED)"
     if POLICIES[s.settings.router_policy].needs_embedding:
         checks["embedder"] = "ok" if s.embedder is not None else "unavailable: routing without context"
     rec = s.recorder.state()
@@ -54,7 +57,7 @@ def gauges(s: Services, auth_failures: int = 0) -> Gauges:
         stats = s.router.stats.get(m.name)
         arms[m.name] = ArmGauge(s.router.quality(m.name), stats.rated if stats else 0)
     cache = s.embedder.cache_stats() if s.embedder is not None else None
-    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms, auth_failures)
+    return Gauges(s.upstreams.snapshot(), s.recorder.state(), cache, arms, auth_failures, s.shared.status())
 
 
 def model_entry(gw: Services, name: str) -> dict[str, Any] | None:
@@ -120,11 +123,13 @@ async def ready(request: Request) -> Response:
 async def health(request: Request) -> Response:
     gw = services(request)
     r = await gw.readiness.get()
+    shared = gw.shared.status()  # live, beside the cached checks
     body = {
-        "status": "ok" if r.ok else "degraded",
+        "status": "ok" if r.ok and shared.up else "degraded",
         "checks": r.checks,
         "providers": gw.upstreams.snapshot(),
         "recorder": gw.recorder.state(),
+        "shared_state": shared.as_dict(),
     }
     return json_response(body, headers=_cache_headers(gw))
 

@@ -42,7 +42,7 @@ def _tenant(gw: Services, request: Request) -> str | None:
     query says so: another tenant's id is as unknown as an id nobody used, in time too). The admin
     sees every tenant's (`?caller=` narrows it to one)."""
     state = request_state(request.scope)
-    if gw.settings.gateway_api_keys and is_admin(gw.settings, state.caller):
+    if gw.settings.keys_required and is_admin(gw.settings, state.caller):
         return request.query_params.get("caller") or None
     return state.tenant
 
@@ -123,11 +123,11 @@ async def dpo_pairs(request: Request) -> Response:
     gw = admin_only(request)
     q = request.query_params
     kind = q.get("kind", "responses")
-    fmt = q.get("format", "trl")
-    if kind not in ("responses", "routes"):
-        raise InvalidRequest("kind must be responses or routes", param="kind", code="invalid_value")
-    if fmt not in ("trl", "jsonl"):
-        raise InvalidRequest("format must be trl or jsonl", param="format", code="invalid_value")
+    try:
+        fmt = dpo.export_format(kind, q.get("format"))
+    except ValueError as exc:
+        param = "kind" if kind not in dpo.EXPORT_FORMATS else "format"
+        raise InvalidRequest(str(exc), param=param, code="invalid_value") from exc
     limit = _number(q.get("limit", "1000"), "limit", int, 1, 10_000)
     min_margin = _number(q.get("min_margin", str(gw.settings.dpo_min_margin)), "min_margin", float, 0, 1)
     after = None

@@ -130,7 +130,7 @@ class RoutedEndpoint:
             admitted.dialect,
             admitted.duel_body,
             services.calls.opened(
-                open_record(state, ask.messages, ask.model, decision, stream=admitted.stream)
+                open_record(state, ask.messages, ask.model, decision, stream=admitted.stream), decision
             ),
         )
         if admitted.stream:

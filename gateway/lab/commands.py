@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gateway.catalogue import STRATEGIES
+from gateway.config import setting_key
+from gateway.config_errors import ConfigError
 from gateway.lab import plots
 from gateway.lab.report import Trace, aiq, halves, model_shares, regret
 from gateway.lab.runner import (
@@ -19,10 +24,13 @@ from gateway.lab.runner import (
     baseline_traces,
     embeddings_for,
     feedback_mask,
+    lab_settings,
     run_router,
     stream_order,
 )
 from gateway.providers import replay as replay_data
+from gateway.routing.policies import POLICIES
+from gateway.spelling import unknown
 
 MODE = "http: a real gateway (uvicorn on 127.0.0.1) driven with model='auto', one request at a time"
 
@@ -36,9 +44,9 @@ def _out_dir(out: str | None, name: str, verb: str) -> Path:
 def _row(name: str, s: dict[str, dict[str, float]]) -> str:
     a, h = s["all"], s["second_half"]
     return (
-        f"{name:<16} {a['mean_score']:7.4f} {a['mean_cost_usd']:11.3e} {a['score_share_of_best']:7.1%} "
-        f"{a['cost_share_of_best']:7.1%} | {h['mean_score']:7.4f} {h['mean_cost_usd']:11.3e} "
-        f"{h['score_share_of_best']:7.1%} {h['cost_share_of_best']:7.1%}"
+        f"{name:<16} {a['mean_score']:7.4f} {a['mean_cost_usd']:11.3e} {_pct(a['score_share_of_best'])} "
+        f"{_pct(a['cost_share_of_best'])} | {h['mean_score']:7.4f} {h['mean_cost_usd']:11.3e} "
+        f"{_pct(h['score_share_of_best'])} {_pct(h['cost_share_of_best'])}"
     )
 
 
@@ -48,10 +56,14 @@ HEADER = (
 )
 
 
-def _prepare(file: str, options: Options) -> tuple[Any, list[int], list[bool], list[str], np.ndarray, Any]:
+def _prepare(
+    file: str, options: Options, runs: list[Options]
+) -> tuple[Any, list[int], list[bool], list[str], np.ndarray, Any]:
     from gateway.embedder import load_encoder
 
     data = replay_data.load(file)
+    for run in runs:  # a bad setting fails now, not after the runs before it
+        lab_settings(data, run, None)
     order = stream_order(len(data.records), options.order, options.seed, options.limit)
     mask = feedback_mask(len(order), options.feedback_rate, options.seed)
     max_chars = int(options.overrides.get("embedding_max_chars", 1000))
@@ -81,13 +93,32 @@ def _run(
             bar.set_postfix_str(f"top: {top.split('/')[-1]} {seen[top] / (t + 1):.0%}")
 
     try:
-        return asyncio.run(run_router(data, order, mask, options, texts, vectors, encoder, progress))
+        with logging_redirect_tqdm():  # a warning prints above the bar, not inside it
+            return asyncio.run(run_router(data, order, mask, options, texts, vectors, encoder, progress))
     finally:
         bar.close()
 
 
+def _title(name: str, n: int, options: Options, extra: str = "") -> str:
+    """What a plot shows: the file, the run, the settings that differ from the defaults."""
+    chosen = {k.upper(): v for k, v in options.overrides.items()}
+    if options.policy:
+        chosen["ROUTER_POLICY"] = options.policy
+    if options.strategy:
+        chosen["strategy"] = options.strategy
+    settings = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "default settings"
+    return (
+        f"{name}: {n} prompts, feedback on {options.feedback_rate:.0%}, order {options.order} (seed "
+        f"{options.seed}); {settings}{extra}"
+    )
+
+
+def _pct(value: float) -> str:
+    return "    n/a" if math.isnan(value) else f"{value:7.1%}"
+
+
 def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
-    data, order, mask, texts, vectors, encoder = _prepare(file, options)
+    data, order, mask, texts, vectors, encoder = _prepare(file, options, [options])
     out_dir = _out_dir(out, data.name, "replay")
     router = _run(data, order, mask, texts, vectors, encoder, options, f"replay {data.name}")
     base = baseline_traces(data, order, mask, vectors, options.seed)
@@ -117,7 +148,7 @@ def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
         "zero_router_aiq": aiq(list(singles.values())),
         "single_models": {m: {"mean_cost_usd": c, "mean_score": q} for m, (c, q) in singles.items()},
     }
-    files = plots.replay_plots(out_dir, router, base, data.models)
+    files = plots.replay_plots(out_dir, router, base, data.models, _title(data.name, len(order), options))
     report["plots"] = [str(f) for f in files]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(
@@ -127,10 +158,10 @@ def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
     print(HEADER)
     for name, s in strategies.items():
         print(_row(name, s))
-    print(
-        f"\nreport: {out_dir / 'report.json'}  plots: {', '.join(f.name for f in files)}  "
-        f"({router.meta['ms_per_request']} ms per request)"
-    )
+    if not float(best.costs.sum()):
+        print(f"cost: unknown ({data.name} has no costs or prices): the shares of cost are n/a")
+    print(f"\nreport: {out_dir / 'report.json'} ({router.meta['ms_per_request']} ms per request)")
+    print("plots: " + "  ".join(str(f) for f in files))
     return report
 
 
@@ -138,29 +169,36 @@ _ALIASES = {"policy": "router_policy"}
 
 
 def parse_grid(grids: list[str]) -> list[tuple[str, list[Any]]]:
+    """`--grid KEY=v1,v2,...`: KEY a setting (or `policy`, `strategy`); unknown keys, policies and
+    strategies are ConfigErrors that name the closest valid spelling."""
     out = []
     for g in grids:
         key, sep, values = g.partition("=")
-        if not sep or not values:
-            raise ValueError(f"--grid needs KEY=v1,v2,..., got {g!r}")
+        if not sep or not values or not key.strip():
+            raise ConfigError(f"--grid needs KEY=v1,v2,..., got {g!r}")
+        name = key.strip().lower()
+        if name not in _ALIASES and name != "strategy":
+            name = setting_key(key, "--grid")
         parsed: list[Any] = []
         for v in values.split(","):
             try:
                 parsed.append(json.loads(v))
             except json.JSONDecodeError:
                 parsed.append(v)
-        out.append((key.strip().lower(), parsed))
+        vocabulary = {"strategy": STRATEGIES, "router_policy": tuple(POLICIES)}.get(
+            _ALIASES.get(name, name), ()
+        )
+        for v in parsed if vocabulary else []:
+            if v not in vocabulary:
+                raise ConfigError(f"--grid {key.strip()}: {unknown(name.split('_')[-1], str(v), vocabulary)}")
+        out.append((name, parsed))
     return out
 
 
 def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dict[str, Any]:
     grid = parse_grid(grids)
-    data, order, mask, texts, vectors, encoder = _prepare(file, options)
-    out_dir = _out_dir(out, data.name, "sweep")
-    base = baseline_traces(data, order, mask, vectors, options.seed)
-    best = base["best_single"]
-    runs = []
     keys = [k for k, _ in grid]
+    plans = []
     for combo in itertools.product(*[vals for _, vals in grid]):
         setting = dict(zip(keys, combo, strict=True))
         opts = Options(**{**vars(options), "overrides": dict(options.overrides)})
@@ -169,6 +207,13 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
                 opts.strategy = v
             else:
                 opts.overrides[_ALIASES.get(k, k)] = v
+        plans.append((setting, opts))
+    data, order, mask, texts, vectors, encoder = _prepare(file, options, [o for _, o in plans])
+    out_dir = _out_dir(out, data.name, "sweep")
+    base = baseline_traces(data, order, mask, vectors, options.seed)
+    best = base["best_single"]
+    runs = []
+    for setting, opts in plans:
         label = ",".join(f"{k}={v}" for k, v in setting.items())
         trace = _run(data, order, mask, texts, vectors, encoder, opts, label)
         summary = halves(trace, best)
@@ -177,8 +222,8 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         )
         h = summary["second_half"]
         print(
-            f"{label:<48} second half: score {h['mean_score']:.4f} ({h['score_share_of_best']:.1%} of best) "
-            f"cost {h['mean_cost_usd']:.3e} ({h['cost_share_of_best']:.1%} of best)",
+            f"{label:<48} second half: score {h['mean_score']:.4f} ({_pct(h['score_share_of_best']).strip()} "
+            f"of best) cost {h['mean_cost_usd']:.3e} ({_pct(h['cost_share_of_best']).strip()} of best)",
             flush=True,
         )
     mid = len(order) // 2
@@ -205,11 +250,13 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         "baselines": {n: halves(tr, best) for n, tr in base.items()},
         "aiq_second_half": aiqs,
     }
-    files = [
-        plots.cost_quality_plot(
-            out_dir / "cost_quality.png", points, singles, f"{data.name}: second half, cost vs quality"
-        )
-    ]
+    title = _title(data.name, len(order), options, f"; grid {', '.join(keys)}; second half")
+    others = {
+        n: (h["mean_cost_usd"], h["mean_score"])
+        for n, s in report["baselines"].items()
+        for h in [s["second_half"]]
+    }
+    files = [plots.cost_quality_plot(out_dir / "cost_quality.png", points, singles, title, others)]
     if len(grid) == 2:
         (k1, v1), (k2, v2) = grid
         half = {(r["setting"][k1], r["setting"][k2]): r["second_half"] for r in runs}
@@ -222,7 +269,7 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
                     [str(b) for b in v2],
                     k1,
                     k2,
-                    f"second-half {metric}, share of the best single model",
+                    f"{data.name}: second-half {metric}, share of the best single model's",
                 )
             )
     report["plots"] = [str(f) for f in files]
@@ -233,4 +280,5 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         f"{aiqs['zero_router_on_model_range']:.4f}"
     )
     print(f"report: {out_dir / 'report.json'}")
+    print("plots: " + "  ".join(str(f) for f in files))
     return report

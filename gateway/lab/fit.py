@@ -48,7 +48,7 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
     prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
     policy.fit(x, np.concatenate(scores), np.concatenate(costs))
-    path = out or settings.router_state_file
+    path = out or hcts_state.state_file(settings)
     hcts_state.save(policy, models, path)
     return Fitted(
         path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam

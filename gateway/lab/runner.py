@@ -22,7 +22,8 @@ import aiohttp
 import numpy as np
 import uvicorn
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, load_settings, setting_key
+from gateway.config_errors import ConfigError
 from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
 from gateway.lab import baselines
 from gateway.lab.report import Trace
@@ -33,6 +34,7 @@ log = logging.getLogger("gateway.lab")
 
 # Replay data carries no latencies: a latency weight would only reward noise.
 LAB_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",  # the lab's gateway listens on loopback only
     "latency_weight": 0.0,
     "log_level": "warning",
     "duel_rate": 0.0,
@@ -70,16 +72,17 @@ def feedback_mask(n: int, rate: float, seed: int) -> list[bool]:
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` (KEY case-insensitive; VALUE parsed as JSON when it can be)."""
+    """`--set KEY=VALUE` (KEY a setting, case-insensitive; VALUE parsed as JSON when it can be).
+    An unknown KEY is a ConfigError that names the closest setting."""
     out: dict[str, Any] = {}
     for item in pairs:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
         try:
-            out[key.strip().lower()] = json.loads(value)
+            out[setting_key(key, "--set")] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip().lower()] = value
+            out[setting_key(key, "--set")] = value
     return out
 
 
@@ -146,9 +149,10 @@ async def lab_database(options: Options) -> AsyncIterator[str | None]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, embedder: MiniLMEmbedder, seed: int
+    settings: Settings, embedder: MiniLMEmbedder | None, seed: int | None, port: int = 0
 ) -> AsyncIterator[tuple[str, Services]]:
-    """The gateway on a free loopback port, in this event loop: its URL and its parts."""
+    """The gateway on a loopback port (default: a free one), in this event loop: its URL and its
+    parts (without an embedder, the gateway loads its own)."""
     from gateway.app import create_app
 
     started: list[Services] = []
@@ -156,7 +160,7 @@ async def serving(
     sock = socket.socket(
         socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
     )  # asyncio sets TCP_NODELAY only then
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -168,6 +172,64 @@ async def serving(
     finally:
         server.should_exit = True
         await task
+
+
+async def drive(
+    settings: Settings,
+    embedder: MiniLMEmbedder,
+    data: ReplayData,
+    order: list[int],
+    mask: list[bool] | None,
+    seed: int,
+    *,
+    strategy: str | None = None,
+    first: int = 0,
+    progress: Callable[[int, str], None] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """Send the prompts of `order` through a real gateway with `model="auto"`, request ids
+    `r{first + t}`, and rate the picks `mask` says (no mask: the gateway learns nothing, nor
+    refreshes what it knows). The picks, and how many calls each layer decided."""
+    picks: list[str] = []
+    layers: dict[str, int] = {}
+    async with serving(settings, embedder, seed) as (url, gw), aiohttp.ClientSession() as http:
+        for t, i in enumerate(order):
+            record = data.records[i]
+            body: dict[str, Any] = {
+                "model": "auto",
+                "messages": record.messages,
+                "metadata": {"replay_id": record.id},
+            }
+            if strategy:
+                body["router"] = {"strategy": strategy}
+            headers = {"x-request-id": f"r{first + t}"}
+            async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
+                chosen = resp.headers["x-router-model"]
+                request_id = resp.headers["x-request-id"]
+                layer = resp.headers.get("x-router-layer", "")
+            layers[layer] = layers.get(layer, 0) + 1
+            picks.append(chosen)
+            if mask is not None and mask[t]:
+                fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
+                async with http.post(url + "/feedback", json=fb) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"feedback failed: {resp.status} {(await resp.read())[:300]!r}")
+            # Reproducible runs: each decision sees every earlier call and rating, whatever the
+            # timing of the write-behind recorder and of the statistics refresh.
+            await gw.recorder.flush()
+            if mask is not None:
+                await gw.router.refresh_stats()
+            if progress is not None:
+                progress(t, chosen)
+    return picks, layers
+
+
+def trace_of(name: str, data: ReplayData, order: list[int], picks: list[str], meta: dict[str, Any]) -> Trace:
+    scores = np.array([data.records[i].outcomes[m].score for i, m in zip(order, picks, strict=True)])
+    costs = np.array([data.cost(data.records[i], m) for i, m in zip(order, picks, strict=True)])
+    return Trace(name, picks, scores, costs, meta)
 
 
 async def run_router(
@@ -183,54 +245,21 @@ async def run_router(
     """Stream the prompts through a real gateway with `model="auto"` and learn from feedback."""
     embedder = MiniLMEmbedder(encoder, cache_size=len(texts) + 1000)
     embedder.prime([texts[i] for i in order], vectors[order])
-    picks: list[str] = []
-    layers: dict[str, int] = {}
     t0 = time.perf_counter()
     async with lab_database(options) as dsn:
         settings = lab_settings(data, options, dsn)
-        async with serving(settings, embedder, options.seed) as (url, gw), aiohttp.ClientSession() as http:
-            for t, i in enumerate(order):
-                record = data.records[i]
-                body: dict[str, Any] = {
-                    "model": "auto",
-                    "messages": record.messages,
-                    "metadata": {"replay_id": record.id},
-                }
-                if options.strategy:
-                    body["router"] = {"strategy": options.strategy}
-                async with http.post(url + "/v1/chat/completions", json=body) as resp:
-                    payload = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
-                    chosen = resp.headers["x-router-model"]
-                    request_id = resp.headers["x-request-id"]
-                    layer = resp.headers.get("x-router-layer", "")
-                layers[layer] = layers.get(layer, 0) + 1
-                picks.append(chosen)
-                if mask[t]:
-                    fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
-                    async with http.post(url + "/feedback", json=fb) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(
-                                f"feedback failed: {resp.status} {(await resp.read())[:300]!r}"
-                            )
-                # Reproducible runs: each decision sees every earlier call and rating, whatever the
-                # timing of the write-behind recorder and of the statistics refresh.
-                await gw.recorder.flush()
-                await gw.router.refresh_stats()
-                if progress is not None:
-                    progress(t, chosen)
+        picks, layers = await drive(
+            settings, embedder, data, order, mask, options.seed, strategy=options.strategy, progress=progress
+        )
     await embedder.aclose()
     elapsed = time.perf_counter() - t0
-    scores = np.array([data.records[i].outcomes[m].score for i, m in zip(order, picks, strict=True)])
-    costs = np.array([data.cost(data.records[i], m) for i, m in zip(order, picks, strict=True)])
     meta = {
         "seconds": round(elapsed, 1),
         "ms_per_request": round(elapsed * 1000 / len(order), 2),
         "layers": layers,
         "settings": _knobs(settings),
     }
-    return Trace("auto", picks, scores, costs, meta)
+    return trace_of("auto", data, order, picks, meta)
 
 
 def _knobs(settings: Settings) -> dict[str, Any]:

@@ -29,8 +29,12 @@ import numpy as np
 import orjson
 
 from gateway.catalogue import ModelSpec
-from gateway.domain import prompt_hash
+from gateway.domain import prompt_hash, text_of
 from gateway.providers import ProviderError
+
+
+class ReplayFileError(ValueError):
+    """A replay file that cannot be read: missing, not JSONL, or not in the format above."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,18 @@ class ReplayData:
         p_in, p_out = self.prices.get(model, (0.0, 0.0))
         return ((o.prompt_tokens or 0) * p_in + (o.completion_tokens or 0) * p_out) / 1e6
 
+    def context_window(self) -> int:
+        """A window that holds the file's longest prompt (as the gateway estimates it) and an
+        answer: the data set says nothing of the real models' windows, and a replay answers only
+        the file's prompts."""
+        longest = max(sum(len(text_of(m.get("content"))) // 4 + 4 for m in r.messages) for r in self.records)
+        return max(8192, longest + 4096)
+
     def catalogue(self, replay_file: str | None = None) -> list[ModelSpec]:
-        """One `replay` model per model of the file, priced as the file says."""
+        """One `replay` model per model of the file, priced as the file says, with what a replay
+        can honestly do: chat and streaming (the data holds text answers only: no tool calls, no
+        JSON mode, no images)."""
+        window = self.context_window()
         specs = []
         for m in self.models:
             p_in, p_out = self.prices.get(m, (0.0, 0.0))
@@ -98,8 +112,8 @@ class ReplayData:
                     replay_file=replay_file or str(self.path),
                     input_usd_per_mtok=p_in,
                     output_usd_per_mtok=p_out,
-                    context_window=1_000_000,
-                    capabilities=frozenset({"chat", "streaming", "tools", "json", "vision"}),
+                    context_window=window,
+                    capabilities=frozenset({"chat", "streaming"}),
                 )
             )
         return specs
@@ -113,11 +127,13 @@ def _iter_lines(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 yield orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+                raise ReplayFileError(f"{path}:{n}: not JSON ({exc})") from exc
 
 
 def load(path: str | Path) -> ReplayData:
     path = Path(path)
+    if not path.is_file():
+        raise ReplayFileError(f"replay file {str(path)!r} does not exist (or is not a file)")
     records: list[Record] = []
     models: list[str] = []
     for n, raw in enumerate(_iter_lines(path), 1):
@@ -134,23 +150,26 @@ def load(path: str | Path) -> ReplayData:
             }
             record = Record(str(raw["id"]), str(raw.get("task", "")), list(raw["messages"]), outcomes)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}:{n}: not a replay record ({type(exc).__name__}: {exc})") from exc
+            raise ReplayFileError(f"{path}:{n}: not a replay record ({type(exc).__name__}: {exc})") from exc
         if not models:
             models = list(outcomes)
         missing = set(models) - set(outcomes)
         if missing:
-            raise ValueError(f"{path}:{n}: record {record.id} has no outcome for {sorted(missing)}")
+            raise ReplayFileError(f"{path}:{n}: record {record.id} has no outcome for {sorted(missing)}")
         records.append(record)
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise ReplayFileError(f"{path}: no records")
     prices: dict[str, tuple[float, float]] = {}
     meta = path.with_name(path.name.removesuffix(".jsonl") + ".models.json")
     if meta.is_file():
-        for m in orjson.loads(meta.read_bytes()).get("models", []):
-            prices[m["name"]] = (
-                float(m.get("input_usd_per_mtok") or 0.0),
-                float(m.get("output_usd_per_mtok") or 0.0),
-            )
+        try:
+            for m in orjson.loads(meta.read_bytes()).get("models", []):
+                prices[m["name"]] = (
+                    float(m.get("input_usd_per_mtok") or 0.0),
+                    float(m.get("output_usd_per_mtok") or 0.0),
+                )
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ReplayFileError(f"{meta}: not a price list ({type(exc).__name__}: {exc})") from exc
     return ReplayData(path, records, models, prices)
 
 
@@ -177,14 +196,13 @@ class ReplayProvider:
         else:
             record = self.data.by_prompt.get(prompt_hash(payload.get("messages") or []))
         if record is None:
+            message = (
+                f"this prompt is not in the replay file {self.data.path.name}: a replay gateway answers "
+                f"only the file's prompts (send one of its records' messages, or run `llm-router demo "
+                f"{self.data.path}`)"
+            )
             raise ProviderError(
-                "status",
-                f"this prompt is not in the replay file {self.data.path.name}",
-                status=400,
-                body={
-                    "message": f"this prompt is not in the replay file {self.data.path.name}",
-                    "code": "replay_unknown_prompt",
-                },
+                "status", message, status=400, body={"message": message, "code": "replay_unknown_prompt"}
             )
         return record, record.outcomes[self.model]
 

@@ -14,7 +14,8 @@ Then `choose`: sample each posterior and score
 with speed and cost normalised to [0, 1] across the eligible arms (speed 1 = fastest; cost 0 =
 cheapest, on a log scale since prices span orders of magnitude; COST_WEIGHT is negative), a bonus
 of EXPLORATION_BONUS for arms with little data, and with probability EXPLORATION_RATE a uniform
-pick. The propensity of the chosen arm is estimated by resampling the posteriors.
+pick. Every arm's propensity (its probability of being picked) is computed, not resampled:
+`gateway.routing.propensity`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from gateway.domain import ArmStats, Neighbour
+from gateway.routing.propensity import Pending
 
 COST_FLOOR_USD = 1e-7  # free arms sit at the floor of the log scale
 MEAN_CLIP = 0.01  # prior means stay in [0.01, 0.99]: a Beta needs both parameters > 0
@@ -50,7 +52,7 @@ class Knobs:
     min_requests_for_global: int = 10
     min_similar_requests: int = 5
     min_confidence_score: float = 0.1
-    propensity_samples: int = 256
+    propensity_samples: int = 4096  # resampling, only for a posterior kind without a computation
 
     @classmethod
     def from_settings(cls, settings: Any) -> Knobs:
@@ -87,15 +89,36 @@ class ArmView:
     latency_ms: float | None = None
     cost_usd: float = 0.0
     evidence: float = 0.0  # contextual evidence weight (kNN), for the record
+    hint: float | None = None  # the catalogue's prior guess of quality (`quality:`)
 
 
 @dataclass
 class Choice:
+    """A pick, its propensity, the arms ranked (fallbacks follow the pick), and per arm what the
+    record keeps. `propensities` holds every eligible arm's probability of being picked (what
+    off-policy evaluation needs); a deterministic pick is {arm: 1}. A policy that cannot say
+    leaves it empty, and its decisions cannot be evaluated off-line. A Thompson pick leaves the
+    computation `pending` until `resolve()` (the decision does not wait for it)."""
+
     arm: str
     explored: bool
-    propensity: float
+    propensity: float | None
     ranking: list[str]
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    propensities: dict[str, float] = field(default_factory=dict)
+    propensity_error: float = 0.0  # each of `propensities` is within about this of the truth
+    pending: Pending | None = None
+
+    @classmethod
+    def deterministic(cls, ranking: list[str], candidates: list[dict[str, Any]] | None = None) -> Choice:
+        return cls(ranking[0], False, 1.0, ranking, candidates or [], {ranking[0]: 1.0})
+
+    def resolve(self) -> Choice:
+        if self.pending is not None:
+            self.propensities, self.propensity_error = self.pending.resolve()
+            self.propensity = self.propensities[self.arm]
+            self.pending = None
+        return self
 
 
 def quality_prior(stats: ArmStats | None, knobs: Knobs, hint: float | None = None) -> float:
@@ -287,11 +310,14 @@ def choose(arms: Sequence[ArmView], knobs: Knobs, rng: np.random.Generator) -> C
     scores = knobs.feedback_weight * samples + fixed
     explored = bool(rng.random() < knobs.exploration_rate)
     pick = int(rng.integers(k)) if explored else int(np.argmax(scores))
-    # Propensity: P(pick) = eps / K + (1 - eps) * P(argmax = pick), the latter by resampling.
-    m = knobs.propensity_samples
-    draws = np.stack([a.posterior.sample(rng, m) for a in arms], axis=1)
-    wins = np.bincount(np.argmax(knobs.feedback_weight * draws + fixed, axis=1), minlength=k) / m
-    probs = knobs.exploration_rate / k + (1 - knobs.exploration_rate) * wins
+    pending = Pending(
+        [a.name for a in arms],
+        [a.posterior for a in arms],
+        fixed,
+        knobs.feedback_weight,
+        knobs.exploration_rate,
+        knobs.propensity_samples,
+    )
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
     if explored:
         order = [pick, *(i for i in order if i != pick)]
@@ -305,14 +331,14 @@ def choose(arms: Sequence[ArmView], knobs: Knobs, rng: np.random.Generator) -> C
             "cost": round(float(cost[i]), 4),
             "bonus": round(bonus(arms[i].rated, knobs), 4),
             "evidence": round(arms[i].evidence, 3),
-            "propensity": round(float(probs[i]), 4),
         }
         for i in order
     ]
     return Choice(
         arm=arms[pick].name,
         explored=explored,
-        propensity=float(probs[pick]),
+        propensity=None,
         ranking=[arms[i].name for i in order],
         candidates=candidates,
+        pending=pending,
     )

@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from gateway.catalogue import ModelSpec, RouterConstraints
+from gateway.catalogue import CAPABILITIES, ModelSpec, RouterConstraints
 from gateway.domain import ArmStats
 from gateway.errors import InvalidRequest, unavailable
 from gateway.health import Unavailable
 from gateway.routing import RouteContext
+from gateway.spelling import unknown
 
 
 class Availability(Protocol):
@@ -57,10 +58,12 @@ def eligible(
     availability: Availability,
 ) -> list[str]:
     if c.models:
-        unknown = [m for m in c.models if m not in specs]
-        if unknown:
+        strangers = [m for m in c.models if m not in specs]
+        if strangers:
             raise InvalidRequest(
-                f"router.models: unknown model {unknown[0]!r}", param="router.models", code="invalid_value"
+                f"router.models: {unknown('model', strangers[0], specs)}",
+                param="router.models",
+                code="invalid_value",
             )
         names = [n for n in names if n in c.models]
         if not names:
@@ -69,6 +72,15 @@ def eligible(
                 param="router.models",
                 code="no_eligible_model",
             )
+    if c.capability:
+        known = set(CAPABILITIES).union(*(s.capabilities for s in specs.values()))
+        for capability in c.capability:
+            if capability not in known:
+                raise InvalidRequest(
+                    f"router.capability: {unknown('capability', capability, known)}",
+                    param="router.capability",
+                    code="invalid_value",
+                )
     needs = set(ctx.needs - {"streaming"}) | set(c.capability)
     arms = names
     if needs:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gateway.routing.hcts_dial import Dial, DialSpec, Reference
-from gateway.routing.hcts_math import argmax_probs
+from gateway.routing.hcts_math import propensities
 from gateway.routing.hcts_model import ClusterModel, HctsKnobs, compute_clusters
 
 MAX_DIALS = 32  # dial settings calibrated at once (per-request dials beyond: the least recent goes)
@@ -59,6 +59,7 @@ class Pick:
     sd: np.ndarray  # the posterior sd (before the exploration scale)
     explored: bool
     ticket: Ticket = field(repr=False)
+    error: float = 0.0  # each propensity's estimated numerical error (`hcts_math.propensities`)
 
 
 class Hcts:
@@ -128,7 +129,7 @@ class Hcts:
         theta = me + sd * z
         explored = r_explore < eps
         j = r_arm if explored else int(np.argmax(theta - pen))
-        pts, _ = argmax_probs(me - pen, sd, self.ref.nodes)
+        pts, error = propensities(me - pen, sd)
         props = np.zeros(k)
         props[elig] = eps / len(elig) + (1.0 - eps) * pts
         samples, objective = np.full(k, np.nan), np.full(k, np.nan)
@@ -138,7 +139,9 @@ class Hcts:
         ticket = Ticket(
             x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec
         )
-        return Pick(arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket)
+        return Pick(
+            arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, (1.0 - eps) * error
+        )
 
     # --- learning
     def observe_call(self, ticket: Ticket | None, x: np.ndarray, arm: int, cost: float | None) -> int:

@@ -5,6 +5,7 @@ form with a guaranteed bracket), the expected maximum, and spherical k-means."""
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -47,6 +48,20 @@ def argmax_probs(u: np.ndarray, s: np.ndarray, nodes: np.ndarray) -> tuple[np.nd
     upper = (d[:, :-1] * f_minus).sum(axis=1) + d[:, -1]
     p = 0.5 * (lower + upper)
     return p / p.sum(), float(0.5 * (upper - lower).max())
+
+
+# The propensities' nodes (per arm, in its own standard deviations): 32 normal quantiles and the
+# tails, so that every interval holds about the same mass of the arm's own draw.
+PROP_NODES = np.array([-7.0, -5.0, *(NormalDist().inv_cdf((i + 0.5) / 32) for i in range(32)), 5.0, 7.0])
+
+
+def propensities(u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, float]:
+    """`argmax_probs` on PROP_NODES, and an estimate of its largest error: the difference from the
+    same sum on every other node (it falls about fourfold when the nodes are doubled, so the
+    difference overstates it)."""
+    p, _ = argmax_probs(u, s, PROP_NODES)
+    coarse, _ = argmax_probs(u, s, PROP_NODES[::2])
+    return p, float(np.abs(p - coarse).max())
 
 
 def expected_max(u: np.ndarray, s: np.ndarray, nodes: np.ndarray) -> float:

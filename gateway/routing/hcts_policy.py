@@ -26,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from gateway.domain import utcnow
+from gateway.routing import hcts_state
 from gateway.routing.bandit import ArmView, Choice, Posterior
 from gateway.routing.hcts import Hcts, Ticket
 from gateway.routing.hcts_dial import DialSpec
@@ -68,11 +69,9 @@ class HctsPolicy:
         self.clustering: asyncio.Task[None] | None = None
 
     def _stored(self) -> Hcts | None:
-        path = self.deps.settings.router_state_file
+        path = hcts_state.state_file(self.deps.settings)
         if not path.exists():
             return None
-        from gateway.routing import hcts_state
-
         try:
             core = hcts_state.load(path, self.arms, self.dial)
         except Exception as exc:  # a broken file must not keep the gateway from starting
@@ -127,12 +126,16 @@ class HctsPolicy:
             }
             for j in order
         ]
+        # every eligible arm's propensity, exact (closed form, with the uniform floor) and known at
+        # once: nothing is left pending for the call's record to compute
         return Choice(
             arm=self.arms[pick.arm],
             explored=pick.explored,
             propensity=float(pick.props[pick.arm]),
             ranking=[views[j].name for j in order],
             candidates=candidates,
+            propensities={v.name: float(pick.props[i]) for v, i in zip(views, idx, strict=True)},
+            propensity_error=pick.error,
         )
 
     # --- learning

@@ -23,6 +23,11 @@ _ARM_AXIS = {"model.prior": 0, "model.n": 0, "model.s": 0, "model.ss": 0, "model
 _LISTS = ("model.cents", "model.ln", "model.ls", "model.lc")
 
 
+def state_file(settings: Any) -> Path:
+    """Where the state lives: ROUTER_STATE_PATH, else DATA_DIR/router_state.npz."""
+    return Path(settings.router_state_path or settings.data_dir / "router_state.npz")
+
+
 def save(policy: Hcts, arms: list[str], path: Path) -> None:
     state = policy.state()
     arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)

@@ -3,7 +3,10 @@
 A policy forms each arm's quality posterior for the request and makes the pick (`choose`), learns
 from this replica's feedback at once (`observe`), and catches up with what other replicas learnt
 (`sync`, every STATS_REFRESH_S). The Thompson step itself, the posteriors' arithmetic and the
-propensities are the pure core in `gateway.routing.bandit`.
+propensities are the pure core in `gateway.routing.bandit`. The `Choice` must say every eligible
+arm's propensity (`propensities`, or a `pending` computation: `bandit.choose` does both); that is
+what off-policy evaluation (`gateway.evaluation`) weights the logs by, and it evaluates any policy
+of this registry through the real Router.
 
 - `hcts` (the default): hierarchical-cluster Thompson sampling with a calibrated cost/quality dial
   (`gateway.routing.hcts_policy`).

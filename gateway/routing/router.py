@@ -28,6 +28,7 @@ from gateway.catalogue import RouterConstraints
 from gateway.config import Settings
 from gateway.domain import ArmStats, CallRecord
 from gateway.embedder import Embedder, routing_text
+from gateway.errors import InvalidRequest
 from gateway.routing import Decision, RouteContext
 from gateway.routing.bandit import ArmView, Choice, Knobs
 from gateway.routing.eligibility import Availability, eligible
@@ -45,6 +46,7 @@ from gateway.routing.seam import (
 )
 from gateway.routing.stats import ArmStatsCache
 from gateway.routing.strategies import rank
+from gateway.spelling import unknown
 from gateway.store import StatsStore
 
 log = logging.getLogger("gateway.router")
@@ -177,7 +179,14 @@ class Router:
     async def decide(self, ctx: RouteContext) -> Decision:
         spec = self.specs.get(ctx.requested_model)
         if spec is not None:
-            return Decision(model=spec.name, layer="explicit", fallbacks=list(spec.fallbacks))
+            return Decision(
+                model=spec.name,
+                layer="explicit",
+                fallbacks=list(spec.fallbacks),
+                propensity=1.0,
+                propensities={spec.name: 1.0},
+                context=ctx,
+            )
         self._maybe_refresh()
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -195,6 +204,12 @@ class Router:
                 if matched is not None:
                     route, _ = matched
                     target = _Target("semantic", route.name, route.model, route.policy)
+        if c.policy and c.policy not in self.settings.policies:
+            raise InvalidRequest(
+                f"router.policy: {unknown('policy', c.policy, self.settings.policies)}",
+                param="router.policy",
+                code="invalid_value",
+            )
         policy_name = c.policy or (target.policy if target else None)
         named = self.settings.policies.get(policy_name) if policy_name else None
         strategy = c.strategy or (named.strategy if named else None) or "bandit"
@@ -238,6 +253,11 @@ class Router:
             timings=timings,
             explored=choice.explored,
             arms=views,
+            propensities=choice.propensities,
+            propensity_error=choice.propensity_error,
+            context=ctx,
+            unavailable=[m for m in self.specs if not self.availability.is_available(m)],
+            choice=choice,
         )
 
     def _dial(self, c: RouterConstraints) -> DialSpec | None:

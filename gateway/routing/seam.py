@@ -107,4 +107,4 @@ def pinned(model: str, views: list[ArmView], knobs: Knobs) -> Choice:
     quality behind it as fallbacks."""
     rest = [v for v in views if v.name != model]
     ranked = rank("quality_optimized", rest, knobs) if rest else None
-    return Choice(model, False, 1.0, [model, *(ranked.ranking if ranked else [])])
+    return Choice.deterministic([model, *(ranked.ranking if ranked else [])])

@@ -128,6 +128,7 @@ class ArmStatsCache:
                     rated=stats.rated if stats else 0,
                     latency_ms=stats.latency_ms_avg if stats else None,
                     cost_usd=self.estimated_cost(name, ctx),
+                    hint=self.hints.get(name),
                 )
             )
         return views

@@ -50,8 +50,11 @@ def latency_optimized(inp: Inputs) -> Ordering:
 
 
 def quality_optimized(inp: Inputs) -> Ordering:
+    """The best estimate first; equal estimates (before any feedback every arm has the same prior)
+    go by the catalogue's quality hint, then by price, dearer first: the market's own guess."""
     quality, cost = inp.quality, inp.cost
-    return _sorted(inp, lambda i: (-quality[i], cost[i])), quality
+    hint = [-1.0 if a.hint is None else a.hint for a in inp.arms]
+    return _sorted(inp, lambda i: (-quality[i], -hint[i], -cost[i])), quality
 
 
 def balanced(inp: Inputs) -> Ordering:
@@ -110,10 +113,4 @@ def rank(
         }
         for i in order
     ]
-    return Choice(
-        arm=arms[order[0]].name,
-        explored=False,
-        propensity=1.0,
-        ranking=[arms[i].name for i in order],
-        candidates=candidates,
-    )
+    return Choice.deterministic([arms[i].name for i in order], candidates)

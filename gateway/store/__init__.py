@@ -26,8 +26,10 @@ from gateway.domain import (
     Neighbour,
     RatedCall,
     Rating,
+    SpendRow,
     StoredCall,
     UsageRow,
+    VirtualKey,
 )
 from gateway.insights import BucketRow, CallQuery, CallRow, LatencySummary, PairBucket, Window
 
@@ -97,6 +99,16 @@ class PairStore(Protocol):
     async def delete_pair(self, caller: str, a: str, b: str) -> bool: ...
 
 
+class LogStore(Protocol):
+    def iter_calls(
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        """The calls created in [since, until), that tenant's (`caller=None`: every tenant's),
+        oldest first (ties by caller, then id), each with its ratings: what off-policy evaluation
+        reads (the calls to evaluate, and the state learned before)."""
+        ...
+
+
 class ExportStore(Protocol):
     def iter_pairs(
         self,
@@ -136,6 +148,29 @@ class PairInsights(Protocol):
         ...
 
 
+class KeyStore(Protocol):
+    """Virtual keys (issue, rotate, revoke: each a save of the key's new record)."""
+
+    async def save_key(self, key: VirtualKey) -> None:
+        """Inserts the key, or replaces the record of the same id."""
+        ...
+
+    async def find_key(
+        self, *, key_id: str | None = None, key_hash: str | None = None
+    ) -> VirtualKey | None: ...
+
+    async def list_keys(self, owner: str | None = None) -> list[VirtualKey]: ...
+
+
+class SpendStore(Protocol):
+    """What a virtual key's calls cost (by `CallRecord.key_id`, whatever tenant they are in; kind
+    "call": duels and the judge are the gateway's own spend)."""
+
+    async def spent(self, key_id: str, since: datetime) -> float: ...
+
+    async def spend_by_day(self, key_id: str, since: datetime) -> list[SpendRow]: ...
+
+
 class Store(
     CallStore,
     FeedbackStore,
@@ -144,8 +179,11 @@ class Store(
     StatsStore,
     PairStore,
     ExportStore,
+    LogStore,
     CallInsights,
     PairInsights,
+    KeyStore,
+    SpendStore,
     Protocol,
 ):
     async def aclose(self) -> None: ...

@@ -8,7 +8,7 @@ latest's anyway).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -34,6 +34,7 @@ from gateway.domain import (
 from gateway.errors import NotFound
 from gateway.store import Key
 from gateway.store.memory_insights import InsightQueries
+from gateway.store.memory_keys import MemoryKeys
 
 MAX_RATINGS = 100  # ratings kept per call: a client re-rating one call forever cannot grow memory
 
@@ -90,9 +91,14 @@ class _Call:
         self.score_source: str | None = None
         self.score_at: datetime | None = None
 
+    def stored(self) -> StoredCall:
+        ratings = [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in self.feedback]
+        return StoredCall(replace(self.record), self.score, self.score_source, self.score_at, ratings)
 
-class MemoryStore(InsightQueries):
+
+class MemoryStore(InsightQueries, MemoryKeys):
     def __init__(self, max_calls: int = 100_000) -> None:
+        super().__init__()
         self.max_calls = max_calls
         self.calls: OrderedDict[Key, _Call] = OrderedDict()
         self.arms: dict[str, ArmStats] = {}
@@ -103,6 +109,9 @@ class MemoryStore(InsightQueries):
 
     async def aclose(self) -> None:
         pass
+
+    def _records(self) -> Iterator[CallRecord]:
+        return (c.record for c in self.calls.values())
 
     async def ping(self) -> bool:
         return True
@@ -142,15 +151,7 @@ class MemoryStore(InsightQueries):
 
     async def get_call(self, caller: str | None, request_id: str) -> StoredCall | None:
         call = self._find(caller, request_id)
-        if call is None:
-            return None
-        return StoredCall(
-            replace(call.record),
-            call.score,
-            call.score_source,
-            call.score_at,
-            [FeedbackEntry(f.score, f.text, f.source, f.created_at) for f in call.feedback],
-        )
+        return None if call is None else call.stored()
 
     async def add_feedback(self, feedback: Feedback) -> FeedbackOutcome:
         call = self.calls.get((feedback.caller, feedback.request_id))
@@ -278,6 +279,18 @@ class MemoryStore(InsightQueries):
             )
             for r in rows.values()
         ]
+
+    async def iter_calls(
+        self, since: datetime, until: datetime, caller: str | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredCall]:
+        found = [
+            c
+            for (who, _), c in self.calls.items()
+            if since <= c.record.created_at < until and caller in (None, who)
+        ]
+        found.sort(key=lambda c: (c.record.created_at, c.record.caller, c.record.id))
+        for call in found:
+            yield call.stored()
 
     # --- DPO
     def _rated_call(self, call: _Call, similarity: float = 1.0) -> RatedCall | None:

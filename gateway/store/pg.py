@@ -103,7 +103,7 @@ def clean(value: Any) -> Any:
     """PostgreSQL text and jsonb cannot hold NUL characters, which JSON (and OpenAI) allow."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     if isinstance(value, dict):
         return {clean(k): clean(v) for k, v in value.items()}

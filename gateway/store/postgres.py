@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from typing import Any
 
@@ -32,13 +31,12 @@ from gateway.errors import NotFound
 from gateway.store import Key
 from gateway.store.pg import clean, make_engine, retrying
 from gateway.store.postgres_insights import InsightQueries
+from gateway.store.postgres_keys import KeyQueries
+from gateway.store.postgres_logs import RECORD_FIELDS, LogQueries, stored_call
 from gateway.store.postgres_pairs import PairQueries
 from gateway.store.schema import arm_ratings, arm_stats, calls, feedback
 
 __all__ = ["NEIGHBOURS_SQL", "PostgresStore", "make_engine", "postgres_store"]
-
-# A call record's fields are the `calls` table's columns (the table has the score besides).
-_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(CallRecord))
 
 # Rated calls nearest to $1: ORDER BY distance LIMIT k, so that the HNSW index serves it. Only the
 # partial index's own predicate and the time window: more IS NOT NULL filters make the planner
@@ -67,11 +65,11 @@ CROSS JOIN LATERAL (
 """
 
 
-class PostgresStore(PairQueries, InsightQueries):
+class PostgresStore(PairQueries, InsightQueries, KeyQueries, LogQueries):
     # --- calls
     @staticmethod
     def _row(rec: CallRecord) -> dict[str, Any]:
-        return clean({name: getattr(rec, name) for name in _RECORD_FIELDS})
+        return clean({name: getattr(rec, name) for name in RECORD_FIELDS})
 
     async def write_calls(self, records: Sequence[CallRecord]) -> int:
         if not records:
@@ -123,21 +121,12 @@ class PostgresStore(PairQueries, InsightQueries):
             row = (await conn.execute(stmt.order_by(calls.c.created_at.desc()).limit(1))).mappings().first()
             if row is None:
                 return None
-            fields = {name: row[name] for name in _RECORD_FIELDS}
-            if fields["embedding"] is not None:
-                fields["embedding"] = np.asarray(fields["embedding"], dtype=np.float32)
             fb = await conn.execute(
                 select(feedback.c.score, feedback.c.feedback_text, feedback.c.source, feedback.c.created_at)
                 .where(feedback.c.request_id == request_id, feedback.c.caller == row["caller"])
                 .order_by(feedback.c.created_at, feedback.c.id)
             )
-            return StoredCall(
-                CallRecord(**fields),
-                row["score"],
-                row["score_source"],
-                row["score_at"],
-                [FeedbackEntry(*r) for r in fb.all()],
-            )
+            return stored_call(row, [FeedbackEntry(*r) for r in fb.all()])
 
         return await self._run(q)
 

@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 EMBEDDING_DIM = 384
 
@@ -66,9 +66,12 @@ calls = Table(
     # A response no model wrote (the replay provider's placeholder): never part of a DPO pair.
     Column("synthetic", Boolean, nullable=False, server_default=text("false")),
     Column("trace_id", Text),  # the call's OpenTelemetry trace, when traced
+    Column("key_id", Text),  # the virtual key it was made with (its tenant is `caller`)
     Index("calls_created_at_idx", "created_at"),
     Index("calls_caller_created_at_idx", "caller", "created_at"),
     Index("calls_trace_id_idx", "trace_id", postgresql_where=text("trace_id IS NOT NULL")),
+    # A virtual key's spend (budgets, /v1/keys/{id}/spend): migration 0004.
+    Index("calls_key_id_created_at_idx", "key_id", "created_at", postgresql_where=text("key_id IS NOT NULL")),
     Index("calls_model_created_at_idx", "model", "created_at"),
     Index("calls_prompt_hash_idx", "prompt_hash"),
     Index("calls_duel_of_idx", "duel_of", postgresql_where=text("duel_of IS NOT NULL")),
@@ -156,4 +159,25 @@ arm_ratings = Table(
     Column("caller", Text, primary_key=True),
     Column("rated", BigInteger, nullable=False, server_default="0"),
     Column("score_sum", Float, nullable=False, server_default="0"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("prefix", Text, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("name", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("models", ARRAY(Text)),
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("budget_day_usd", Float),
+    Column("budget_month_usd", Float),
+    Column("budget_total_usd", Float),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Index("api_keys_owner_idx", "owner"),
 )

@@ -124,7 +124,8 @@ async def explain(request: Request) -> Response:
         needs=needs_of(body, messages),
         prompt_tokens=measure(gw, messages),
     )
-    decision = await gw.router.decide(ctx)
+    # every arm's propensity, which a call computes while it waits for its upstream: here, now
+    decision = (await gw.router.decide(ctx)).resolve()
     candidates = {c["model"]: c for c in decision.candidates}
     order = [c["model"] for c in decision.candidates] or [v.name for v in decision.arms]
     views = {v.name: v for v in decision.arms}
@@ -134,6 +135,7 @@ async def explain(request: Request) -> Response:
             "chosen": name == decision.model,
             **({"posterior": _posterior(views[name].posterior)} if name in views else {}),
             **candidates.get(name, {}),
+            **({"propensity": decision.propensities[name]} if name in decision.propensities else {}),
         }
         for name in order
     ]

@@ -81,12 +81,13 @@ export default async function call({ view, arg, params, current }) {
   const load = async (said) => {
     const c = await api(`/ui/api/calls/${encodeURIComponent(arg)}${whose}`);
     if (!current()) return;
+    const propensities = c.decision.propensities || {}; // every eligible arm's (older records: per candidate)
     const candidates = (c.decision.candidates || []).map((x, i) => h("tr", { class: i === 0 ? "chosen" : "" },
       h("td", {}, x.model), h("td", {}, i === 0 ? "picked" : "", x.model === c.model && i > 0 ? "answered (a fallback)" : ""),
       h("td", { class: "num" }, fmt.score(x.score)), h("td", { class: "num" }, fmt.score(x.quality_sample)),
       h("td", { class: "num" }, fmt.score(x.quality_mean)), h("td", { class: "num" }, fmt.score(x.speed)),
       h("td", { class: "num" }, fmt.score(x.cost)), h("td", { class: "num" }, fmt.score(x.bonus)),
-      h("td", { class: "num" }, fmt.score(x.evidence)), h("td", { class: "num" }, fmt.score(x.propensity))));
+      h("td", { class: "num" }, fmt.score(x.evidence)), h("td", { class: "num" }, fmt.score(propensities[x.model] ?? x.propensity))));
     const attempts = (c.attempts || []).map((a, i) => h("tr", {}, h("td", {}, String(i + 1)), h("td", {}, a.model),
       h("td", {}, badge(a.outcome === "ok" ? "ok" : "error"), ` ${a.outcome}`), h("td", { class: "num" }, fmt.ms(a.ms ?? null)),
       h("td", {}, a.status ? String(a.status) : "–"), h("td", {}, fmt.text(a.error))));

@@ -10,6 +10,7 @@ async function download(form, status) {
   let lines = 0;
   let cursor = "";
   status.textContent = "Fetching…";
+  delete status.dataset.lines;
   for (;;) {
     const resp = await api(`/v1/dpo/pairs${query({ ...params, cursor })}`, { raw: true });
     const text = await resp.text();
@@ -20,7 +21,8 @@ async function download(form, status) {
   }
   const blob = new Blob(parts, { type: "application/x-ndjson" });
   const url = URL.createObjectURL(blob);
-  const a = h("a", { href: url, download: `dpo-${params.kind}-${params.format}.jsonl` });
+  const name = params.format || (params.kind === "routes" ? "labels" : "trl");
+  const a = h("a", { href: url, download: `dpo-${params.kind}-${name}.jsonl` });
   document.body.append(a);
   a.click();
   a.remove();
@@ -40,7 +42,7 @@ export default async function dpo({ view, range, current }) {
       try { await download(e.target, status); } catch (err) { status.textContent = err.message; }
     } },
   h("label", {}, "Kind ", select("dpo-kind", [["responses", "response pairs"], ["routes", "routing labels"]], "responses")),
-  h("label", {}, "Format ", select("dpo-format", [["trl", "TRL (conversational)"], ["jsonl", "flat JSONL"]], "trl")),
+  h("label", {}, "Format ", select("dpo-format", [["", "the kind's own (TRL pairs, routing labels)"], ["jsonl", "flat JSONL"]], "")),
   h("label", {}, "Min margin ", h("input", { id: "dpo-margin", name: "dpo-margin", type: "number", min: 0, max: 1, step: 0.05, value: "0.2" })),
   h("button", { type: "submit", id: "dpo-download" }, "Download the export"));
   mount(view,

@@ -1,0 +1,215 @@
+"""The shared-state seam: one contract for the in-process state and a real Valkey server (GCRA
+cells, counters, both-or-neither, notices), what only a server can show (several clients at once,
+a restart that loses the script), the guard's fail-open and fail-closed, and the limits built on
+top (budgets seeded from the ledger, OpenAI's headers)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.domain import CallRecord, VirtualKey
+from gateway.errors import ServiceUnavailable
+from gateway.limits import NANO, RateLimits, duration, headers, period_bounds
+from gateway.shared import RESYNC, Rate, Sum
+from gateway.shared.guarded import Guarded
+from gateway.shared.local import LocalState
+from gateway.shared.redis import RedisState
+from gateway.store.memory import MemoryStore
+
+
+@pytest.fixture(params=["local", "redis"])
+async def shared(request, valkey_server) -> AsyncIterator[LocalState | RedisState]:
+    if request.param == "local":
+        yield LocalState()
+        return
+    request.getfixturevalue("valkey")  # running and empty
+    state = RedisState(valkey_server.url)
+    yield state
+    await state.aclose()
+
+
+async def test_a_rate_cell_admits_its_limit_then_says_when(shared):
+    results = [await shared.apply([Rate("a", 1, 3)]) for _ in range(4)]
+    assert [r.applied for r in results] == [True, True, True, False]
+    assert [int(r.cells[0].value) for r in results[:3]] == [2, 1, 0]
+    refused = results[3].cells[0]
+    assert refused.retry_s is not None and 19 < refused.retry_s <= 20  # one request every 20 s
+    assert 59 < refused.reset_s <= 60
+    too_big = await shared.apply([Rate("b", 4, 3)])
+    assert not too_big.applied and too_big.cells[0].retry_s is None  # never: larger than the limit
+
+
+async def test_debts_and_refunds(shared):
+    assert (await shared.apply([Rate("t", 100, 600)])).applied
+    forced = await shared.apply([Rate("t", 1000, 600, check=False)])  # used far more than held
+    assert forced.applied and forced.cells[0].value == 0
+    refused = await shared.apply([Rate("t", 1, 600)])
+    assert not refused.applied and 50 < refused.cells[0].retry_s <= 51  # 1,100 taken: 500 over + 1
+    await shared.apply([Rate("t", -5000, 600, check=False)])  # a refund fills the bucket, no more
+    peek = await shared.apply([Rate("t", 0, 600, check=False)])
+    assert peek.cells[0].value == pytest.approx(600, abs=0.5)
+
+
+async def test_both_or_neither(shared):
+    ops = [Rate("r", 1, 10), Sum("s", 5, cap=4, seed=0)]
+    refused = await shared.apply(ops)
+    assert not refused.applied and refused.cells[0].ok and not refused.cells[1].ok
+    peek = await shared.apply([Rate("r", 0, 10, check=False), Sum("s", 0)])
+    assert peek.cells[0].value == pytest.approx(10, abs=0.01)  # the request was not taken
+    assert peek.cells[1].missing  # nor the counter created
+
+
+async def test_counters_are_seeded_capped_and_reported_missing(shared):
+    missing = await shared.apply([Rate("x", 1, 10), Sum("c", 7, cap=100)])
+    assert not missing.applied and missing.cells[1].missing
+    assert (await shared.apply([Sum("c", 0)])).applied  # a peek is no refusal
+    seeded = await shared.apply([Sum("c", 7, cap=100, seed=90, ttl_s=60)])
+    assert seeded.applied and seeded.cells[0].value == 97
+    assert not (await shared.apply([Sum("c", 4, cap=100)])).applied
+    assert (await shared.apply([Sum("c", -10, cap=100)])).cells[0].value == 87  # settling down
+    big = 3 * 10**15  # nano-USD: three million dollars stays exact
+    assert (await shared.apply([Sum("big", 1, seed=big)])).cells[0].value == big + 1
+
+
+async def test_notices_reach_listeners(shared):
+    heard: list[str] = []
+    subscribed = asyncio.Event()
+    listener = shared.listen("keys")
+
+    async def read() -> None:
+        async for notice in listener:
+            heard.append(notice)
+            subscribed.set()
+            if notice == "vk_1":
+                return
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(subscribed.wait(), 5)
+    assert heard == [RESYNC]
+    await shared.publish("keys", "vk_1")
+    await asyncio.wait_for(task, 5)
+    assert heard == [RESYNC, "vk_1"]
+
+
+async def test_replicas_share_one_limit_exactly(valkey):
+    """Three clients (three replicas) hammer one limit of 30 at once: exactly 30 get through."""
+    replicas = [RedisState(valkey.url, timeout_s=5) for _ in range(3)]  # atomicity, not speed
+    try:
+        results = await asyncio.gather(*(r.apply([Rate("k", 1, 30)]) for r in replicas for _ in range(40)))
+        assert sum(r.applied for r in results) == 30
+    finally:
+        for r in replicas:
+            await r.aclose()
+
+
+async def test_a_restarted_server_gets_the_script_again(valkey):
+    state = RedisState(valkey.url)
+    try:
+        assert (await state.apply([Rate("k", 1, 5)])).applied
+        valkey.restart()  # the script cache (and every cell) is gone
+        outcome = await state.apply([Rate("k", 1, 5)])
+        assert outcome.applied and int(outcome.cells[0].value) == 4
+    finally:
+        await state.aclose()
+
+
+async def test_the_guard_fails_open_fast_and_comes_back(valkey, caplog):
+    guard = Guarded(RedisState(valkey.url, timeout_s=0.1), probe_s=0.1)
+    try:
+        assert (await guard.apply([Rate("k", 1, 3)])).applied
+        valkey.pause()  # hangs: connections are accepted, nothing is answered
+        t0 = time.monotonic()
+        outcome = await guard.apply([Rate("k", 1, 3)])
+        assert outcome.applied and time.monotonic() - t0 < 1.0  # per replica now, no stall
+        status = guard.status()
+        assert not status.up and status.mode == "per-replica (fail-open)" and status.fallbacks == 1
+        assert any("PER REPLICA" in r.getMessage() for r in caplog.records)
+        t0 = time.monotonic()
+        await guard.apply([Rate("k", 1, 3)])  # no second wait for the dead server
+        assert time.monotonic() - t0 < 0.05
+        valkey.resume()
+        for _ in range(100):
+            if guard.status().up:
+                break
+            await asyncio.sleep(0.05)
+        assert guard.status().up
+        # The server's cell again: the first request, and the one that timed out, which the server
+        # ran when it woke (an operation that timed out may count twice, never not at all).
+        shared_again = await guard.apply([Rate("k", 1, 3)])
+        assert shared_again.applied and int(shared_again.cells[0].value) == 0
+    finally:
+        valkey.resume()
+        await guard.aclose()
+
+
+async def test_the_guard_can_fail_closed(valkey):
+    guard = Guarded(RedisState(valkey.url, timeout_s=0.1), fail_closed=True, probe_s=0.1)
+    try:
+        valkey.kill()
+        with pytest.raises(ServiceUnavailable) as refused:
+            await guard.apply([Rate("k", 1, 2)])
+        assert refused.value.code == "shared_state_unavailable" and refused.value.headers["retry-after"]
+        valkey.start()
+        for _ in range(100):
+            if guard.status().up:
+                break
+            await asyncio.sleep(0.05)
+        assert (await guard.apply([Rate("k", 1, 2)])).applied
+    finally:
+        await guard.aclose()
+
+
+# --- the limits built on the seam
+
+
+def _key(**kw) -> VirtualKey:
+    return VirtualKey(id="vk_0123456789abcdef", owner="acme", key_hash="h", prefix="sk-lr-xxxx", **kw)
+
+
+async def test_a_budget_starts_from_the_ledger_and_refuses_past_it():
+    """A restart (a fresh in-process state) must not hand a key its budget again: the counter
+    starts from what the store's call records say was spent this month."""
+    store = MemoryStore()
+    now = datetime.now(UTC)
+    record = CallRecord(id="c1", messages=[], requested_model="m", model="m", status="ok", http_status=200)
+    record.key_id, record.cost_usd = "vk_0123456789abcdef", 0.75
+    await store.write_calls([record])
+    limits = RateLimits(LocalState(), ledger=store, now=lambda: now)
+    policy = limits.policy(_key(budget_month_usd=1.0))
+    who = "vk_0123456789abcdef"
+    held, quotas, refused = await limits.spend(who, policy, 0.2, None)
+    assert held is not None and quotas[0].name == "usd-month" and quotas[0].remaining == pytest.approx(0.05)
+    _, quotas, refused = await limits.admit(who, policy)
+    assert refused is None and quotas[0].remaining == pytest.approx(0.05)  # seeded: the headers read it
+    _, _, refused = await limits.spend(who, policy, 0.2, None)
+    assert refused is not None and refused.code == "budget_exceeded" and refused.status == 429
+    _, _, end = period_bounds("month", now)
+    assert end is not None and end.isoformat() in refused.message
+    assert int(refused.headers["retry-after"]) == pytest.approx((end - now).total_seconds(), abs=1)
+    held.settle(10, 0.01)  # it cost far less than held: the rest comes back
+    await limits.drain()
+    assert (await limits.spend(who, policy, 0.2, None))[2] is None
+    total = limits.policy(_key(budget_total_usd=0.5))
+    _, _, refused = await limits.spend(who, total, 0.0001, None)
+    assert refused is not None and "never resets" in refused.message and "retry-after" not in refused.headers
+
+
+def test_periods_and_headers_as_openai_writes_them():
+    now = datetime(2026, 12, 31, 22, 30, tzinfo=UTC)
+    assert period_bounds("day", now)[0] == "20261231"
+    assert period_bounds("month", now)[2] == datetime(2027, 1, 1, tzinfo=UTC)
+    assert period_bounds("total", now)[2] is None
+    assert [duration(s) for s in (0.02, 1.5, 360, 47_000)] == ["20ms", "1.5s", "6m0s", "13h3m20s"]
+    from gateway.limits import Quota
+
+    out = dict(headers([Quota("requests", 60, 59.7, 1.0), Quota("usd-day", 5.0, 3.25, 5400.0)]))
+    assert out[b"x-ratelimit-remaining-requests"] == b"59"
+    assert out[b"x-ratelimit-reset-requests"] == b"1s"
+    assert out[b"x-ratelimit-limit-usd-day"] == b"5" and out[b"x-ratelimit-remaining-usd-day"] == b"3.25"
+    assert out[b"x-ratelimit-reset-usd-day"] == b"1h30m0s"
+    assert NANO == 10**9
