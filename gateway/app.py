@@ -248,7 +248,7 @@ def create_app(
                 upstreams=upstreams,
                 router=router,
                 recorder=recorder,
-                calls=Calls(metrics, recorder, redactor, tracing),
+                calls=Calls(metrics, recorder, redactor, tracing, router),
                 learner=learner,
                 duels=duels,
                 metrics=metrics,

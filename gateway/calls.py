@@ -26,6 +26,12 @@ class Meter(Protocol):
     def observe_call(self, rec: CallRecord) -> None: ...
 
 
+class CallObserver(Protocol):
+    def observe_call(self, record: CallRecord) -> None:
+        """Every finished call (the routing policy learns from its prompt and cost)."""
+        ...
+
+
 class Sink(Protocol):
     def record(self, rec: CallRecord) -> int: ...
 
@@ -165,8 +171,10 @@ class Calls:
         recorder: DurableSink,
         redact: Callable[[str], str] = str,
         tracing: Tracing | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self.metrics = metrics
+        self.observer = observer
         self.recorder = recorder
         self.redact = redact
         self.tracing = tracing or NoTracing()
@@ -202,6 +210,8 @@ class Calls:
         if record.error:
             record.error = self.redact(record.error)
         self.metrics.observe_call(record)
+        if self.observer is not None:
+            self.observer.observe_call(record)
         if state.decision is not None:  # what the wait upstream did not compute (a quick failure)
             settle_propensities(record, state.decision)
         await self.recorder.keep(record)  # with its propensities: the spool's copy has them too

@@ -12,6 +12,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from gateway.spelling import unknown
 
+DIAL_MODES = ("quality", "budget", "usd", "fixed")
+QUALITY_TARGET_MAX = 1.5  # a quality target is a share of the best model's quality
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
 STRATEGIES = (
     "bandit",
@@ -33,6 +35,13 @@ def _known_strategy(value: Any) -> Any:
     return value
 
 
+def _known_dial_mode(value: Any) -> Any:
+    if isinstance(value, str) and value not in DIAL_MODES:
+        raise ValueError(unknown("dial mode", value, DIAL_MODES))
+    return value
+
+
+DialMode = Annotated[Literal["quality", "budget", "usd", "fixed"], BeforeValidator(_known_dial_mode)]
 Strategy = Annotated[
     Literal[
         "bandit",
@@ -196,6 +205,9 @@ class RouterConstraints(_Strict):
     min_quality: float | None = Field(default=None, ge=0, le=1)
     capability: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    # The dial (ROUTER_POLICY=hcts): what `auto` aims for on average (ROUTER_DIAL_MODE/_TARGET).
+    dial_mode: DialMode | None = None
+    dial_target: float | None = Field(default=None, gt=0, le=1000)
 
     @field_validator("capability", "models", mode="before")
     @classmethod

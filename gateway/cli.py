@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=replay_cmd)
 
+    from gateway.cli_fit import add_parser as add_fit
+
+    add_fit(sub, common, _settings)
+
     p = sub.add_parser("sweep", help="replays over a grid of settings: cost-quality curve, AIQ, heatmap")
     lab(p, "memory")
     p.add_argument(

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from gateway.catalogue import (
     CAPABILITIES,
     DEFAULT_BASE_URLS,
+    QUALITY_TARGET_MAX,
+    DialMode,
     ModelSpec,
     Policy,
     RouterConstraints,
@@ -91,10 +93,9 @@ class Settings(BaseSettings):
     local_probe_interval_s: float = Field(default=10.0, ge=1)
 
     # --- routing (names as the original proxy documented them)
-    # lin_ts: linear Thompson sampling on the embedding (the default: best in the lab, see README);
-    # knn_ts: Thompson sampling on similar past requests from pgvector; default: `auto` goes to
-    # DEFAULT_MODEL (rules, routes and strategies still apply).
-    router_policy: Literal["knn_ts", "lin_ts", "default"] = "lin_ts"
+    # hcts (default, issue 12): cluster Thompson sampling with a dial; lin_ts: linear TS on the
+    # embedding; knn_ts: TS on similar past requests (pgvector); default: `auto` -> DEFAULT_MODEL.
+    router_policy: Literal["hcts", "knn_ts", "lin_ts", "default"] = "hcts"
     feedback_weight: float = 0.6
     latency_weight: float = 0.2
     cost_weight: float = -0.2  # applied to normalised cost: negative favours cheaper models
@@ -115,6 +116,11 @@ class Settings(BaseSettings):
     # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
     lin_ridge: float = Field(default=1.0, gt=0)
     lin_noise: float = Field(default=0.05, gt=0)
+    # --- the dial (hcts): what `auto` aims for on average (quality: share of the best model's score;
+    # budget: share of its cost; usd: USD per call; fixed: the multiplier). README: The dial.
+    router_dial_mode: DialMode = "quality"
+    router_dial_target: float = Field(default=0.95, gt=0)
+    router_state_path: Path | None = None  # `llm-router fit`'s (default DATA_DIR/router_state.npz)
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)
@@ -230,6 +236,8 @@ class Settings(BaseSettings):
             else m
             for m in models
         ]
+        if self.router_dial_mode == "quality" and self.router_dial_target > QUALITY_TARGET_MAX:
+            raise ValueError(f"ROUTER_DIAL_TARGET: a quality target is at most {QUALITY_TARGET_MAX}")
         names = [m.name for m in models]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:

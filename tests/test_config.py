@@ -211,4 +211,5 @@ def test_env_example_values_parse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CONFIG_FILE", raising=False)
     s = Settings(models=[{"name": "a", "base_url": "http://127.0.0.1:1/v1"}])  # type: ignore[call-arg]
-    assert s.router_policy == "lin_ts" and s.exploration_rate == 0.02 and s.neighbours_per_arm == 30
+    assert s.router_policy == "hcts" and s.exploration_rate == 0.02 and s.neighbours_per_arm == 30
+    assert s.router_dial_mode == "quality" and s.router_dial_target == 0.95

@@ -202,8 +202,9 @@ def serve_and_rate(gw, prompts) -> list[float]:
 
 @pytest.fixture(scope="module")
 def logged(fake, pg, st_model):
-    """A gateway (lin_ts, exploring) that served 40 prompts, then a window of 60, all rated: one
-    for the module's tests, which only read."""
+    """A gateway (hcts, the default: its own propensities are logged; the current settings
+    evaluate it as a candidate) that served 40 prompts, then a window of 60, all rated: one for
+    the module's tests, which only read."""
     from gateway.embedder import MiniLMEmbedder
 
     settings = make_settings(
@@ -216,6 +217,7 @@ def logged(fake, pg, st_model):
         database_url=pg.new_database(),
         exploration_rate=0.3,
         latency_weight=0.0,
+        router_policy="hcts",
     )
     embedder = MiniLMEmbedder(st_model)
     with GatewayServer(settings, embedder=embedder, seed=2) as gw:
@@ -233,9 +235,10 @@ def test_evaluate_endpoint(logged):
     body = {
         "since": since.isoformat(),
         "candidates": [
-            {"name": "quality", "settings": {"COST_WEIGHT": 0, "EXPLORATION_RATE": 0}},
+            {"name": "quality", "settings": {"policy": "lin_ts", "COST_WEIGHT": 0, "EXPLORATION_RATE": 0}},
             {"name": "knn", "settings": {"policy": "knn_ts"}},
             {"name": "no premium", "settings": {"LLM_MODELS": "cheap,mid"}},
+            {"name": "dial 0.8", "settings": {"ROUTER_DIAL_TARGET": 0.8}},
         ],
     }
     resp = httpx.post(gw.url + "/v1/evaluate", json=body, timeout=120)
@@ -244,7 +247,8 @@ def test_evaluate_endpoint(logged):
     assert report["calls"] == 60 and report["skipped"] == {}
     assert report["logged"]["score"]["value"] == pytest.approx(np.mean(window))
     names = [c["name"] for c in report["candidates"]]
-    assert names == ["current settings", "quality", "knn", "no premium"]
+    assert names == ["current settings", "quality", "knn", "no premium", "dial 0.8"]
+    assert report["logged"]["propensity_error_max"] < 2e-3  # HCTS's own, as it decided
     for c in report["candidates"]:
         for metric in ("score", "cost_usd"):
             for est in ("ips", "snips", "dr"):
@@ -253,6 +257,7 @@ def test_evaluate_endpoint(logged):
         assert 0 < c["diagnostics"]["effective_sample_size"] <= 60
         assert c["diagnostics"]["propensity_error_max"] < 2e-3
     by = {c["name"]: c for c in report["candidates"]}
+    assert by["current settings"]["settings"] == {} and set(by["dial 0.8"]["layers"]) == {"bandit"}
     # without the dearest model the calls are cheaper; the logs explored it, so the mass it
     # would have put there is not unsupported
     assert by["no premium"]["cost_usd"]["dr"]["value"] < by["current settings"]["cost_usd"]["dr"]["value"]

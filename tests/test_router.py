@@ -102,7 +102,7 @@ def topic_prompts(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str
 BETTER = {"cooking": "chef", "coding": "coder"}
 
 
-@pytest.mark.parametrize("policy", ["knn_ts", "lin_ts"])
+@pytest.mark.parametrize("policy", ["hcts", "knn_ts", "lin_ts"])
 def test_auto_learns_which_model_is_better_for_each_topic(fake, gateway, dsn, policy):
     settings = make_settings(
         [model("chef", fake.url(answer="a_recipe")), model("coder", fake.url(answer="some_code"))],
@@ -320,7 +320,7 @@ def test_context_window_and_availability(fake, gateway):
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages"
 
 
-@pytest.mark.parametrize("policy", ["lin_ts", "knn_ts"])
+@pytest.mark.parametrize("policy", ["hcts", "lin_ts", "knn_ts"])
 def test_the_decision_is_recorded_for_offline_evaluation(fake, gateway, catalogue, dsn, policy):
     gw = gateway(make_settings(catalogue, enable_persistence=True, database_url=dsn, router_policy=policy))
     resp = ask(gw, "Which planets have rings?")

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import Scope
 
-from gateway.catalogue import ModelSpec, RouterConstraints
+from gateway.catalogue import QUALITY_TARGET_MAX, ModelSpec, RouterConstraints
 from gateway.context import RequestState, hold_budget
 from gateway.context import admit as admit_limits
 from gateway.domain import text_of
@@ -29,6 +29,8 @@ _HEADER_CONSTRAINTS = {
     b"x-router-min-quality": "min_quality",
     b"x-router-capability": "capability",
     b"x-router-models": "models",
+    b"x-router-dial-mode": "dial_mode",
+    b"x-router-dial-target": "dial_target",
 }
 
 
@@ -123,6 +125,13 @@ def constraints_of(
     from_headers = header_constraints(scope)
     if from_headers is not None:
         constraints = constraints.merged(from_headers)
+    mode = constraints.dial_mode or settings.router_dial_mode
+    if mode == "quality" and (constraints.dial_target or 0) > QUALITY_TARGET_MAX:
+        raise InvalidRequest(
+            f"a quality dial_target is a share of the best model's quality, at most {QUALITY_TARGET_MAX}",
+            param="router.dial_target",
+            code="invalid_value",
+        )
     return constraints
 
 

@@ -8,6 +8,8 @@ arm's propensity (`propensities`, or a `pending` computation: `bandit.choose` do
 what off-policy evaluation (`gateway.evaluation`) weights the logs by, and it evaluates any policy
 of this registry through the real Router.
 
+- `hcts` (the default): hierarchical-cluster Thompson sampling with a calibrated cost/quality dial
+  (`gateway.routing.hcts_policy`).
 - `knn_ts`: Thompson sampling on the similar past requests found in the store (pgvector).
 - `lin_ts`: linear Thompson sampling on the embedding (per-arm Bayesian ridge regression).
 - `default`: `auto` goes to DEFAULT_MODEL (rules, routes and strategies still apply); when that
@@ -20,7 +22,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import ClassVar, Protocol
@@ -29,74 +30,34 @@ import numpy as np
 
 from gateway.config import Settings
 from gateway.domain import Neighbour, Rating, utcnow
-from gateway.routing.bandit import ArmView, Choice, Knobs, LinTS, choose, knn_posteriors
-from gateway.routing.stats import ArmStatsCache
-from gateway.routing.strategies import rank
-from gateway.store import Key, NeighbourStore, RatingStore
+from gateway.routing.bandit import ArmView, Choice, LinTS, knn_posteriors
+from gateway.routing.hcts_policy import HctsPolicy
+from gateway.routing.seam import (
+    FinishedCall,
+    Observed,
+    PolicyDeps,
+    PolicyRequest,
+    PolicyStore,
+    RoutingPolicy,
+    pinned,
+    thompson,
+)
+from gateway.store import Key, NeighbourStore
 
 log = logging.getLogger("gateway.router")
 
 
-class RoutingPolicy(Protocol):
-    needs_embedding: ClassVar[bool]
-    layer: ClassVar[str]  # the decision's layer when this policy picks
+class _CallBlind:
+    """A policy that learns from ratings only (the store has every call it needs)."""
 
-    async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
-    ) -> Choice:
-        """`tenant`: whose request this is (its contextual evidence is its own)."""
-        ...
+    def observe_call(self, call: FinishedCall) -> None:
+        pass
 
-    def observe(self, rating: Observed) -> None: ...
-
-    async def sync(self) -> None: ...
+    async def aclose(self) -> None:
+        pass
 
 
-@dataclass(frozen=True)
-class Observed:
-    """A rating this replica took: which tenant's call, of which model, the score and the one it
-    replaces, and the call's embedding if known."""
-
-    caller: str
-    request_id: str
-    model: str
-    score: float
-    previous: float | None
-    embedding: np.ndarray | None
-
-
-class PolicyStore(NeighbourStore, RatingStore, Protocol):
-    """What the policies read from the store."""
-
-
-@dataclass
-class PolicyDeps:
-    settings: Settings
-    knobs: Knobs
-    arms: ArmStatsCache
-    store: PolicyStore | None
-    rng: np.random.Generator
-    clock: Callable[[], float]
-
-
-def thompson(
-    views: list[ArmView], knobs: Knobs, rng: np.random.Generator, timings: dict[str, float]
-) -> Choice:
-    t = time.perf_counter()
-    choice = choose(views, knobs, rng)
-    timings["sample_ms"] = (time.perf_counter() - t) * 1000
-    return choice
-
-
-def pinned(model: str, views: list[ArmView], knobs: Knobs) -> Choice:
-    """A deterministic pick of `model` (a rule, a route, the default model), the others ranked by
-    quality behind it as fallbacks."""
-    rest = [v for v in views if v.name != model]
-    ranked = rank("quality_optimized", rest, knobs) if rest else None
-    return Choice.deterministic([model, *(ranked.ranking if ranked else [])])
-
-
-class KnnTS:
+class KnnTS(_CallBlind):
     """Contextual evidence per tenant: the neighbours are the tenant's own rated calls."""
 
     needs_embedding: ClassVar[bool] = True
@@ -108,7 +69,12 @@ class KnnTS:
         self.store_down_until = float("-inf")
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
+        self,
+        views: list[ArmView],
+        embedding: np.ndarray | None,
+        timings: dict[str, float],
+        tenant: str = "",
+        request: PolicyRequest | None = None,
     ) -> Choice:
         arms = [v.name for v in views]
         if embedding is not None and self.deps.store is not None:
@@ -156,7 +122,7 @@ class KnnTS:
         pass
 
 
-class LinTSPolicy:
+class LinTSPolicy(_CallBlind):
     """One linear model shared by every tenant, each tenant's influence capped: a tenant's ratings
     of an arm weigh 1 up to TENANT_RATING_CAP of them, then CAP/n each (an open gateway is one
     tenant: uncapped). What it has absorbed is bounded to RECENCY_DAYS: older ratings are taken
@@ -177,7 +143,12 @@ class LinTSPolicy:
         self.synced = utcnow() - timedelta(days=s.recency_days)
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
+        self,
+        views: list[ArmView],
+        embedding: np.ndarray | None,
+        timings: dict[str, float],
+        tenant: str = "",
+        request: PolicyRequest | None = None,
     ) -> Choice:
         if embedding is not None:
             for view in views:
@@ -272,7 +243,7 @@ class _Absorbed:
     at: datetime
 
 
-class DefaultPolicy:
+class DefaultPolicy(_CallBlind):
     needs_embedding: ClassVar[bool] = False
     layer: ClassVar[str] = "default"
 
@@ -280,7 +251,12 @@ class DefaultPolicy:
         self.deps = deps
 
     async def choose(
-        self, views: list[ArmView], embedding: np.ndarray | None, timings: dict[str, float], tenant: str = ""
+        self,
+        views: list[ArmView],
+        embedding: np.ndarray | None,
+        timings: dict[str, float],
+        tenant: str = "",
+        request: PolicyRequest | None = None,
     ) -> Choice:
         model = self.deps.settings.default_model
         if model is not None and any(v.name == model for v in views):
@@ -302,6 +278,7 @@ class PolicyClass(Protocol):
 
 
 POLICIES: dict[str, PolicyClass] = {
+    "hcts": HctsPolicy,
     "knn_ts": KnnTS,
     "lin_ts": LinTSPolicy,
     "default": DefaultPolicy,

@@ -24,21 +24,35 @@ from typing import Protocol
 
 import numpy as np
 
+from gateway.catalogue import RouterConstraints
 from gateway.config import Settings
-from gateway.domain import ArmStats
+from gateway.domain import ArmStats, CallRecord
 from gateway.embedder import Embedder, routing_text
 from gateway.errors import InvalidRequest
 from gateway.routing import Decision, RouteContext
 from gateway.routing.bandit import ArmView, Choice, Knobs
 from gateway.routing.eligibility import Availability, eligible
-from gateway.routing.policies import POLICIES, Observed, PolicyDeps, PolicyStore, RoutingPolicy, pinned
+from gateway.routing.hcts_dial import DialSpec
+from gateway.routing.policies import POLICIES
 from gateway.routing.rules import KeywordRules, SemanticRoutes
+from gateway.routing.seam import (
+    FinishedCall,
+    Observed,
+    PolicyDeps,
+    PolicyRequest,
+    PolicyStore,
+    RoutingPolicy,
+    pinned,
+)
 from gateway.routing.stats import ArmStatsCache
 from gateway.routing.strategies import rank
 from gateway.spelling import unknown
 from gateway.store import StatsStore
 
 log = logging.getLogger("gateway.router")
+
+# a dial mode asked for without a target: its default target
+DIAL_DEFAULTS = {"quality": 0.95, "budget": 0.35, "usd": 0.001, "fixed": 0.05}
 
 
 class RouterStore(PolicyStore, StatsStore, Protocol):
@@ -100,6 +114,7 @@ class Router:
         await self.refresh_stats()
 
     async def aclose(self) -> None:
+        await self.policy.aclose()
         if self._refreshing is not None:
             self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -135,6 +150,11 @@ class Router:
         policy's own model."""
         self.arms.observe(model, score, previous, caller)
         self.policy.observe(Observed(caller, request_id, model, score, previous, embedding))
+
+    def observe_call(self, record: CallRecord) -> None:
+        """Every finished call: the policy learns from its prompt and cost (its rating comes later)."""
+        ok = record.status == "ok"
+        self.policy.observe_call(FinishedCall(record.caller, record.id, record.model, record.cost_usd, ok))
 
     def quality(self, name: str, tenant: str | None = None) -> float:
         """The arm's estimated quality, as `tenant` sees it (None: every tenant's ratings)."""
@@ -213,7 +233,8 @@ class Router:
             if embedding is None and "embed_ms" not in timings and self.policy.needs_embedding:
                 embedding = await self._timed_embed(text, timings)
             views = self.arms.views(arms, ctx)
-            choice = await self.policy.choose(views, embedding, timings, ctx.tenant)
+            request = PolicyRequest(ctx.request_id, ctx.tenant, self._dial(c))
+            choice = await self.policy.choose(views, embedding, timings, ctx.tenant, request)
             layer = target.layer if target else self.policy.layer
         else:
             choice = self._fixed(strategy, arms, ctx)
@@ -237,6 +258,20 @@ class Router:
             context=ctx,
             unavailable=[m for m in self.specs if not self.availability.is_available(m)],
             choice=choice,
+        )
+
+    def _dial(self, c: RouterConstraints) -> DialSpec | None:
+        """The request's dial, where it set one (else the policy's default)."""
+        if c.dial_mode is None and c.dial_target is None:
+            return None
+        mode = c.dial_mode or self.settings.router_dial_mode
+        if c.dial_target is not None:
+            return DialSpec(mode, c.dial_target)
+        return DialSpec(
+            mode,
+            self.settings.router_dial_target
+            if mode == self.settings.router_dial_mode
+            else DIAL_DEFAULTS[mode],
         )
 
     def _fixed(self, strategy: str, arms: list[str], ctx: RouteContext) -> Choice:

@@ -1,0 +1,55 @@
+"""`llm-router fit FILE ...`: HCTS's starting state from replay-format files (a user's own eval of
+their candidate models on their prompts: every model's outcome known for every prompt), written to
+ROUTER_STATE_PATH (default DATA_DIR/router_state.npz). A gateway whose catalogue has the same models
+starts from it and keeps learning online. A record's `task` is never read: the router finds the
+structure in the embeddings itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.config import Settings
+from gateway.lab.runner import embeddings_for
+from gateway.providers.replay import load
+from gateway.routing import hcts_state
+from gateway.routing.hcts import Hcts
+from gateway.routing.hcts_policy import default_dial
+
+
+@dataclass(frozen=True)
+class Fitted:
+    path: Path
+    models: list[str]
+    prompts: int
+    clusters: list[int]
+    contextual: bool  # the gate opened on the fitted rows (the clusters predict better than the means)
+    lam: float
+
+
+def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int = 0) -> Fitted:
+    datasets = [load(f) for f in files]
+    models = datasets[0].models
+    for d in datasets[1:]:
+        if sorted(d.models) != sorted(models):
+            raise ValueError(f"{d.path} has other models ({', '.join(d.models)}) than {datasets[0].path}")
+    xs, scores, costs = [], [], []
+    for d in datasets:
+        _, vectors = embeddings_for(d, settings.data_dir / "lab-cache", settings.embedding_max_chars)
+        order = [d.models.index(m) for m in models]
+        xs.append(vectors)
+        scores.append(d.scores()[:, order])
+        costs.append(d.costs()[:, order])
+    x = np.concatenate(xs)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    quality = {m.name: m.quality for m in settings.models}
+    prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
+    policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
+    policy.fit(x, np.concatenate(scores), np.concatenate(costs))
+    path = out or hcts_state.state_file(settings)
+    hcts_state.save(policy, models, path)
+    return Fitted(
+        path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam
+    )

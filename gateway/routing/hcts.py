@@ -1,0 +1,257 @@
+"""HCTS: hierarchical-cluster Thompson sampling with a calibrated cost/quality dial (issue 12).
+
+A pure, deterministic core (no I/O, no clock; all randomness from one seeded Generator) routing a
+request with embedding x to one of K arms. The quality model is `gateway.routing.hcts_model`, the
+dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the books:
+
+- `choose(x, eligible, costs, dial)`: Thompson sampling on quality - lam * cost / c_norm, the
+  posterior sd scaled by TS_SCALE + TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster)
+  (explore early, exploit late), mixed with a tiny uniform floor; the propensities of every
+  eligible arm in closed form. Returns a `Pick` whose `ticket` the caller hands back;
+- `observe_call(ticket, cost)`: every finished call (the prompt, the realised cost);
+- `observe_rating(x, arm, score, ...)`: a rating, whenever it comes (with the ticket when known);
+- `fit(X, scores, costs)`: a warm start from full-information rows (every arm's score known);
+- `state()` / `from_state()`: plain arrays and scalars.
+Re-clustering is `model.due()` -> `model.snapshot()` -> `compute_clusters` (a thread) -> `model.apply`;
+with `inline=True` it runs at once (tests, the warm start).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.routing.hcts_dial import Dial, DialSpec, Reference
+from gateway.routing.hcts_math import propensities
+from gateway.routing.hcts_model import ClusterModel, HctsKnobs, compute_clusters
+
+MAX_DIALS = 32  # dial settings calibrated at once (per-request dials beyond: the least recent goes)
+
+
+@dataclass
+class Ticket:
+    """What a decision knew, for learning from its call and its rating later."""
+
+    x: np.ndarray
+    arm: int
+    cl: list[int]
+    epoch: int
+    m0: np.ndarray
+    mc: np.ndarray
+    mdec: np.ndarray  # the means the decision used (all arms)
+    props: np.ndarray  # propensities (all arms; 0 for the ineligible)
+    gpred: float  # the greedy pick's predicted quality ...
+    gcost: float  # ... and estimated cost
+    dial: DialSpec
+    seq: int | None = None  # the prompt's history row, once its call is observed
+
+
+@dataclass
+class Pick:
+    arm: int
+    props: np.ndarray
+    samples: np.ndarray  # sampled qualities (nan: ineligible)
+    objective: np.ndarray  # sampled objective (nan: ineligible)
+    means: np.ndarray
+    sd: np.ndarray  # the posterior sd (before the exploration scale)
+    explored: bool
+    ticket: Ticket = field(repr=False)
+    error: float = 0.0  # each propensity's estimated numerical error (`hcts_math.propensities`)
+
+
+class Hcts:
+    def __init__(
+        self,
+        k: int,
+        dim: int,
+        seed: int | None = 0,
+        knobs: HctsKnobs | None = None,
+        dial: DialSpec | None = None,
+        prior: np.ndarray | None = None,
+        inline: bool = True,
+    ) -> None:
+        self.k, self.dim = k, dim
+        self.kn = knobs or HctsKnobs()
+        self.rng = np.random.default_rng(seed)
+        self.model = ClusterModel(k, dim, self.kn, prior)
+        self.ref = Reference(k, dim, self.kn)
+        self.default = dial or DialSpec()
+        self.dials: dict[DialSpec, Dial] = {}
+        self.inline = inline
+        self.calls = 0
+
+    # --- the dial
+    def dial(self, spec: DialSpec | None = None) -> Dial:
+        spec = spec or self.default
+        dial = self.dials.pop(spec, None)
+        if dial is None:
+            dial = Dial(spec, self.kn)
+            if self.ref.blen:  # a new setting starts solved on what is known
+                dial.solve(*self.ref.refresh(self.model), self.ref)
+            while len(self.dials) >= MAX_DIALS:
+                self.dials.pop(next(iter(self.dials)))
+        self.dials[spec] = dial  # most recent last
+        return dial
+
+    def epsilon(self) -> float:
+        kn = self.kn
+        return kn.eps_min + (kn.eps_max - kn.eps_min) * math.sqrt(kn.eps_t0 / (kn.eps_t0 + self.model.rated))
+
+    # --- deciding
+    def choose(
+        self, x: np.ndarray, eligible: np.ndarray | None = None, costs: np.ndarray | None = None,
+        spec: DialSpec | None = None,
+    ) -> Pick:  # fmt: skip
+        k, model = self.k, self.model
+        x = np.asarray(x, dtype=np.float32)
+        elig = np.arange(k) if eligible is None else np.asarray(eligible, dtype=np.int64)
+        costs = np.zeros(k) if costs is None else np.asarray(costs, dtype=np.float64)
+        dial = self.dial(spec)
+        cl = model.clusters(x)
+        m0, v0, mc, vc = model.posterior(x, cl)
+        m, v = (mc, vc) if model.use_ctx else (m0, v0)
+        me = m[elig]
+        self.ref.book(x, costs, elig)
+        pen = dial.lam * costs[elig] / self.ref.c_norm()
+        sd0 = np.sqrt(v[elig])
+        rated_here = float(model.ln[0][cl[0]].sum()) if cl else float(model.rated)
+        scale = self.kn.ts_scale + self.kn.ts_boost * self.kn.ts_n0 / (self.kn.ts_n0 + rated_here)
+        sd = scale * sd0 + 1e-9
+        eps = self.epsilon() if len(elig) > 1 else 0.0
+        # the same draws every call, whatever the branch (reproducible)
+        z = self.rng.standard_normal(len(elig))
+        r_explore = self.rng.random()
+        r_arm = int(self.rng.integers(len(elig)))
+        self.rng.random(2)  # (kept in step with the research simulator's draws)
+        theta = me + sd * z
+        explored = r_explore < eps
+        j = r_arm if explored else int(np.argmax(theta - pen))
+        pts, error = propensities(me - pen, sd)
+        props = np.zeros(k)
+        props[elig] = eps / len(elig) + (1.0 - eps) * pts
+        samples, objective = np.full(k, np.nan), np.full(k, np.nan)
+        samples[elig], objective[elig] = theta, theta - pen
+        g = int(np.argmax(me - pen))  # the greedy pick, for the calibrator
+        arm = int(elig[j])
+        ticket = Ticket(
+            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec
+        )
+        return Pick(
+            arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, (1.0 - eps) * error
+        )
+
+    # --- learning
+    def observe_call(self, ticket: Ticket | None, x: np.ndarray, arm: int, cost: float | None) -> int:
+        """A finished call (every one, rated or not): its prompt counts for the clusters, its
+        realised cost for a budget dial. Returns the prompt's history row."""
+        model = self.model
+        self.calls += 1
+        if ticket is None or ticket.epoch != model.epoch:
+            cl, epoch = model.clusters(np.asarray(x, np.float32)), model.epoch
+        else:
+            cl, epoch = ticket.cl, ticket.epoch
+        seq = model.add_prompt(np.asarray(x, np.float32), cl, epoch)
+        if ticket is not None:
+            ticket.seq = seq
+            dial = self.dials.get(ticket.dial)
+            if dial is not None:
+                if cost is not None and ticket.arm == arm:
+                    dial.cost(float(cost), ticket.gcost, self.ref)
+                dial.calls += 1
+                if dial.calls % self.kn.solve_every == 0:
+                    dial.solve(*self.ref.refresh(model), self.ref, self.kn.solve_max_step)
+        if self.inline and model.due():
+            self.recluster()
+        return seq
+
+    def observe_rating(
+        self, x: np.ndarray, arm: int, score: float, previous: float | None = None,
+        ticket: Ticket | None = None, seq: int | None = None,
+    ) -> None:  # fmt: skip
+        """A rating (`previous`: the score it replaces, for a re-rating)."""
+        model = self.model
+        x = np.asarray(x, dtype=np.float32)
+        if ticket is not None and ticket.arm == arm and ticket.epoch == model.epoch:
+            cl, m0, mc = ticket.cl, ticket.m0, ticket.mc
+        else:
+            cl = model.clusters(x)
+            m0, _, mc, _ = model.posterior(x, cl)
+        seq = ticket.seq if ticket is not None and seq is None else seq
+        model.add_rating(cl, arm, score, previous, seq, float(m0[arm]), float(mc[arm]))
+        if previous is None and ticket is not None and ticket.arm == arm:
+            if np.isfinite(ticket.props[arm]) and ticket.props[arm] > 0:
+                self.ref.update_dr(ticket.mdec, arm, float(score), float(ticket.props[arm]))
+            dial = self.dials.get(ticket.dial)
+            if dial is not None:
+                dial.rated(ticket.gpred, float(score), self.ref.emax)
+        fixed = all(d.spec.mode == "fixed" for d in self.dials.values())
+        if previous is None and fixed and model.rated % self.kn.pbest_every == 0:
+            self.ref.update_pbest(model)
+
+    def recluster(self) -> None:
+        """At once, k-means drawing from the policy's own Generator (as the research simulator)."""
+        self.model.apply(compute_clusters(self.model.snapshot(), self.kn, self.rng))
+
+    def recluster_seed(self) -> int:
+        return int(self.rng.integers(2**62))
+
+    # --- warm start
+    def fit(self, x: np.ndarray, scores: np.ndarray, costs: np.ndarray | None = None) -> None:
+        """Full-information rows: every arm's score for every prompt (nan: unknown), and the cost of
+        every arm for every prompt (the cost estimates)."""
+        model = self.model
+        x = np.asarray(x, dtype=np.float32)
+        s = np.asarray(scores, dtype=np.float64)
+        model.fit_rows(x, s)
+        self.calls += len(x)
+        self.recluster()
+        self.ref.update_pbest(model)
+        # the gate: the prequential test is replaced by an in-sample comparison on the fitted rows
+        known = ~np.isnan(s)
+        s0 = np.where(known, s, 0.0)
+        m, _ = model.predict(x)
+        m0, _, _ = model.glob()
+        d = np.where(known, (s0 - m0[None, :]) ** 2 - (s0 - m) ** 2, 0.0).sum(axis=1)
+        model.gd += float(d.sum())
+        model.gv += float((d * d).sum())
+        model.gn += len(x)
+        if self.kn.gate:
+            model.update_gate()
+        if costs is not None:
+            self.ref.book_rows(x, np.asarray(costs, dtype=np.float64))
+            m_use = model.decision_means(x)
+            for spec in [self.default, *list(self.dials)]:
+                self.dial(spec).solve(m_use, np.asarray(costs, dtype=np.float64), self.ref)
+
+    # --- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "dim": self.dim,
+            "knobs": asdict(self.kn),
+            "default": {"mode": self.default.mode, "target": self.default.target},
+            "rng": self.rng.bit_generator.state,
+            "calls": self.calls,
+            "model": self.model.state(),
+            "ref": self.ref.state(),
+            "dials": [d.state() for d in self.dials.values()],
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], dial: DialSpec | None = None, inline: bool = True) -> Hcts:
+        """`dial`: the default dial now (a changed setting), else the stored one."""
+        knobs = dict(d["knobs"])
+        knobs["levels"] = tuple(int(v) for v in knobs["levels"])
+        spec = dial or DialSpec(d["default"]["mode"], float(d["default"]["target"]))
+        p = cls(int(d["k"]), int(d["dim"]), 0, HctsKnobs(**knobs), spec, inline=inline)
+        p.rng.bit_generator.state = d["rng"]
+        p.calls = int(d["calls"])
+        p.model.load(d["model"])
+        p.ref.load(d["ref"])
+        for ds in d["dials"]:
+            loaded = Dial.from_state(ds, p.kn)
+            p.dials[loaded.spec] = loaded
+        return p

@@ -1,0 +1,226 @@
+"""HCTS's dial: one number a user understands, honoured on average by a calibrated multiplier.
+
+A decision maximises  quality - lam * cost_estimate / c_norm  (c_norm: the mean over arms of their
+mean pre-call cost estimate, known from the prices before any feedback). The dial says what lam
+must achieve:
+
+- `quality` q (default 0.95): the router's mean score is q x the best single arm's mean score;
+- `budget` b: the mean cost per call is b x the best arm's mean cost;
+- `usd` u: the mean cost per call is u USD;
+- `fixed` l: lam = l (no calibration; research sweeps).
+
+Every SOLVE_EVERY calls of a dial its lam is re-solved (bisection) so that the greedy policy's
+predicted quality (or cost) on the last SOLVE_BUFFER prompts meets the target, corrected by the
+exponentially weighted gap between prediction and outcome (the model's optimism and the cost of
+exploring), moving log(lam) by at most SOLVE_MAX_STEP. The best arm's quality is E[max] of the
+arms' means while they are uncertain (optimistic: dear arms get explored rather than priced out),
+then the doubly robust mean (logged propensities) of the arm the model deems best.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.catalogue import QUALITY_TARGET_MAX, DialMode
+from gateway.routing.hcts_math import argmax_probs, expected_max
+from gateway.routing.hcts_model import ClusterModel, HctsKnobs
+
+DIAL_MODES: tuple[DialMode, ...] = ("quality", "budget", "usd", "fixed")
+
+
+@dataclass(frozen=True)
+class DialSpec:
+    mode: DialMode = "quality"
+    target: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.mode not in DIAL_MODES:
+            raise ValueError(f"dial mode must be one of {', '.join(DIAL_MODES)}, not {self.mode!r}")
+        if not (math.isfinite(self.target) and self.target > 0):
+            raise ValueError(f"dial target must be a positive number, not {self.target!r}")
+        if self.mode == "quality" and self.target > QUALITY_TARGET_MAX:
+            raise ValueError(
+                f"a quality target is a share of the best model's quality, at most {QUALITY_TARGET_MAX}"
+            )
+
+
+class Reference:
+    """What every dial measures against, shared: the arms' mean cost estimates, P(arm is the best),
+    the best arm's quality, the doubly robust arm means, and the recent prompts."""
+
+    def __init__(self, k: int, dim: int, knobs: HctsKnobs) -> None:
+        self.kn = knobs
+        self.nodes = np.linspace(-5.0, 5.0, knobs.quad_nodes)
+        self.cest_sum, self.cest_cnt = np.zeros(k), np.zeros(k)
+        self.pbest = np.full(k, 1.0 / k)
+        self.emax = 1.0
+        self.dr, self.dr_w = np.zeros(k), 0.0
+        self.bx = np.zeros((knobs.solve_buffer, dim), dtype=np.float32)
+        self.bc = np.zeros((knobs.solve_buffer, k))
+        self.bpos = self.blen = 0
+
+    def book(self, x: np.ndarray, costs: np.ndarray, elig: np.ndarray) -> None:
+        """A request's prompt and the cost estimates of its eligible arms."""
+        self.cest_sum[elig] += costs[elig]
+        self.cest_cnt[elig] += 1
+        self.bx[self.bpos], self.bc[self.bpos] = x, costs
+        self.bpos = (self.bpos + 1) % len(self.bx)
+        self.blen = min(self.blen + 1, len(self.bx))
+
+    def book_rows(self, x: np.ndarray, costs: np.ndarray) -> None:
+        self.cest_sum += costs.sum(0)
+        self.cest_cnt += len(costs)
+        tail = min(len(x), len(self.bx))
+        self.bx[:tail], self.bc[:tail] = x[-tail:], costs[-tail:]
+        self.blen, self.bpos = tail, tail % len(self.bx)
+
+    def c_norm(self) -> float:
+        m = self.cest_sum / np.maximum(self.cest_cnt, 1)
+        return float(max(m.mean(), 1e-300))
+
+    def ref_cost(self, m: np.ndarray | None = None) -> float:
+        """The budget's reference: the best arm's mean cost; while it is not identified, the
+        dearest arm that may still be the best (optimistic: exploration is not priced out)."""
+        m = self.cest_sum / np.maximum(self.cest_cnt, 1) if m is None else m
+        plausible = self.pbest >= 0.05
+        if not plausible.any():
+            plausible = self.pbest >= self.pbest.max()
+        return float(max(m[plausible].max(), 1e-300))
+
+    def update_dr(self, mdec: np.ndarray, arm: int, score: float, prop: float) -> None:
+        dr = mdec.copy()
+        dr[arm] += (score - mdec[arm]) / max(prop, self.kn.dr_clip)
+        w = 1.0 - 0.5 ** (1.0 / self.kn.dr_halflife)
+        self.dr_w = self.dr_w * (1 - w) + w
+        self.dr += (dr - self.dr) * w / self.dr_w
+
+    def update_pbest(self, model: ClusterModel) -> None:
+        m0, v0, _ = model.glob()
+        sd = np.sqrt(v0) + 1e-9
+        self.pbest, _ = argmax_probs(m0, sd, self.nodes)
+        self.emax = expected_max(m0, sd, self.nodes)
+
+    def refresh(self, model: ClusterModel) -> tuple[np.ndarray, np.ndarray]:
+        """Before a re-solve: predictions and costs of the recent prompts, and the best arm on them."""
+        x, c = self.bx[: self.blen], self.bc[: self.blen]
+        m = model.decision_means(x)
+        _, v0, _ = model.glob()
+        sd = np.sqrt(v0) + 1e-9
+        cm = m.mean(axis=0)
+        self.pbest, _ = argmax_probs(cm, sd, self.nodes)
+        self.emax = expected_max(cm, sd, self.nodes)
+        if self.dr_w > 0.5 and model.use_ctx:
+            self.emax = float(self.dr[int(np.argmax(cm))])
+        return m, c
+
+    _ARRAYS = ("cest_sum", "cest_cnt", "pbest", "dr", "bx", "bc")
+    _SCALARS = ("emax", "dr_w", "bpos", "blen")
+
+    def state(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._ARRAYS + self._SCALARS}
+
+    def load(self, d: dict[str, Any]) -> None:
+        for key in self._ARRAYS:
+            setattr(self, key, np.array(d[key], dtype=getattr(self, key).dtype))
+        for key in self._SCALARS:
+            setattr(self, key, type(getattr(self, key))(d[key]))
+
+
+class Dial:
+    """One dial setting's multiplier and its correction."""
+
+    def __init__(self, spec: DialSpec, knobs: HctsKnobs) -> None:
+        self.spec, self.kn = spec, knobs
+        self.log_lam = math.log(spec.target if spec.mode == "fixed" else knobs.lam0)
+        self.integ = self.bias = self.bias_w = 0.0
+        self.calls = 0
+
+    @property
+    def lam(self) -> float:
+        return math.exp(self.log_lam)
+
+    def set_lam(self, lam: float) -> None:
+        self.log_lam = min(math.log(self.kn.lam_max), max(math.log(self.kn.lam_min), math.log(lam)))
+
+    def _ew(self, gap: float) -> None:
+        w = 1.0 - 0.5 ** (1.0 / self.kn.bias_halflife)
+        self.bias_w = self.bias_w * (1 - w) + w
+        self.bias += (gap - self.bias) * w / self.bias_w
+
+    def rated(self, predicted: float, score: float, emax: float) -> None:
+        """A rated call of this dial: the gap between the greedy prediction and the outcome."""
+        if self.spec.mode == "quality":
+            self._ew(predicted - score)
+            cap = self.kn.integral_max
+            self.integ = min(cap, max(-cap, self.bias / max(emax, 1e-3)))
+
+    def cost(self, realised: float, predicted: float, ref: Reference) -> None:
+        """A finished call of this dial: the gap between its realised and estimated cost."""
+        if self.spec.mode in ("budget", "usd"):
+            self._ew(realised - predicted)
+            unit = ref.ref_cost() if self.spec.mode == "budget" else 1.0
+            cap = self.kn.integral_max * self.spec.target * 5
+            self.integ = min(cap, max(-cap, self.bias / unit))
+
+    def solve(self, m: np.ndarray, c: np.ndarray, ref: Reference, step: float | None = None) -> None:
+        if self.spec.mode == "fixed" or len(m) == 0:
+            return
+        lam = solve_lambda(self.spec, m, c, ref, self.kn, self.integ)
+        move = math.log(lam) - self.log_lam
+        if step is not None:
+            move = max(-step, min(step, move))
+        self.set_lam(math.exp(self.log_lam + move))
+
+    def state(self) -> dict[str, Any]:
+        keys = ("log_lam", "integ", "bias", "bias_w", "calls")
+        return {"mode": self.spec.mode, "target": self.spec.target, **{k: getattr(self, k) for k in keys}}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], knobs: HctsKnobs) -> Dial:
+        dial = cls(DialSpec(d["mode"], float(d["target"])), knobs)
+        dial.log_lam, dial.integ = float(d["log_lam"]), float(d["integ"])
+        dial.bias, dial.bias_w, dial.calls = float(d["bias"]), float(d["bias_w"]), int(d["calls"])
+        return dial
+
+
+def solve_lambda(
+    spec: DialSpec, m: np.ndarray, c: np.ndarray, ref: Reference, knobs: HctsKnobs, integ: float = 0.0
+) -> float:
+    """The multiplier with which the greedy policy meets the dial on predictions `m` (B, K) and
+    cost estimates `c` (B, K)."""
+    if spec.mode == "fixed":
+        return spec.target
+    cn = ref.c_norm()
+    rows = np.arange(len(m))
+
+    def picks(ll: float) -> np.ndarray:
+        return np.asarray(np.argmax(m - math.exp(ll) * c / cn, axis=1))
+
+    if spec.mode == "quality":
+        goal = (spec.target + integ) * ref.emax
+
+        def excess(ll: float) -> float:  # decreasing in ll
+            return float(m[rows, picks(ll)].mean() - goal)
+    else:
+        unit = ref.ref_cost(c.mean(0)) if spec.mode == "budget" else 1.0
+        budget = max(spec.target - integ, 1e-3 * spec.target) * unit
+
+        def excess(ll: float) -> float:  # budget left: increasing in ll
+            return -float(budget - c[rows, picks(ll)].mean())
+
+    lo, hi = math.log(knobs.lam_min), math.log(knobs.lam_max)
+    if excess(lo) <= 0:
+        return math.exp(lo)
+    if excess(hi) >= 0:
+        return math.exp(hi)
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if excess(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))

@@ -1,0 +1,233 @@
+"""ROUTER_POLICY=hcts (the default): HCTS (`gateway.routing.hcts`) behind the policies' seam.
+
+- A decision: the request's embedding, its eligible arms and each arm's pre-call cost estimate
+  (prompt tokens x input price + the arm's mean completion tokens x output price), and its dial
+  (the request's, else ROUTER_DIAL_MODE / ROUTER_DIAL_TARGET). What the decision knew is kept
+  under the request's key until its call ends and, a while longer, for its rating.
+- Every finished call is observed (the prompt counts for the clusters, the cost for a budget dial);
+  every rating, whenever it comes. Ratings of other replicas (and, at start, every rated call in
+  the store within RECENCY_DAYS) come in through `sync`, as for `lin_ts`.
+- Re-clustering (k-means over the prompts seen) runs in a thread, never on the request path.
+- At start, the state `llm-router fit` stored (ROUTER_STATE_PATH) is the starting point, if any;
+  else the catalogue's `quality` hints are the arms' prior means and their prices the cost scale.
+One model for every tenant (its arm statistics are not split by tenant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from datetime import timedelta
+from typing import ClassVar
+
+import numpy as np
+
+from gateway.domain import utcnow
+from gateway.routing import hcts_state
+from gateway.routing.bandit import ArmView, Choice, Posterior
+from gateway.routing.hcts import Hcts, Ticket
+from gateway.routing.hcts_dial import DialSpec
+from gateway.routing.hcts_model import compute_clusters
+from gateway.routing.seam import FinishedCall, Observed, PolicyDeps, PolicyRequest, thompson
+from gateway.store import Key
+
+log = logging.getLogger("gateway.router")
+
+OPEN_TICKETS = 20_000  # decisions whose calls have not ended (the oldest are dropped beyond)
+DONE_TICKETS = 50_000  # ended calls whose ratings may still come
+ABSORBED = 200_000  # ratings remembered (so that a sync does not apply one twice)
+
+
+def default_dial(settings: object) -> DialSpec:
+    return DialSpec(
+        getattr(settings, "router_dial_mode", "quality"), getattr(settings, "router_dial_target", 0.95)
+    )
+
+
+class HctsPolicy:
+    needs_embedding: ClassVar[bool] = True
+    layer: ClassVar[str] = "bandit"
+
+    def __init__(self, deps: PolicyDeps, core: Hcts | None = None) -> None:
+        self.deps = deps
+        s = deps.settings
+        self.arms = [m.name for m in s.models if "chat" in m.capabilities]
+        self.index = {name: i for i, name in enumerate(self.arms)}
+        self.prior = np.array(
+            [np.nan if m.quality is None else m.quality for m in s.models if "chat" in m.capabilities]
+        )
+        self.dial = default_dial(s)
+        self.seed = int(deps.rng.integers(2**62))
+        self.core = core if core is not None else self._stored()
+        self.open: OrderedDict[Key, Ticket] = OrderedDict()
+        self.done: OrderedDict[Key, Ticket] = OrderedDict()
+        self.absorbed: OrderedDict[Key, float] = OrderedDict()
+        self.synced = utcnow() - timedelta(days=s.recency_days)
+        self.clustering: asyncio.Task[None] | None = None
+
+    def _stored(self) -> Hcts | None:
+        path = hcts_state.state_file(self.deps.settings)
+        if not path.exists():
+            return None
+        try:
+            core = hcts_state.load(path, self.arms, self.dial)
+        except Exception as exc:  # a broken file must not keep the gateway from starting
+            log.warning("cannot load the router state %s (%s); starting without it", path, exc)
+            return None
+        if core is not None:
+            core.inline = False
+            log.info(
+                "router state loaded from %s (%d prompts, %d rated)", path, core.model.seen, core.model.rated
+            )
+        return core
+
+    def _core(self, dim: int) -> Hcts | None:
+        if self.core is None:
+            self.core = Hcts(len(self.arms), dim, self.seed, dial=self.dial, prior=self.prior, inline=False)
+        return self.core if self.core.dim == dim else None
+
+    # --- deciding
+    async def choose(
+        self,
+        views: list[ArmView],
+        embedding: np.ndarray | None,
+        timings: dict[str, float],
+        tenant: str = "",
+        request: PolicyRequest | None = None,
+    ) -> Choice:
+        core = self._core(len(embedding)) if embedding is not None else None
+        elig = [self.index.get(v.name) for v in views]
+        if core is None or embedding is None or any(i is None for i in elig):
+            return thompson(views, self.deps.knobs, self.deps.rng, timings)
+        t = time.perf_counter()
+        costs = np.zeros(len(self.arms))
+        idx = np.array(elig, dtype=np.int64)
+        costs[idx] = [v.cost_usd for v in views]
+        pick = core.choose(embedding, idx, costs, request.dial if request else None)
+        timings["sample_ms"] = (time.perf_counter() - t) * 1000
+        if request is not None:
+            self._keep(self.open, (request.tenant, request.request_id), pick.ticket, OPEN_TICKETS)
+        for view, i in zip(views, idx, strict=True):
+            view.posterior = Posterior("normal", float(pick.means[i]), float(pick.sd[i]))
+        order = sorted(range(len(views)), key=lambda j: -float(pick.objective[idx[j]]))
+        chosen = next(j for j in order if idx[j] == pick.arm)
+        order = [chosen, *(j for j in order if j != chosen)]
+        candidates = [
+            {
+                "model": views[j].name,
+                "score": round(float(pick.objective[idx[j]]), 4),
+                "quality_sample": round(float(pick.samples[idx[j]]), 4),
+                "quality_mean": round(float(pick.means[idx[j]]), 4),
+                "cost_estimate_usd": float(f"{views[j].cost_usd:.4g}"),
+                "propensity": round(float(pick.props[idx[j]]), 6),
+            }
+            for j in order
+        ]
+        # every eligible arm's propensity, exact (closed form, with the uniform floor) and known at
+        # once: nothing is left pending for the call's record to compute
+        return Choice(
+            arm=self.arms[pick.arm],
+            explored=pick.explored,
+            propensity=float(pick.props[pick.arm]),
+            ranking=[views[j].name for j in order],
+            candidates=candidates,
+            propensities={v.name: float(pick.props[i]) for v, i in zip(views, idx, strict=True)},
+            propensity_error=pick.error,
+        )
+
+    # --- learning
+    @staticmethod
+    def _keep(book: OrderedDict[Key, Ticket], key: Key, ticket: Ticket, cap: int) -> None:
+        book[key] = ticket
+        while len(book) > cap:
+            book.popitem(last=False)
+
+    def observe_call(self, call: FinishedCall) -> None:
+        key = (call.caller, call.request_id)
+        ticket = self.open.pop(key, None)
+        if ticket is None or self.core is None:
+            return
+        arm = self.index.get(call.model or "", -1)
+        self.core.observe_call(ticket, ticket.x, arm, call.cost_usd if call.ok else None)
+        if call.ok and arm == ticket.arm:
+            self._keep(self.done, key, ticket, DONE_TICKETS)
+        self._maybe_recluster()
+
+    def observe(self, rating: Observed) -> None:
+        key = (rating.caller, rating.request_id)
+        arm = self.index.get(rating.model)
+        previous = self.absorbed.get(key)
+        if arm is None or previous == rating.score:
+            return
+        ticket = self.done.get(key)
+        x = rating.embedding if rating.embedding is not None else (ticket.x if ticket is not None else None)
+        core = self._core(len(x)) if x is not None else None
+        if core is None or x is None:
+            return
+        x = np.asarray(x, dtype=np.float32)
+        seq = None
+        if previous is None and ticket is None:  # a call this policy did not see: count its prompt
+            seq = core.observe_call(None, x, arm, None)
+        core.observe_rating(x, arm, rating.score, previous, ticket if previous is None else None, seq)
+        self.absorbed[key] = rating.score
+        self.absorbed.move_to_end(key)
+        while len(self.absorbed) > ABSORBED:
+            self.absorbed.popitem(last=False)
+        self._maybe_recluster()
+
+    def _maybe_recluster(self) -> None:
+        core = self.core
+        if (
+            core is None
+            or not core.model.due()
+            or (self.clustering is not None and not self.clustering.done())
+        ):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script): at once
+            core.recluster()
+            return
+        self.clustering = loop.create_task(
+            self._recluster(core, core.model.snapshot(), core.recluster_seed())
+        )
+
+    async def _recluster(self, core: Hcts, x: np.ndarray, seed: int) -> None:
+        try:
+            result = await asyncio.to_thread(compute_clusters, x, core.kn, seed)
+        except Exception as exc:
+            log.warning("re-clustering failed: %s", exc)
+            return
+        core.model.apply(result)
+
+    async def settle(self) -> None:
+        """Waits for a re-clustering under way (tests; the warm-up at start)."""
+        while self.clustering is not None and not self.clustering.done():
+            await asyncio.shield(self.clustering)
+
+    async def aclose(self) -> None:
+        if self.clustering is not None and not self.clustering.done():
+            self.clustering.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.clustering
+
+    async def sync(self) -> None:
+        """Ratings this replica did not take (other replicas'; at start, the store's), once each."""
+        store = self.deps.store
+        if store is None:
+            return
+        while True:
+            rows = await store.rated_since(self.synced - timedelta(seconds=10), limit=10_000)
+            for r in rows:
+                self.synced = max(self.synced, r.at)
+            todo = [r for r in rows if self.absorbed.get(r.key) != r.score]
+            embeddings = await store.embeddings_of([r.key for r in todo]) if todo else {}
+            for r in todo:
+                if r.key in embeddings:
+                    self.observe(Observed(r.caller, r.request_id, r.model, r.score, None, embeddings[r.key]))
+            await self.settle()
+            if len(rows) < 10_000 or not todo:
+                return

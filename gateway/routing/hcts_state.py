@@ -1,0 +1,83 @@
+"""HCTS's state on disk (ROUTER_STATE_PATH, default DATA_DIR/router_state.npz): what `llm-router
+fit` learnt, loaded when the gateway starts. A numpy .npz without pickles: the arrays under their
+dotted names, everything else as JSON in `meta`, and the arms' names, so that a catalogue listing
+the same models in another order maps onto it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.routing.hcts import Hcts
+from gateway.routing.hcts_dial import DialSpec
+
+log = logging.getLogger("gateway.router")
+
+# the state's arrays with an arm axis, and which axis it is
+_ARM_AXIS = {"model.prior": 0, "model.n": 0, "model.s": 0, "model.ss": 0, "model.lq": 1, "model.hs": 1,
+             "ref.cest_sum": 0, "ref.cest_cnt": 0, "ref.pbest": 0, "ref.dr": 0, "ref.bc": 1}  # fmt: skip
+_LISTS = ("model.cents", "model.ln", "model.ls", "model.lc")
+
+
+def state_file(settings: Any) -> Path:
+    """Where the state lives: ROUTER_STATE_PATH, else DATA_DIR/router_state.npz."""
+    return Path(settings.router_state_path or settings.data_dir / "router_state.npz")
+
+
+def save(policy: Hcts, arms: list[str], path: Path) -> None:
+    state = policy.state()
+    arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)
+    meta: dict[str, Any] = {"arms": arms}
+    for part in ("model", "ref"):
+        for key, value in state.pop(part).items():
+            name = f"{part}.{key}"
+            if name in _LISTS:
+                meta[f"{name}.len"] = len(value)
+                for i, a in enumerate(value):
+                    arrays[f"{name}.{i}"] = np.asarray(a)
+            elif isinstance(value, np.ndarray):
+                arrays[name] = value
+            else:
+                meta[name] = value.item() if isinstance(value, np.generic) else value
+    meta.update(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+
+
+def load(path: Path, arms: list[str], dial: DialSpec | None = None, inline: bool = False) -> Hcts | None:
+    """The stored policy for these arms (None, and a warning, when it was fitted for others)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        arrays = {key: z[key] for key in z.files if key != "meta"}
+    stored: list[str] = meta.pop("arms")
+    if sorted(stored) != sorted(arms):
+        log.warning(
+            "router state %s was fitted for other models (%s); starting without it", path, ", ".join(stored)
+        )
+        return None
+    order = [stored.index(a) for a in arms]
+    state: dict[str, Any] = {"model": {}, "ref": {}}
+    for name, a in arrays.items():
+        if name.rsplit(".", 1)[0] in _LISTS:
+            continue
+        axis = _ARM_AXIS.get(name)
+        part, _, key = name.partition(".")
+        state[part][key] = a if axis is None else np.take(a, order, axis=axis)
+    for name in _LISTS:
+        part, _, key = name.partition(".")
+        items = [arrays[f"{name}.{i}"] for i in range(int(meta.pop(f"{name}.len")))]
+        if key in ("ln", "ls"):
+            items = [np.take(a, order, axis=1) for a in items]
+        state[part][key] = items
+    for name in list(meta):
+        if name.startswith(("model.", "ref.")):
+            part, _, key = name.partition(".")
+            state[part][key] = meta.pop(name)
+    state.update(meta)
+    return Hcts.from_state(state, dial, inline=inline)
