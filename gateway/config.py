@@ -151,9 +151,14 @@ class Settings(BaseSettings):
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
     embedding_threads: int = Field(default=1, ge=1, le=64)
-    # Where the ONNX export of the embedding model lives (default DATA_DIR/models); the Docker image
-    # bakes it in at build time.
+    # Where the embedding models live (default DATA_DIR/models): MiniLM's ONNX export and the
+    # static embedder, made there once; the Docker image bakes both in at build time.
     models_dir: Path | None = None
+    # --- the routing embedder (issue 13; gateway/embedders). static: a static embedding distilled
+    # from all-MiniLM-L6-v2 once into MODELS_DIR (about 0.1 ms a long prompt, inline); minilm: the
+    # model itself (about 30 ms a long prompt, on a worker thread). Stored embeddings carry their
+    # embedder's id and only the current one's are compared: after a switch, `llm-router reembed`.
+    embedder: Literal["static", "minilm"] = "static"
 
     # --- persistence
     enable_persistence: bool = True
