@@ -136,6 +136,32 @@ def export_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def reembed_cmd(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gateway.embedders import open_encoder
+    from gateway.embedders.reembed import reembed
+    from gateway.logs import setup_logging
+    from gateway.store.factory import open_store
+
+    settings = _settings(args)
+    setup_logging("info", "text", settings.secrets())
+    if not settings.enable_persistence:
+        print("llm-router: ENABLE_PERSISTENCE is false: no stored calls to re-embed", file=sys.stderr)
+        return 1
+
+    async def run() -> tuple[str, Any]:
+        async with open_store(settings) as store:
+            encoder = await asyncio.to_thread(open_encoder, settings, 2)
+            with tqdm(desc=f"reembed ({encoder.id})", unit=" calls") as bar:
+                done = await reembed(store, encoder, settings.embedding_max_chars, progress=bar.update)
+            return encoder.id, done
+
+    eid, done = asyncio.run(run())
+    print(f"re-embedded {done.embedded} rated calls with {eid} ({done.skipped} without a user text)")
+    return 0
+
+
 def _lab_options(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
@@ -224,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--incorrect", type=float, default=0.3, help="routes: a score at or below this is incorrect"
     )
     p.set_defaults(func=export_dpo)
+
+    p = sub.add_parser(
+        "reembed", help="after a change of EMBEDDER: embed the stored rated calls with the current one"
+    )
+    common(p)
+    p.set_defaults(func=reembed_cmd)
 
     def lab(p: argparse.ArgumentParser, store: str) -> None:
         common(p)
