@@ -34,15 +34,19 @@ WORKDIR /opt
 RUN python -c "from gateway.store.factory import migrations_dir; print('migrations:', migrations_dir())" \
  && llm-router --help > /dev/null
 
-# Bake the embedding model: the packaged all-MiniLM-L6-v2 exported to ONNX into
-# /opt/models/all-MiniLM-L6-v2-onnx, so that a container never exports (nor downloads) it.
-# load_encoder falls back to PyTorch quietly if the export fails: check that the files are there.
+# Bake the embedding models into /opt/models, so that a container never builds, exports nor
+# downloads one: the packaged all-MiniLM-L6-v2 exported to ONNX (all-MiniLM-L6-v2-onnx,
+# EMBEDDER=minilm) and the static routing embedder distilled from that export
+# (m2v-minilm-384c-v1, EMBEDDER=static, the default; about 30 s of CPU, logged every 10%).
+# Both fall back to PyTorch quietly if the export fails: check that the files are there.
 # The export dir also keeps a copy of the PyTorch weights (model.safetensors) that the ONNX
 # backend never reads (the PyTorch fallback loads the packaged model): drop it (87 MB).
 RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    python -c "from pathlib import Path; from gateway.embedder import load_encoder; load_encoder(Path('/opt/models'))" \
+    python -c "import logging; logging.basicConfig(level=logging.INFO); from pathlib import Path; from gateway.embedders.static import load_model; load_model(Path('/opt/models'))" \
  && test -f /opt/models/all-MiniLM-L6-v2-onnx/onnx/model.onnx \
  && test -f /opt/models/all-MiniLM-L6-v2-onnx/tokenizer.json \
+ && test -f /opt/models/m2v-minilm-384c-v1/table.npy \
+ && test -f /opt/models/m2v-minilm-384c-v1/embedder.json \
  && rm -f /opt/models/all-MiniLM-L6-v2-onnx/model.safetensors
 
 # --- runtime ---------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ and one JSON line. Scenarios:
                every request, neighbour query on a table of 100,000 rated calls, sampling) at
                c=1 and c=32 (knn_ts, a neighbour query per arm), with the per-stage breakdown
                read back from the call records; then at c=1 knn_ts with one global neighbour
-               query (NEIGHBOURS_PER_ARM=0) and lin_ts (the default policy: no query per request)
+               query (NEIGHBOURS_PER_ARM=0), lin_ts (no query per request) and hcts (the
+               default policy); the default policy again on realistic prompts (--prompts: a replay
+               file's records, each unique) at c=1 and c=32, with the routing embedder --embedder
+               (EMBEDDER)
   responses    POST /v1/responses, an explicit model: translated to chat completions (against a
                direct chat call), streamed too, and passed through to a model that speaks the
                Responses API (against a direct /v1/responses call); c=1
@@ -349,15 +352,41 @@ def sentence(i: int, rng: random.Random | None = None) -> str:
     return f"{r.choice(SUBJECTS).capitalize()} {r.choice(ACTIONS)}. {r.choice(ASKS)}"
 
 
-def populate(dsn: str, n: int, models: list[str], embed: Callable[[list[str]], np.ndarray]) -> int:
-    """Fill `calls` with `n` rated calls whose embeddings cluster like real traffic (once; reused)."""
+# Realistic prompts: a replay file's records (the project's checkout sits beside `shared/`; a git
+# worktree one level deeper).
+REPLAY_FILES = [ROOT.parent / "shared/data/replay/routerbench_dev.jsonl"]
+REPLAY_FILES.append(ROOT.parent.parent / "shared/data/replay/routerbench_dev.jsonl")
+
+
+def replay_prompts(path: Path) -> list[str]:
+    """The user texts of a replay file's records, each once, in a fixed shuffled order: every
+    request misses the embedding cache, and their lengths are real traffic's (RouterBench: about
+    1,500 characters at the median, cut to EMBEDDING_MAX_CHARS by the gateway)."""
+    seen: dict[str, None] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            record = orjson.loads(line)
+            text = "\n".join(m["content"] for m in record["messages"] if m.get("role") == "user")
+            seen.setdefault(text, None)
+    prompts = list(seen)
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
+def populate(
+    dsn: str, n: int, models: list[str], embed: Callable[[list[str]], np.ndarray], embedder: str
+) -> int:
+    """Fill `calls` with `n` rated calls whose embeddings (`embedder`'s) cluster like real traffic
+    (once per embedder; reused)."""
     import asyncpg
     from pgvector.asyncpg import register_vector
 
     async def run() -> int:
         conn = await asyncpg.connect(dsn.replace("postgresql+asyncpg://", "postgresql://"))
         try:
-            have = await conn.fetchval("SELECT count(*) FROM calls WHERE score IS NOT NULL")
+            have = await conn.fetchval(
+                "SELECT count(*) FROM calls WHERE score IS NOT NULL AND embedder = $1", embedder
+            )
             if have >= n:
                 return int(have)
             await register_vector(conn)
@@ -385,6 +414,7 @@ def populate(dsn: str, n: int, models: list[str], embed: Callable[[list[str]], n
                         200,
                         float(rng.random() < quality[m]),
                         "user",
+                        embedder,
                     )
                 )
                 if len(batch) == 5000 or i == n - 1:
@@ -402,6 +432,7 @@ def populate(dsn: str, n: int, models: list[str], embed: Callable[[list[str]], n
                             "http_status",
                             "score",
                             "score_source",
+                            "embedder",
                         ],
                     )
                     batch = []
@@ -593,6 +624,14 @@ def main() -> None:
         "--data", default=str(ROOT / "bench" / ".data"), help="embedded Postgres for the scenarios"
     )
     ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument(
+        "--embedder", choices=["static", "minilm"], default="static", help="EMBEDDER of the routing scenario"
+    )
+    ap.add_argument(
+        "--prompts",
+        default=next((str(p) for p in REPLAY_FILES if p.is_file()), None),
+        help="a replay file whose records' prompts are the routing scenario's realistic prompts",
+    )
     args = ap.parse_args()
     only = set(args.only or ["proxy", "persistence", "routing", "responses", "tracing"])
     work = Path(tempfile.mkdtemp(prefix="llm-router-bench-"))
@@ -697,9 +736,14 @@ def main() -> None:
             report["tracing"] = tracing_scenario(base, work, direct, args.n1, table)
         if "routing" in only:
             print(f"routing: preparing a table of {args.calls} rated calls (reused between runs)", flush=True)
-            from gateway.embedder import load_encoder
+            from gateway.embedders import minilm, static
 
-            encoder = load_encoder(Path(args.data) / "models")
+            models_dir = Path(args.data) / "models"
+            encoder: Any = (
+                static.load_model(models_dir)
+                if args.embedder == "static"
+                else minilm.load_encoder(models_dir)
+            )
             populate(
                 dsn,
                 args.calls,
@@ -707,13 +751,24 @@ def main() -> None:
                 lambda texts: np.concatenate(
                     [encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)]
                 ),
+                encoder.id,
             )
+            real = replay_prompts(Path(args.prompts)) if args.prompts else []
+            if real:
+                lengths = sorted(len(t) for t in real)
+                line = (
+                    f"realistic prompts: {len(real)} unique from {args.prompts}, median "
+                    f"{lengths[len(lengths) // 2]} chars (embedded: the last EMBEDDING_MAX_CHARS=1000)"
+                )
+                table.append(line)
+                print(line, flush=True)
             config = {
                 **base,
                 "enable_persistence": True,
                 "database_url": dsn,
                 "router_policy": "knn_ts",
                 "data_dir": args.data,
+                "embedder": args.embedder,
                 "rules": [{"name": "bench", "keywords": ["benchmark"], "model": "m0"}],
                 "similarity_threshold": 0.6,
             }
@@ -733,6 +788,20 @@ def main() -> None:
                 res = asyncio.run(side_by_side(pair, args.n32 // 3, 32, False))
                 report["bandit_c32"] = report_pair("routing: bandit, cache miss c=32", res, table)
                 add_stages(report["bandit_c32"], dsn, res, "bandit c=32", table)
+                if real:  # the same bandit path on realistic prompts: each one unique, real lengths
+                    for key, n, c, start in (("c1", args.n1 // 2, 1, 0), ("c32", args.n32 // 3, 32, 50_000)):
+                        long = chat_body(
+                            "auto",
+                            text=lambda i, start=start: (
+                                f"{real[(start + i) % len(real)]}\n(request {start + i})"
+                            ),
+                        )
+                        pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, long, gw.pid)}
+                        res = asyncio.run(side_by_side(pair, n, c, False))
+                        title = f"routing: bandit, realistic prompts, cache miss c={c}"
+                        report[f"bandit_real_{key}"] = report_pair(title, res, table)
+                        add_stages(report[f"bandit_real_{key}"], dsn, res, f"bandit realistic c={c}", table)
+                    pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, fresh, gw.pid)}
                 probe = asyncio.run(
                     probe_under_load((url, fresh), (url, keyword), args.n32 // 6, 32)
                 ).summary()
@@ -748,6 +817,7 @@ def main() -> None:
             variants = [
                 ("knn_global", "knn_ts, one global query", {"neighbours_per_arm": 0}),
                 ("lin_ts", "lin_ts", {"router_policy": "lin_ts"}),
+                ("hcts", "hcts (the default)", {"router_policy": "hcts"}),
             ]
             for n, (key, title, change) in enumerate(variants):
                 t0 = time.perf_counter()
@@ -764,6 +834,19 @@ def main() -> None:
                     report[f"{key}_c1"]["startup_s"] = startup
                     note = f" (started in {startup} s; {args.calls} rated calls in the table)"
                     add_stages(report[f"{key}_c1"], dsn, res, f"{key} c=1", table, note)
+                    if real and key == "hcts":  # the default policy on realistic prompts
+                        for c, n, start in ((1, args.n1 // 2, 100_000), (32, args.n32 // 3, 150_000)):
+                            long = chat_body(
+                                "auto",
+                                text=lambda i, start=start: (
+                                    f"{real[(start + i) % len(real)]}\n(request {start + i})"
+                                ),
+                            )
+                            pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, long, gw.pid)}
+                            res = asyncio.run(side_by_side(pair, n, c, False))
+                            title = f"routing: hcts (default), realistic prompts, cache miss c={c}"
+                            report[f"hcts_real_c{c}"] = report_pair(title, res, table)
+                            add_stages(report[f"hcts_real_c{c}"], dsn, res, f"hcts realistic c={c}", table)
         if "responses" in only:
             print("responses: POST /v1/responses, translated and passed through, explicit model", flush=True)
             native = {**models[0], "name": "native", "capabilities": ["chat", "streaming", "responses"]}

@@ -32,7 +32,8 @@ from gateway.catalogue import ModelSpec
 from gateway.config import Settings
 from gateway.config_sources import environ
 from gateway.duels import Duels
-from gateway.embedder import Embedder, MiniLMEmbedder
+from gateway.embedder import Embedder
+from gateway.embedders import load_embedder
 from gateway.errors import GatewayError, NotFound
 from gateway.evaluation.service import Evaluator
 from gateway.feedback import Learner
@@ -106,13 +107,7 @@ def missing_key(settings: Settings, spec: ModelSpec) -> str | None:
 
 async def _load_embedder(settings: Settings) -> Embedder | None:
     try:
-        return await MiniLMEmbedder.load(
-            settings.models_dir or settings.data_dir / "models",
-            settings.embedding_backend,
-            threads=settings.embedding_threads,
-            cache_size=settings.embedding_cache_size,
-            max_batch=settings.embedding_max_batch,
-        )
+        return await load_embedder(settings)
     except Exception:
         log.exception("the embedding model failed to load: routing goes on without context")
         return None

@@ -144,6 +144,7 @@ def open_record(
         status="error",
         http_status=500,
         embedding=decision.embedding,
+        embedder=decision.embedder if decision.embedding is not None else None,
         layer=decision.layer,
         strategy=decision.strategy,
         policy=decision.policy,

@@ -300,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parser(sub, common).set_defaults(func=keys_cmd)
     from gateway.cli_evaluate import add_parsers
+    from gateway.cli_reembed import add_parser as add_reembed
 
     add_parsers(sub, common, _settings)
+    add_reembed(sub, common, _settings)
 
     def lab(p: argparse.ArgumentParser, store: str) -> None:
         common(p)

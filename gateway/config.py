@@ -28,16 +28,9 @@ from gateway.catalogue import (
     SemanticRoute,
 )
 from gateway.config_errors import ConfigError, describe
-from gateway.config_sources import YamlSource, environ, normalise_dsn, origin
+from gateway.config_sources import YamlSource, comma_list, environ, normalise_dsn, origin
 from gateway.profiles import DATA_ROOT, profile_name
 from gateway.spelling import closest, unknown
-
-
-def _comma_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value
-
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -132,9 +125,12 @@ class Settings(BaseSettings):
     embedding_max_chars: int = Field(default=1000, ge=64)
     embedding_backend: Literal["onnx", "torch"] = "onnx"
     embedding_threads: int = Field(default=1, ge=1, le=64)
-    # Where the ONNX export of the embedding model lives (default DATA_DIR/models when DATA_DIR is
-    # set, else ./data/models, shared by every profile); the Docker image bakes it in at build time.
+    # Where MiniLM's ONNX export and the static embedder are made, once (default: DATA_DIR/models
+    # when DATA_DIR is set, else ./data/models); the Docker image bakes both in at build time.
     models_dir: Path | None = None
+    # The routing embedder (gateway/embedders; README "The routing embedder"): static (distilled
+    # from MiniLM, inline) or minilm. Only the current one's stored embeddings are compared.
+    embedder: Literal["static", "minilm"] = "static"
 
     # --- persistence
     enable_persistence: bool = True
@@ -203,7 +199,7 @@ class Settings(BaseSettings):
     dpo_similarity: float = Field(default=0.97, ge=0, le=1)
 
     _parse_lists = field_validator("cors_origins", "gateway_api_keys", "llm_models", mode="before")(
-        classmethod(lambda cls, v: _comma_list(v))
+        classmethod(lambda cls, v: comma_list(v))
     )
 
     @classmethod

@@ -75,3 +75,10 @@ def normalise_dsn(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
+
+
+def comma_list(value: Any) -> Any:
+    """`a, b,c` (an environment variable) as a list; a list (YAML) as it is."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value

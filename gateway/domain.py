@@ -78,6 +78,9 @@ class CallRecord:
     synthetic: bool = False  # the response is a placeholder no model wrote (replay data without text)
     trace_id: str | None = None  # the OpenTelemetry trace of the call (32 hex digits), when traced
     key_id: str | None = None  # the virtual key the call was made with: its budgets' ledger
+    # The id of the embedder that made `embedding`: only embeddings of the current embedder's id
+    # are ever compared with new ones (gateway/embedders).
+    embedder: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -158,6 +161,19 @@ class StoredCall:
         out.update(score=self.score, score_source=self.score_source, score_at=self.score_at)
         out["feedback"] = [vars(f) for f in self.feedback]
         return out
+
+
+@dataclass(frozen=True)
+class ToEmbed:
+    """A rated call to embed again (`llm-router reembed`): its key and its conversation."""
+
+    caller: str
+    request_id: str
+    messages: list[dict[str, Any]]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.caller, self.request_id
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 judge that rates duels, routing labels, and the export formats.
 
 A pair is two real, different responses to the same prompt (same normalised conversation hash) or
-a near-identical one (cosine >= DPO_SIMILARITY, and the same numbers in the user's text), by
+a near-identical one (cosine >= DPO_SIMILARITY between the routing embedder's vectors, and the same
+numbers and content words in the user's text: only function words, punctuation, case and order
+may differ), by
 different models, whose scores differ by at least DPO_MIN_MARGIN. Placeholder responses (the
 replay provider's, when a data set has no text) never join a pair. Re-rating updates the pair (or
 removes it when the margin falls below the minimum), so a pair exists at most once.
@@ -25,27 +27,60 @@ from gateway.store import ExportStore, PairStore
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"[^\W\d_]+")
+# English function words: the words two near-identical prompts may differ in ("What is the capital
+# of France?" / "What's the capital of France, please?"). Any other word is content.
+_FUNCTION_WORDS = """
+    a about above after again all also am an and any are as at be been before being below between
+    both but by can could did do does doing done down during each either else ever every few for from
+    further get give had has have having he her here hers him his how i if in into is it its just kindly
+    let me might more most much must my no nor not now of off on once only or other our ours out over
+    own please pls quick quickly really s same shall she should so some such t tell than thank thanks
+    that the their them then there these they this those through to too under until up us very was we
+    were what whats when where which while who whom whose why will with would you your yours"""
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
+
+
+def _user_text(messages: list[dict[str, Any]]) -> str:
+    return " ".join(text_of(m.get("content")) for m in messages if m.get("role") == "user")
 
 
 def numbers(messages: list[dict[str, Any]]) -> list[str]:
-    return _NUMBER.findall(" ".join(text_of(m.get("content")) for m in messages if m.get("role") == "user"))
+    return _NUMBER.findall(_user_text(messages))
+
+
+def content_words(messages: list[dict[str, Any]]) -> list[str]:
+    """The user text's words that are not function words, lower-cased, sorted (a multiset)."""
+    return sorted(w for w in _WORD.findall(_user_text(messages).lower()) if w not in FUNCTION_WORDS)
 
 
 def pairable(a: RatedCall, b: RatedCall) -> bool:
     """Beyond the similarity threshold: near-identical prompts must carry the same numbers
-    ("What is 2+3?" and "What is 2+4?" embed almost alike but want different answers), and two
-    identical answers are no preference."""
+    ("What is 2+3?" and "What is 2+4?" embed almost alike but want different answers) and the same
+    content words (a static embedding puts "...the capital of France?" and "...the capital of
+    Germany?" at cosine 0.98), and two identical answers are no preference."""
     if a.response.strip() == b.response.strip():
         return False
-    return a.prompt_hash == b.prompt_hash or numbers(a.messages) == numbers(b.messages)
+    if a.prompt_hash == b.prompt_hash:
+        return True
+    return numbers(a.messages) == numbers(b.messages) and content_words(a.messages) == content_words(
+        b.messages
+    )
 
 
 async def mine(
-    store: PairStore, caller: str, request_id: str, *, similarity: float, min_margin: float
+    store: PairStore,
+    caller: str,
+    request_id: str,
+    *,
+    similarity: float,
+    min_margin: float,
+    embedder: str | None = None,
 ) -> int:
     """Pairs created or updated by the (new) score of that tenant's call `request_id` (with other
-    calls of the same tenant only)."""
-    me, others = await store.pair_candidates(caller, request_id, similarity)
+    calls of the same tenant only). Near-identical prompts are found with `embedder`'s vectors
+    (the current routing embedder's); None: identical prompts only."""
+    me, others = await store.pair_candidates(caller, request_id, similarity, embedder=embedder)
     if me is None:
         return 0
     changed = 0

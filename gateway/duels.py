@@ -110,6 +110,7 @@ class Duels:
                 http_status=500,
                 prompt_hash=parent.prompt_hash,
                 embedding=parent.embedding,
+                embedder=parent.embedder,
                 layer="duel",
                 kind="duel",
                 duel_of=parent.id,

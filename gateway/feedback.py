@@ -91,6 +91,7 @@ class Learner:
                 outcome.request_id,
                 similarity=self.settings.dpo_similarity,
                 min_margin=self.settings.dpo_min_margin,
+                embedder=self.embedder.id if self.embedder is not None else None,
             )
         self.metrics.rated(outcome.model, feedback.source, feedback.score, pairs)
         return Learned(
@@ -98,17 +99,19 @@ class Learner:
         )
 
     async def _embedding_of(self, caller: str, request_id: str) -> np.ndarray | None:
+        """The call's embedding by the current embedder: the stored one if that embedder made it;
+        else (none stored, or another embedder's) computed now and stored in its place."""
+        if self.embedder is None:
+            return None
         stored = await self.store.get_call(caller, request_id)
         if stored is None:
             return None
         record = stored.record
-        if record.embedding is not None:
+        if record.embedding is not None and record.embedder == self.embedder.id:
             return np.asarray(record.embedding, dtype=np.float32)
-        if self.embedder is None:
-            return None
         text = routing_text(record.messages, self.settings.embedding_max_chars)
         if not text:
             return None
         embedding = (await self.embedder.embed([text]))[0]
-        await self.store.set_embedding(caller, request_id, embedding)
+        await self.store.set_embedding(caller, request_id, embedding, self.embedder.id)
         return embedding

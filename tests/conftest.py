@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +126,78 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def st_model(data_dir: Path) -> Any:
-    """The real all-MiniLM-L6-v2 (ONNX), loaded once per test session."""
-    from gateway.embedder import load_encoder
+    """The real all-MiniLM-L6-v2 (ONNX), loaded once per test session (EMBEDDER=minilm)."""
+    from gateway.embedders.minilm import load_encoder
 
     return load_encoder(data_dir / "models")
 
 
+@dataclass(frozen=True)
+class StaticBuild:
+    """The session's build of the static embedder: where, what it logged, its (empty) hub home."""
+
+    models_dir: Path
+    log: str
+    hf_home: Path
+    env: dict[str, str]
+
+
+def offline_env(hf_home: Path) -> dict[str, str]:
+    """No network and no Hugging Face hub cache: hub access refused, any HTTP through a proxy
+    that does not exist (the discard port), HF_HOME an empty directory."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("NO_PROXY", "HF_HUB_CACHE")}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }
+
+
+@pytest.fixture(scope="session")
+def static_build(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> StaticBuild:
+    """The static embedder (EMBEDDER=static, the default), built once per test session into the
+    session's DATA_DIR/models from the packaged weights, in a process with no network and no hub
+    cache (about 30-60 s of CPU: MiniLM's ONNX export, then 30,000 short MiniLM runs)."""
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    env = offline_env(hf_home)
+    code = (
+        "import logging, sys; from pathlib import Path; "
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+        "from gateway.embedders.static import load_model; load_model(Path(sys.argv[1]))"
+    )
+    models = data_dir / "models"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(models)], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return StaticBuild(models, proc.stderr, hf_home, env)
+
+
+@pytest.fixture(scope="session")
+def static_model(static_build: StaticBuild) -> Any:
+    """The session's static embedder, loaded (built by `static_build`)."""
+    from gateway.embedders.static import load_model
+
+    return load_model(static_build.models_dir)
+
+
 @pytest.fixture
-def gateway(st_model: Any) -> Iterator[Callable[..., GatewayServer]]:
-    """`gateway(settings, **app_kw)` starts a gateway with a real embedder (the session's model);
-    all are stopped at the end of the test."""
-    from gateway.embedder import MiniLMEmbedder
+def gateway(static_model: Any) -> Iterator[Callable[..., GatewayServer]]:
+    """`gateway(settings, **app_kw)` starts a gateway with the default embedder (the session's
+    static model; pass `embedder=` for another); all are stopped at the end of the test."""
+    from gateway.embedders.static import StaticEmbedder
 
     started: list[GatewayServer] = []
-    embedders: list[MiniLMEmbedder] = []
+    embedders: list[StaticEmbedder] = []
 
     def start(settings: Settings, **app_kw: Any) -> GatewayServer:
         if "embedder" not in app_kw:
-            app_kw["embedder"] = MiniLMEmbedder(st_model)
+            app_kw["embedder"] = StaticEmbedder(static_model)
             embedders.append(app_kw["embedder"])
         server = GatewayServer(settings, **app_kw).__enter__()
         started.append(server)

@@ -268,7 +268,7 @@ def test_fixed_strategies():
         rank("random", arms, k)
 
 
-async def test_linear_policy_replicas_stay_in_sync_through_the_store():
+async def test_linear_policy_replicas_stay_in_sync_through_the_store(static_model):
     from gateway.config import Settings
     from gateway.domain import CallRecord, Feedback
     from gateway.routing.policies import LinTSPolicy
@@ -290,8 +290,12 @@ async def test_linear_policy_replicas_stay_in_sync_through_the_store():
         router_policy="lin_ts",  # type: ignore[call-arg]
         models=[{"name": "m", "base_url": "http://127.0.0.1:1/v1"}],
     )
+    from gateway.embedders.static import StaticEmbedder
+
     store = MemoryStore()
-    a, b = Router(settings, Up(), store=store), Router(settings, Up(), store=store)
+    embedder = StaticEmbedder(static_model)  # the policies read back only their embedder's vectors
+    a = Router(settings, Up(), store=store, embedder=embedder)
+    b = Router(settings, Up(), store=store, embedder=embedder)
     await a.start()
     await b.start()
     x = np.eye(384, dtype=np.float32)[0]
@@ -305,6 +309,7 @@ async def test_linear_policy_replicas_stay_in_sync_through_the_store():
                 status="ok",
                 http_status=200,
                 embedding=x,
+                embedder=embedder.id,
             )
         ]
     )
@@ -321,3 +326,4 @@ async def test_linear_policy_replicas_stay_in_sync_through_the_store():
     await store.add_feedback(Feedback("c1", 0.0))  # a re-rating moves the target, not the count
     await b.refresh_stats()
     assert lin_b.n["m"] == 1 and lin_b.posterior("m", x).mean < lin_a.posterior("m", x).mean
+    await embedder.aclose()

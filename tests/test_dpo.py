@@ -85,7 +85,7 @@ def test_blind_order_is_random_and_scores_follow_it():
 
 
 @pytest.fixture
-def flywheel(fake, gateway, dsn):
+def flywheel(fake, gateway, dsn, request):
     settings = make_settings(
         [
             model(
@@ -100,6 +100,10 @@ def flywheel(fake, gateway, dsn):
         database_url=dsn,
         admin_api_key=ADMIN,
     )
+    if getattr(request, "param", "static") == "minilm":
+        from gateway.embedders.minilm import MiniLMEmbedder
+
+        return gateway(settings, embedder=MiniLMEmbedder(request.getfixturevalue("st_model")))
     return gateway(settings)
 
 
@@ -151,20 +155,27 @@ def test_margin_and_model_rules(flywheel):
     assert {pair["chosen_request_id"], pair["rejected_request_id"]} == {b, c}
 
 
+@pytest.mark.parametrize("flywheel", ["static", "minilm"], indirect=True)
 def test_near_identical_prompts_pair_and_unrelated_ones_do_not(flywheel):
+    # with either embedder (the cosines are the static one's, then MiniLM's)
     gw = flywheel
-    a = call(gw, "chef", [{"role": "user", "content": "What is the capital of France?"}])
-    b = call(gw, "coder", [{"role": "user", "content": "What's the capital of France?"}])  # cosine 0.99
-    d = call(gw, "coder", [{"role": "user", "content": "Which city is the capital of France?"}])  # 0.94
+    ask = "Could you please tell me which city is the capital of France?"
+    a = call(gw, "chef", [{"role": "user", "content": ask}])
+    b = call(gw, "coder", [{"role": "user", "content": ask.replace("please ", "")}])  # 0.98, 0.99
+    river = ask.replace("city is", "river flows through")
+    d = call(gw, "coder", [{"role": "user", "content": river}])  # related: 0.84, 0.76
     c = call(gw, "coder", [{"role": "user", "content": "How do I bake sourdough bread?"}])
+    # one content word apart: 0.98 to the static embedding, but another question (MiniLM: 0.67)
+    g = call(gw, "coder", [{"role": "user", "content": ask.replace("France", "Germany")}])
     rate(gw, a, 1.0)
     assert rate(gw, c, 0.0)["pairs"] == 0
     assert rate(gw, d, 0.0)["pairs"] == 0  # related, but below DPO_SIMILARITY (0.97)
+    assert rate(gw, g, 0.0)["pairs"] == 0
     assert rate(gw, b, 0.0)["pairs"] == 1
     [pair] = pairs(gw)
     assert 0.97 <= pair["similarity"] < 1.0
-    assert pair["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
-    # near-identical in embedding space (cosine 0.98), but not the same request: never a pair
+    assert pair["prompt"] == [{"role": "user", "content": ask}]
+    # near-identical in embedding space (cosine 0.96-0.98), but not the same request: never a pair
     x = call(gw, "chef", [{"role": "user", "content": "Name a famous bridge, please (0)"}])
     y = call(gw, "coder", [{"role": "user", "content": "Name a famous bridge, please (1)"}])
     rate(gw, x, 1.0)

@@ -7,7 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.embedder import MiniLMEmbedder, TorchMiniLM, routing_text
+from gateway.embedder import routing_text
+from gateway.embedders.minilm import MiniLMEmbedder, TorchMiniLM
 
 
 def test_onnx_encoder_equals_sentence_transformers(st_model):

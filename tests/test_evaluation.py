@@ -205,7 +205,7 @@ def logged(fake, pg, st_model):
     """A gateway (hcts, the default: its own propensities are logged; the current settings
     evaluate it as a candidate) that served 40 prompts, then a window of 60, all rated: one for
     the module's tests, which only read."""
-    from gateway.embedder import MiniLMEmbedder
+    from gateway.embedders.minilm import MiniLMEmbedder
 
     settings = make_settings(
         [
@@ -218,6 +218,7 @@ def logged(fake, pg, st_model):
         exploration_rate=0.3,
         latency_weight=0.0,
         router_policy="hcts",
+        embedder="minilm",
     )
     embedder = MiniLMEmbedder(st_model)
     with GatewayServer(settings, embedder=embedder, seed=2) as gw:

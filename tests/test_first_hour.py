@@ -93,7 +93,7 @@ def test_a_broken_replay_file_is_one_line(tmp_path, capsys):
 
 
 def test_the_first_export_of_the_embedding_model_is_quiet(tmp_path):
-    code = "import sys, pathlib, gateway.embedder as e; e.export_onnx(pathlib.Path(sys.argv[1]))"
+    code = "import sys, pathlib, gateway.embedders.minilm as e; e.export_onnx(pathlib.Path(sys.argv[1]))"
     run = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "m")],
         capture_output=True,

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from gateway.domain import CallRecord, Feedback, utcnow
 from gateway.store.embedded import EmbeddedPostgres
 from gateway.store.factory import migrate
-from gateway.store.postgres import NEIGHBOURS_SQL, PostgresStore, make_engine
+from gateway.store.postgres import NEIGHBOURS_PER_MODEL_SQL, NEIGHBOURS_SQL, PostgresStore, make_engine
 from gateway.store.schema import metadata
 from tests.conftest import asyncpg_dsn, make_settings, model, run_async
 
@@ -81,6 +81,10 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
             status="ok",
             http_status=200,
             embedding=vectors[i],
+            # a third of them another embedder's (as after a switch), and two tenants: the filters
+            # must keep the index (the planner underestimates their rows and once preferred a sort)
+            embedder="old" if i % 3 == 2 else "new",
+            caller="" if i % 2 == 0 else "key_b",
         )
         for i in range(len(vectors))
     ]
@@ -89,21 +93,32 @@ async def test_neighbour_query_uses_the_hnsw_index(dsn):
         await conn.execute(text("UPDATE calls SET score = 0.5"))
         await conn.execute(
             text(
-                "INSERT INTO calls (id, requested_model, model, messages, prompt_hash, status, http_status) "
-                "SELECT 'u' || g, 'auto', 'm1', '[]'::jsonb, md5(g::text), 'ok', 200 "
-                "FROM generate_series(1, 30000) g"
+                "INSERT INTO calls "
+                "(id, requested_model, model, messages, prompt_hash, status, http_status, caller) "
+                "SELECT 'u' || g, 'auto', 'm1', '[]'::jsonb, md5(g::text), 'ok', 200, "
+                "CASE WHEN g % 2 = 0 THEN '' ELSE 'key_b' END FROM generate_series(1, 30000) g"
             )
         )
         await conn.execute(text("ANALYZE calls"))
     pool = await store._hot()
-    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], utcnow() - timedelta(days=30), 50, "")
+    since = utcnow() - timedelta(days=30)
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_SQL, vectors[0], since, 50, "", "new")
     plan = "\n".join(r[0] for r in rows)
     assert "Index Scan using calls_embedding_hnsw_idx" in plan, plan
     assert "Order By: (embedding <=>" in plan
-    found = await store.neighbours(vectors[0], 50, utcnow() - timedelta(days=30), threshold=-1)
+    arms = ["m0", "m1", "m2"]
+    rows = await pool.fetch("EXPLAIN " + NEIGHBOURS_PER_MODEL_SQL, vectors[0], since, 30, arms, "", "new")
+    plan = "\n".join(r[0] for r in rows)
+    assert "Index Scan using calls_embedding_hnsw_idx" in plan and "Sort" not in plan, plan
+    found = await store.neighbours(vectors[0], 50, since, threshold=-1, embedder="new")
     assert (
         len(found) == 50 and found[0].request_id == "c0" and found[0].similarity == pytest.approx(1, abs=1e-5)
     )
+    # none of the other embedder's, none of the other tenant's
+    assert all(int(n.request_id[1:]) % 6 in (0, 4) for n in found)
+    old = await store.neighbours(vectors[2], 50, since, threshold=-1, embedder="old")
+    assert len(old) == 50 and old[0].request_id == "c2"
+    assert all(int(n.request_id[1:]) % 6 == 2 for n in old)
     await store.aclose()
 
 

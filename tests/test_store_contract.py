@@ -33,7 +33,12 @@ def unit(*values: float) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+E = "test-embedder"  # the embedder id of these tests' embeddings (the store compares only equal ids)
+
+
 def call(id: str, model: str = "m1", **kw) -> CallRecord:
+    if kw.get("embedding") is not None:
+        kw.setdefault("embedder", E)
     kw.setdefault("messages", [{"role": "user", "content": f"question {id}"}])
     kw.setdefault("status", "ok")
     kw.setdefault("http_status", 200)
@@ -156,25 +161,77 @@ async def test_neighbours_are_rated_recent_nearest_then_thresholded(store):
     for cid, score in [("near", 0.8), ("nearer", 0.4), ("far", 1.0), ("old", 1.0), ("no-embedding", 1.0)]:
         await store.add_feedback(Feedback(cid, score))
     q = unit(1, 0)
-    found = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=0.5)
+    found = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=0.5, embedder=E)
     assert [n.request_id for n in found] == ["nearer", "near"]
     assert found[0].model == "m2" and found[0].score == 0.4
     assert found[0].similarity == pytest.approx(float(unit(1, 0.01) @ q), abs=1e-5)
-    everything = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=-1)
+    everything = await store.neighbours(q, k=10, since=now - 30 * DAY, threshold=-1, embedder=E)
     assert [n.request_id for n in everything] == ["nearer", "near", "far"]
     # k applies before the threshold: the database orders by distance and limits, then we filter
-    assert [n.request_id for n in await store.neighbours(q, k=1, since=now - 30 * DAY, threshold=0.5)] == [
-        "nearer"
-    ]
-    assert len(await store.neighbours(q, k=10, since=now - 60 * DAY, threshold=0.5)) == 3
+    assert [
+        n.request_id for n in await store.neighbours(q, k=1, since=now - 30 * DAY, threshold=0.5, embedder=E)
+    ] == ["nearer"]
+    assert len(await store.neighbours(q, k=10, since=now - 60 * DAY, threshold=0.5, embedder=E)) == 3
 
 
-async def test_set_embedding_fills_in_only_a_missing_one(store):
-    await store.write_calls([call("x"), call("y", embedding=unit(0, 1))])
-    await store.set_embedding("", "x", unit(1, 0))
-    await store.set_embedding("", "y", unit(1, 0))
+async def test_set_embedding_fills_in_a_missing_one_or_another_embedders(store):
+    await store.write_calls(
+        [call("x"), call("y", embedding=unit(0, 1)), call("z", embedding=unit(0, 1), embedder="other")]
+    )
+    for cid in ("x", "y", "z"):
+        await store.set_embedding("", cid, unit(1, 0), E)
     assert np.allclose((await store.get_call("", "x")).record.embedding, unit(1, 0), atol=1e-6)
     assert np.allclose((await store.get_call("", "y")).record.embedding, unit(0, 1), atol=1e-6)
+    z = (await store.get_call("", "z")).record
+    assert z.embedder == E and np.allclose(z.embedding, unit(1, 0), atol=1e-6)
+    assert (await store.get_call("", "x")).record.embedder == E
+
+
+async def test_embeddings_of_another_embedder_are_never_compared(store):
+    # "old" is the nearest by far, but its vector is another embedder's (another space)
+    same = [{"role": "user", "content": "the same question"}]
+    await store.write_calls(
+        [
+            call(
+                "old", model="m1", embedding=unit(1, 0), embedder="old-embedder", messages=same, response="a1"
+            ),
+            call("new", model="m2", embedding=unit(1, 0.5), response="a2"),
+            call("mine", model="m3", embedding=unit(1, 0.4), response="a3"),
+            call("legacy", model="m1", embedding=unit(1, 0.01), embedder=None, response="a4"),
+        ]
+    )
+    for cid in ("old", "new", "mine", "legacy"):
+        await store.add_feedback(Feedback(cid, 0.5))
+    since = utcnow() - 30 * DAY
+    q = unit(1, 0)
+    assert [n.request_id for n in await store.neighbours(q, 10, since, -1, embedder=E)] == ["mine", "new"]
+    per_arm = await store.neighbours(q, 10, since, -1, per_model=["m1", "m2", "m3"], embedder=E)
+    assert {n.request_id for n in per_arm} == {"mine", "new"}
+    assert [n.request_id for n in await store.neighbours(q, 10, since, -1, embedder="old-embedder")] == [
+        "old"
+    ]
+    keys = [("", c) for c in ("old", "new", "mine", "legacy")]
+    assert set(await store.embeddings_of(keys, E)) == {("", "new"), ("", "mine")}
+    assert set(await store.embeddings_of(keys, "old-embedder")) == {("", "old")}
+    # DPO: a near-identical prompt is found only among the same embedder's vectors
+    me, others = await store.pair_candidates("", "mine", 0.9, embedder=E)
+    assert me is not None and {o.id for o in others} == {"new"}
+    me, others = await store.pair_candidates("", "mine", 0.9, embedder=None)  # no embedder: none near
+    assert me is not None and others == []
+    me, others = await store.pair_candidates("", "old", 0.0, embedder=E)  # its own vector is stale
+    assert me is not None and others == []
+    # what `llm-router reembed` reads, and how it writes: vector and id together
+    stale = await store.to_reembed(E, None, 10)
+    assert [c.key for c in stale] == [("", "legacy"), ("", "old")]
+    assert stale[1].messages == same
+    assert [c.key for c in await store.to_reembed(E, ("", "legacy"), 10)] == [("", "old")]
+    await store.set_embeddings(E, [(("", "old"), unit(0, 1)), (("", "mine"), unit(0, 1))])
+    got = (await store.get_call("", "old")).record
+    assert got.embedder == E and np.allclose(got.embedding, unit(0, 1), atol=1e-6)
+    assert np.allclose((await store.get_call("", "mine")).record.embedding, unit(1, 0.4), atol=1e-6)
+    assert [c.key for c in await store.to_reembed(E, None, 10)] == [("", "legacy")]
+    near = await store.neighbours(unit(0, 1), 1, since, -1, embedder=E)
+    assert [n.request_id for n in near] == ["old"]  # re-embedded: now found, by its new vector
 
 
 async def test_usage_stats_over_a_window(store):
@@ -234,14 +291,14 @@ async def test_pair_candidates_are_real_rated_answers_of_other_models(store):
     )
     for cid in ("me", "other", "same-model", "placeholder", "failed", "empty", "near", "far"):
         await store.add_feedback(Feedback(cid, 0.5))
-    me, others = await store.pair_candidates("", "me", similarity=0.99)
+    me, others = await store.pair_candidates("", "me", similarity=0.99, embedder=E)
     assert me is not None and me.response == "answer one" and me.score == 0.5
     assert {o.id for o in others} == {"other", "near"}
     assert next(o for o in others if o.id == "near").similarity == pytest.approx(
         float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5
     )
-    assert (await store.pair_candidates("", "placeholder", 0.99)) == (None, [])
-    assert (await store.pair_candidates("", "unrated", 0.99)) == (None, [])
+    assert (await store.pair_candidates("", "placeholder", 0.99, embedder=E)) == (None, [])
+    assert (await store.pair_candidates("", "unrated", 0.99, embedder=E)) == (None, [])
 
 
 def pair(a: str, b: str, sa: float, sb: float) -> DPOPair:
@@ -307,11 +364,13 @@ async def test_neighbours_per_model_keep_every_arm_in_view(store):
         await store.add_feedback(Feedback(c.id, 0.5))
     since = utcnow() - 30 * DAY
     q = unit(1, 0)
-    assert {n.model for n in await store.neighbours(q, 3, since, 0.0)} == {"m1"}
-    found = await store.neighbours(q, 2, since, 0.0, per_model=["m1", "m2"])
+    assert {n.model for n in await store.neighbours(q, 3, since, 0.0, embedder=E)} == {"m1"}
+    found = await store.neighbours(q, 2, since, 0.0, per_model=["m1", "m2"], embedder=E)
     assert sorted(n.request_id for n in found) == ["a0", "a1", "b0", "b1"]
     assert [n.similarity for n in found] == sorted((n.similarity for n in found), reverse=True)
-    assert {n.request_id for n in await store.neighbours(q, 2, since, 0.96, per_model=["m1", "m2"])} == {
+    assert {
+        n.request_id for n in await store.neighbours(q, 2, since, 0.96, per_model=["m1", "m2"], embedder=E)
+    } == {
         "a0",
         "a1",
     }
@@ -571,14 +630,16 @@ async def test_tenants_have_their_own_ids_ratings_neighbours_and_pairs(store):
     ratings = await store.tenant_ratings()
     assert ratings["m1"] == {"key_a": (1, 0.9)} and ratings["m2"] == {"key_b": (1, 0.1)}
     since = utcnow() - 30 * DAY
-    near = await store.neighbours(unit(1, 0), 10, since, 0.0, caller="key_a")
+    near = await store.neighbours(unit(1, 0), 10, since, 0.0, caller="key_a", embedder=E)
     assert [(n.request_id, n.model) for n in near] == [("x", "m1")]
-    assert len(await store.neighbours(unit(1, 0), 10, since, 0.0, ["m1", "m2", "m3"], "key_b")) == 2
-    embeddings = await store.embeddings_of([("key_a", "x"), ("key_b", "y"), ("key_c", "x")])
+    assert (
+        len(await store.neighbours(unit(1, 0), 10, since, 0.0, ["m1", "m2", "m3"], "key_b", embedder=E)) == 2
+    )
+    embeddings = await store.embeddings_of([("key_a", "x"), ("key_b", "y"), ("key_c", "x")], E)
     assert set(embeddings) == {("key_a", "x"), ("key_b", "y")}
-    me, others = await store.pair_candidates("key_b", "x", 0.97)
+    me, others = await store.pair_candidates("key_b", "x", 0.97, embedder=E)
     assert me is not None and [o.id for o in others] == ["y"]  # not a's "x", though the same prompt
-    me, others = await store.pair_candidates("key_a", "x", 0.97)
+    me, others = await store.pair_candidates("key_a", "x", 0.97, embedder=E)
     assert me is not None and others == []
     rated = {r.key for r in await store.rated_since(since, 100)}
     assert rated == {("key_a", "x"), ("key_b", "x"), ("key_b", "y")}

@@ -149,10 +149,15 @@ def test_a_tenants_view_counts_others_capped_and_never_the_largest_alone():
     assert open_gateway.of("m", "").rated == 1 and open_gateway.of("m", "").score_sum == 0.5
 
 
+EMB = "test-embedder"  # the embedder id of these tests' vectors (the policy reads back only its own)
+
+
 def lin_policy(store: Any = None, **kw: Any) -> LinTSPolicy:
     settings = Settings(_env_file=None, **kw)  # type: ignore[call-arg]
     knobs = Knobs.from_settings(settings)
-    deps = PolicyDeps(settings, knobs, ArmStatsCache([], knobs), store, np.random.default_rng(0), lambda: 0.0)
+    deps = PolicyDeps(
+        settings, knobs, ArmStatsCache([], knobs), store, np.random.default_rng(0), lambda: 0.0, embedder=EMB
+    )
     return LinTSPolicy(deps)
 
 
@@ -186,6 +191,7 @@ async def test_lin_ts_forgets_ratings_older_than_the_recency_window():
                 status="ok",
                 http_status=200,
                 embedding=x,
+                embedder=EMB,
             )
             for i in range(3)
         ]

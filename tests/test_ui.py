@@ -18,7 +18,7 @@ import pytest
 
 from gateway.auth import key_id
 from gateway.domain import CallRecord, Feedback, utcnow
-from gateway.embedder import MiniLMEmbedder
+from gateway.embedders.static import StaticEmbedder
 from tests.browser import browser, shoot  # noqa: F401 (a fixture)
 from tests.conftest import GatewayServer, make_settings, model, query, wait_for
 
@@ -65,7 +65,7 @@ def _history(now: Any) -> tuple[list[CallRecord], list[Feedback]]:
 
 
 @pytest.fixture(scope="module")
-def site(fake, pg, st_model) -> Iterator[dict[str, Any]]:
+def site(fake, pg, static_model) -> Iterator[dict[str, Any]]:
     """A gateway on a fresh database, seeded: old calls, then real calls by two keys (one failing,
     one streamed, one hostile prompt, a DPO pair), some rated."""
     dsn = pg.new_database()
@@ -82,7 +82,7 @@ def site(fake, pg, st_model) -> Iterator[dict[str, Any]]:
         exploration_rate=0.3,
         upstream_retries=0,
     )
-    embedder = MiniLMEmbedder(st_model)
+    embedder = StaticEmbedder(static_model)
     server = GatewayServer(settings, embedder=embedder).__enter__()
     try:
         records, ratings = _history(utcnow())

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from gateway.config import Settings
 from gateway.embedder import CacheStats, Embedder, routing_text
+from gateway.embedders import embedder_id
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation.logs import LoggedCall
 from gateway.health import Unavailable
@@ -122,8 +123,9 @@ class LoggedEmbeddings:
     """The embedder a candidate sees: the logged embedding of each call's routing text, and
     whatever else was embedded ahead of time (route utterances, texts without a logged one)."""
 
-    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+    def __init__(self, vectors: dict[str, np.ndarray], id: str) -> None:
         self.vectors = vectors
+        self.id = id  # the embedder that made the logged embeddings (the configured one)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         missing = [t for t in texts if t not in self.vectors]
@@ -166,7 +168,7 @@ async def decide_all(
 ) -> Decided:
     t0 = time.perf_counter()
     availability = LoggedAvailability()
-    embedder: Embedder = LoggedEmbeddings(vectors)
+    embedder: Embedder = LoggedEmbeddings(vectors, embedder_id(settings))
     router = Router(settings, availability, store=store, embedder=embedder, rng=np.random.default_rng(seed))
     await router.start()
     out: list[dict[str, float] | None] = []

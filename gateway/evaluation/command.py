@@ -18,7 +18,8 @@ import yaml
 
 from gateway.config import Settings
 from gateway.domain import utcnow
-from gateway.embedder import CacheStats, Embedder, MiniLMEmbedder
+from gateway.embedder import CacheStats, Embedder
+from gateway.embedders import ServedEmbedder, embedder_id, load_embedder
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.evaluation.candidate import Candidate, candidate
 from gateway.evaluation.estimators import Method
@@ -75,14 +76,12 @@ class LazyEmbedder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model: MiniLMEmbedder | None = None
+        self.id = embedder_id(settings)
+        self.model: ServedEmbedder | None = None
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.model is None:
-            s = self.settings
-            self.model = await MiniLMEmbedder.load(
-                s.models_dir or s.data_dir / "models", s.embedding_backend, threads=s.embedding_threads
-            )
+            self.model = await load_embedder(self.settings)  # the configured EMBEDDER
         return await self.model.embed(texts)
 
     def cache_stats(self) -> CacheStats | None:

@@ -24,6 +24,7 @@ class LoggedCall:
     created_at: datetime
     context: RouteContext
     embedding: np.ndarray | None
+    embedder: str | None  # the id of the embedder that made `embedding`
     arm: str  # the logging policy's pick (the record's `model` is who answered, after fallbacks)
     propensities: dict[str, float]  # the logging policy's, for every arm it could pick
     propensity_error: float
@@ -64,6 +65,7 @@ def logged_call(stored: StoredCall) -> LoggedCall | str:
         created_at=rec.created_at,
         context=ctx,
         embedding=None if rec.embedding is None else np.asarray(rec.embedding, dtype=np.float32),
+        embedder=rec.embedder,
         arm=arm,
         propensities={str(k): float(v) for k, v in props.items()},
         propensity_error=float(decision.get("propensity_error", 0.0)),

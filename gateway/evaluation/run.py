@@ -20,6 +20,7 @@ import numpy as np
 from gateway.config import Settings
 from gateway.domain import StoredCall
 from gateway.embedder import Embedder, routing_text
+from gateway.embedders import embedder_id
 from gateway.errors import InvalidRequest
 from gateway.evaluation import estimators, reward
 from gateway.evaluation.candidate import Candidate, Decided, decide_all, settings_of, texts_needed
@@ -187,12 +188,14 @@ def candidates_of(q: Question) -> list[Candidate]:
 async def vectors(
     loaded: Loaded, base: Settings, q: Question, embedder: Embedder | None
 ) -> dict[str, np.ndarray]:
-    """Every text a candidate may embed: the logged embeddings, and the rest embedded now."""
+    """Every text a candidate may embed: the logged embeddings (of the configured embedder only:
+    another's are in another space), and the rest embedded now."""
     calls = loaded.window.calls
+    current = embedder_id(base)
     out = {
         routing_text(c.context.messages, base.embedding_max_chars): c.embedding
         for c in calls
-        if c.embedding is not None
+        if c.embedding is not None and c.embedder == current
     }
     wanted: set[str] = set()
     for cand in candidates_of(q):

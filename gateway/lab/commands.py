@@ -24,6 +24,7 @@ from gateway.lab.runner import (
     baseline_traces,
     embeddings_for,
     feedback_mask,
+    lab_encoder,
     lab_settings,
     noncontextual_ts,
     run_router,
@@ -61,16 +62,14 @@ HEADER = (
 def _prepare(
     file: str, options: Options, runs: list[Options]
 ) -> tuple[Any, list[int], list[bool], list[str], np.ndarray, Any]:
-    from gateway.embedder import load_encoder
-
     data = replay_data.load(file)
     for run in runs:  # a bad setting fails now, not after the runs before it
         lab_settings(data, run, None)
     order = stream_order(len(data.records), options.order, options.seed, options.limit)
     mask = feedback_mask(len(order), options.feedback_rate, options.seed)
     max_chars = int(options.overrides.get("embedding_max_chars", 1000))
-    texts, vectors = embeddings_for(data, options.data_dir / "lab-cache", max_chars, order)
-    encoder = load_encoder(options.data_dir / "models")
+    encoder = lab_encoder(data, options)
+    texts, vectors = embeddings_for(data, options.data_dir / "lab-cache", max_chars, encoder, order)
     return data, order, mask, texts, vectors, encoder
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gateway.config import Settings
+from gateway.embedders import open_encoder
 from gateway.lab.runner import embeddings_for
 from gateway.providers.replay import load
 from gateway.routing import hcts_state
@@ -36,8 +37,9 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
         if sorted(d.models) != sorted(models):
             raise ValueError(f"{d.path} has other models ({', '.join(d.models)}) than {datasets[0].path}")
     xs, scores, costs = [], [], []
+    encoder = open_encoder(settings, threads=2)  # the configured EMBEDDER: the gateway's space
     for d in datasets:
-        _, vectors = embeddings_for(d, settings.data_dir / "lab-cache", settings.embedding_max_chars)
+        _, vectors = embeddings_for(d, settings.data_dir / "lab-cache", settings.embedding_max_chars, encoder)
         order = [d.models.index(m) for m in models]
         xs.append(vectors)
         scores.append(d.scores()[:, order])
@@ -49,7 +51,7 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
     policy.fit(x, np.concatenate(scores), np.concatenate(costs))
     path = out or hcts_state.state_file(settings)
-    hcts_state.save(policy, models, path)
+    hcts_state.save(policy, models, path, embedder=encoder.id)
     return Fitted(
         path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam
     )

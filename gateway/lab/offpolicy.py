@@ -29,12 +29,20 @@ import numpy as np
 from tqdm import tqdm
 
 from gateway.domain import utcnow
-from gateway.embedder import MiniLMEmbedder, load_encoder
+from gateway.embedders import serve
 from gateway.evaluation.candidate import Candidate, settings_of
 from gateway.evaluation.estimators import Method
 from gateway.evaluation.report import plot, table
 from gateway.evaluation.run import Question, Report, candidates_of, compute, load, vectors
-from gateway.lab.runner import Options, drive, embeddings_for, lab_settings, stream_order, trace_of
+from gateway.lab.runner import (
+    Options,
+    drive,
+    embeddings_for,
+    lab_encoder,
+    lab_settings,
+    stream_order,
+    trace_of,
+)
 from gateway.providers import replay as replay_data
 from gateway.providers.replay import ReplayData
 
@@ -132,8 +140,11 @@ async def check(file: str, options: LabOptions) -> tuple[dict[str, Any], Report]
     data = replay_data.load(file)
     order = stream_order(len(data.records), "shuffle", options.seed, options.limit)
     mid = len(order) // 2
-    texts, vecs = embeddings_for(data, options.data_dir / "lab-cache", 1000, order)
-    embedder = MiniLMEmbedder(load_encoder(options.data_dir / "models"), cache_size=len(order) + 1000)
+    # the embedder (EMBEDDER) of the logging gateway, which its candidates share
+    lab = Options(overrides=dict(options.logging), config=options.config, data_dir=options.data_dir)
+    encoder = lab_encoder(data, lab)
+    texts, vecs = embeddings_for(data, options.data_dir / "lab-cache", 1000, encoder, order)
+    embedder = serve(lab_settings(data, lab, None), encoder, cache_size=len(order) + 1000)
     embedder.prime([texts[i] for i in order], vecs[order])
     pg = EmbeddedPostgres(options.data_dir / "lab", database="lab")
     await pg.start()

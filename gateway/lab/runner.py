@@ -24,7 +24,8 @@ import uvicorn
 
 from gateway.config import Settings, load_settings, setting_key
 from gateway.config_errors import ConfigError
-from gateway.embedder import MiniLMEmbedder, load_encoder, routing_text
+from gateway.embedder import Embedder, Encoder, routing_text
+from gateway.embedders import embedder_id, open_encoder, serve
 from gateway.lab import baselines
 from gateway.lab.report import Trace
 from gateway.providers.replay import ReplayData
@@ -88,25 +89,24 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
 
 
 def embeddings_for(
-    data: ReplayData, cache_dir: Path, max_chars: int, only: list[int] | None = None
+    data: ReplayData, cache_dir: Path, max_chars: int, encoder: Encoder, only: list[int] | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """The routing text of every record, and the embeddings of those in `only` (default all; the
-    others stay zero), computed once per file and selection (cached in `cache_dir`)."""
+    """The routing text of every record, and `encoder`'s embeddings of those in `only` (default
+    all; the others stay zero), computed once per file, embedder and selection (cached in
+    `cache_dir`)."""
     texts = [routing_text(r.messages, max_chars) for r in data.records]
     wanted = sorted(set(only)) if only is not None else list(range(len(texts)))
-    key = hashlib.sha256(("\n\x00".join(texts[i] for i in wanted) + f"|{max_chars}").encode()).hexdigest()[
-        :16
-    ]
+    joined = "\n\x00".join(texts[i] for i in wanted) + f"|{max_chars}|{encoder.id}"
+    key = hashlib.sha256(joined.encode()).hexdigest()[:16]
     path = cache_dir / f"{data.name}-{key}.npy"
     if path.is_file():
         return texts, np.load(path)
-    encoder = load_encoder(cache_dir.parent / "models", threads=2)
     t0 = time.perf_counter()
     vectors = np.zeros((len(texts), 384), dtype=np.float32)
     for start in range(0, len(wanted), 64):
         chunk = wanted[start : start + 64]
         vectors[chunk] = encoder.encode([texts[i] for i in chunk])
-    log.info("embedded %d prompts in %.1f s", len(wanted), time.perf_counter() - t0)
+    log.info("embedded %d prompts with %s in %.1f s", len(wanted), encoder.id, time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, vectors)
     return texts, vectors
@@ -126,6 +126,14 @@ def lab_settings(data: ReplayData, options: Options, database_url: str | None) -
         values["database_url"] = database_url
     values.update(options.overrides)
     return load_settings(options.config, **values)
+
+
+def lab_encoder(data: ReplayData, options: Options) -> Encoder:
+    """The model of the embedder the lab's gateway is configured with (EMBEDDER: --set, the config
+    file, the environment), from (or built into) the lab's data dir unless MODELS_DIR says where."""
+    settings = lab_settings(data, options, None)
+    models = settings.models_dir or options.data_dir / "models"
+    return open_encoder(settings.model_copy(update={"models_dir": models}), threads=2)
 
 
 @contextlib.asynccontextmanager
@@ -150,7 +158,7 @@ async def lab_database(options: Options) -> AsyncIterator[str | None]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, embedder: MiniLMEmbedder | None, seed: int | None, port: int = 0
+    settings: Settings, embedder: Embedder | None, seed: int | None, port: int = 0
 ) -> AsyncIterator[tuple[str, Services]]:
     """The gateway on a loopback port (default: a free one), in this event loop: its URL and its
     parts (without an embedder, the gateway loads its own)."""
@@ -177,7 +185,7 @@ async def serving(
 
 async def drive(
     settings: Settings,
-    embedder: MiniLMEmbedder,
+    embedder: Embedder,
     data: ReplayData,
     order: list[int],
     mask: list[bool] | None,
@@ -240,15 +248,18 @@ async def run_router(
     options: Options,
     texts: list[str],
     vectors: np.ndarray,
-    encoder: Any,
+    encoder: Encoder,
     progress: Callable[[int, str], None] | None = None,
 ) -> Trace:
-    """Stream the prompts through a real gateway with `model="auto"` and learn from feedback."""
-    embedder = MiniLMEmbedder(encoder, cache_size=len(texts) + 1000)
-    embedder.prime([texts[i] for i in order], vectors[order])
+    """Stream the prompts through a real gateway with `model="auto"` and learn from feedback; the
+    gateway's embedder (EMBEDDER) serves `encoder`, primed with the precomputed `vectors`."""
     t0 = time.perf_counter()
     async with lab_database(options) as dsn:
         settings = lab_settings(data, options, dsn)
+        if encoder.id != embedder_id(settings):
+            raise ValueError(f"the lab's encoder is {encoder.id}, the gateway's EMBEDDER another")
+        embedder = serve(settings, encoder, cache_size=len(texts) + 1000)
+        embedder.prime([texts[i] for i in order], vectors[order])
         picks, layers = await drive(
             settings, embedder, data, order, mask, options.seed, strategy=options.strategy, progress=progress
         )
@@ -266,6 +277,7 @@ async def run_router(
 def _knobs(settings: Settings) -> dict[str, Any]:
     keys = (
         "router_policy",
+        "embedder",
         "feedback_weight",
         "latency_weight",
         "cost_weight",

@@ -70,6 +70,7 @@ class Decision:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     propensity: float | None = None
     embedding: np.ndarray | None = None
+    embedder: str | None = None  # the id of the embedder that made `embedding`
     timings: dict[str, float] = field(default_factory=dict)
     explored: bool = False  # a uniform EXPLORATION_RATE pick, not the posteriors' choice
     # What the policy believed about each eligible arm for this request (the posteriors it sampled):

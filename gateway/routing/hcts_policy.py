@@ -73,7 +73,7 @@ class HctsPolicy:
         if not path.exists():
             return None
         try:
-            core = hcts_state.load(path, self.arms, self.dial)
+            core = hcts_state.load(path, self.arms, self.dial, embedder=self.deps.embedder)
         except Exception as exc:  # a broken file must not keep the gateway from starting
             log.warning("cannot load the router state %s (%s); starting without it", path, exc)
             return None
@@ -216,15 +216,15 @@ class HctsPolicy:
 
     async def sync(self) -> None:
         """Ratings this replica did not take (other replicas'; at start, the store's), once each."""
-        store = self.deps.store
-        if store is None:
-            return
+        store, embedder = self.deps.store, self.deps.embedder
+        if store is None or embedder is None:
+            return  # without an embedder, no request has an embedding to use what it would learn
         while True:
             rows = await store.rated_since(self.synced - timedelta(seconds=10), limit=10_000)
             for r in rows:
                 self.synced = max(self.synced, r.at)
             todo = [r for r in rows if self.absorbed.get(r.key) != r.score]
-            embeddings = await store.embeddings_of([r.key for r in todo]) if todo else {}
+            embeddings = await store.embeddings_of([r.key for r in todo], embedder) if todo else {}
             for r in todo:
                 if r.key in embeddings:
                     self.observe(Observed(r.caller, r.request_id, r.model, r.score, None, embeddings[r.key]))

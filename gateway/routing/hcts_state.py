@@ -28,10 +28,12 @@ def state_file(settings: Any) -> Path:
     return Path(settings.router_state_path or settings.data_dir / "router_state.npz")
 
 
-def save(policy: Hcts, arms: list[str], path: Path) -> None:
+def save(policy: Hcts, arms: list[str], path: Path, embedder: str | None = None) -> None:
+    """`embedder`: the id of the embedder whose vectors the state was fitted on (its clusters live
+    in that embedder's space; another embedder's vectors must never be read against them)."""
     state = policy.state()
     arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)
-    meta: dict[str, Any] = {"arms": arms}
+    meta: dict[str, Any] = {"arms": arms, "embedder": embedder}
     for part in ("model", "ref"):
         for key, value in state.pop(part).items():
             name = f"{part}.{key}"
@@ -50,11 +52,28 @@ def save(policy: Hcts, arms: list[str], path: Path) -> None:
     tmp.replace(path)
 
 
-def load(path: Path, arms: list[str], dial: DialSpec | None = None, inline: bool = False) -> Hcts | None:
-    """The stored policy for these arms (None, and a warning, when it was fitted for others)."""
+def load(
+    path: Path,
+    arms: list[str],
+    dial: DialSpec | None = None,
+    inline: bool = False,
+    embedder: str | None = None,
+) -> Hcts | None:
+    """The stored policy for these arms and this embedder (None, and a warning, when it was fitted
+    for others)."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         arrays = {key: z[key] for key in z.files if key != "meta"}
+    fitted_with = meta.pop("embedder", None)
+    if embedder is not None and fitted_with != embedder:
+        log.warning(
+            "router state %s was fitted on embeddings of %s, this gateway's embedder is %s; starting "
+            "without it (fit again: llm-router fit)",
+            path,
+            fitted_with or "an unrecorded embedder",
+            embedder,
+        )
+        return None
     stored: list[str] = meta.pop("arms")
     if sorted(stored) != sorted(arms):
         log.warning(

@@ -101,12 +101,29 @@ class KnnTS(_CallBlind):
             return []
         s = self.settings
         since = utcnow() - timedelta(days=s.recency_days)
+        embedder = self.deps.embedder
+        if embedder is None:
+            return []
         try:
             query = (
-                store.neighbours(embedding, s.neighbours_per_arm, since, s.similarity_threshold, arms, tenant)
+                store.neighbours(
+                    embedding,
+                    s.neighbours_per_arm,
+                    since,
+                    s.similarity_threshold,
+                    arms,
+                    tenant,
+                    embedder=embedder,
+                )
                 if s.neighbours_per_arm
                 else store.neighbours(
-                    embedding, s.max_similar_requests, since, s.similarity_threshold, None, tenant
+                    embedding,
+                    s.max_similar_requests,
+                    since,
+                    s.similarity_threshold,
+                    None,
+                    tenant,
+                    embedder=embedder,
                 )
             )
             return await asyncio.wait_for(query, s.neighbour_timeout_s)
@@ -184,8 +201,8 @@ class LinTSPolicy(_CallBlind):
 
     async def sync(self) -> None:
         store = self.deps.store
-        if store is None:
-            return
+        if store is None or self.deps.embedder is None:
+            return  # without an embedder, no request has an embedding to use what it would learn
         await self._forget(store)
         while True:
             # Look 10 s back: a rating becomes visible when its transaction commits, a little after
@@ -195,7 +212,7 @@ class LinTSPolicy(_CallBlind):
             for r in rows:
                 self.synced = max(self.synced, r.at)
             todo = [r for r in rows if (seen := self.seen.get(r.key)) is None or seen.score != r.score]
-            embeddings = await store.embeddings_of([r.key for r in todo]) if todo else {}
+            embeddings = await store.embeddings_of([r.key for r in todo], self.deps.embedder) if todo else {}
             new: dict[str, list[Rating]] = {}
             for r in todo:
                 if r.key not in embeddings:
@@ -223,7 +240,8 @@ class LinTSPolicy(_CallBlind):
             old.append((key, absorbed))
         if not old:
             return
-        embeddings = await store.embeddings_of([key for key, _ in old])
+        assert self.deps.embedder is not None
+        embeddings = await store.embeddings_of([key for key, _ in old], self.deps.embedder)
         for key, absorbed in old:
             if self.seen.get(key) is not absorbed:
                 continue  # re-rated meanwhile: it stays

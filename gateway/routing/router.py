@@ -95,6 +95,7 @@ class Router:
                 store,
                 rng if rng is not None else np.random.default_rng(),
                 clock,
+                embedder.id if embedder is not None else None,
             )
         )
         self.rules = KeywordRules(settings.rules)
@@ -250,6 +251,7 @@ class Router:
             candidates=choice.candidates,
             propensity=choice.propensity,
             embedding=embedding,
+            embedder=self.embedder.id if embedding is not None and self.embedder is not None else None,
             timings=timings,
             explored=choice.explored,
             arms=views,

@@ -91,6 +91,9 @@ class PolicyDeps:
     store: PolicyStore | None
     rng: np.random.Generator
     clock: Callable[[], float]
+    # The id of the embedder whose vectors the policy gets: the store's embeddings of other ids
+    # (another embedder's space) are never read back (None: no embedder, none are).
+    embedder: str | None = None
 
 
 def thompson(

@@ -28,6 +28,7 @@ from gateway.domain import (
     Rating,
     SpendRow,
     StoredCall,
+    ToEmbed,
     UsageRow,
     VirtualKey,
 )
@@ -46,7 +47,9 @@ class CallStore(Protocol):
         """That tenant's call (`caller=None`: any tenant's, the newest: for the admin)."""
         ...
 
-    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None: ...
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray, embedder: str) -> None:
+        """Give the call this embedding (of embedder `embedder`) unless it has one of that id."""
+        ...
 
 
 class FeedbackStore(Protocol):
@@ -56,7 +59,9 @@ class FeedbackStore(Protocol):
 class RatingStore(Protocol):
     async def rated_since(self, since: datetime, limit: int) -> list[Rating]: ...
 
-    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]: ...
+    async def embeddings_of(self, keys: Sequence[Key], embedder: str) -> dict[Key, np.ndarray]:
+        """Those calls' embeddings made by `embedder` (a call with another's has none here)."""
+        ...
 
 
 class NeighbourStore(Protocol):
@@ -68,10 +73,24 @@ class NeighbourStore(Protocol):
         threshold: float,
         per_model: list[str] | None = None,
         caller: str = "",
+        *,
+        embedder: str,
     ) -> list[Neighbour]:
         """That tenant's rated calls nearest to `embedding` since `since`: the k nearest (or, with
         `per_model`, the k nearest of each of those models), then those at or above `threshold`,
-        nearest first."""
+        nearest first. Only calls whose embedding `embedder` made (the query's own embedder)."""
+        ...
+
+
+class ReembedStore(Protocol):
+    """`llm-router reembed`: rated calls whose embedding is missing or another embedder's."""
+
+    async def to_reembed(self, embedder: str, after: Key | None, limit: int) -> list[ToEmbed]:
+        """Up to `limit` such calls past `after`, in key order."""
+        ...
+
+    async def set_embeddings(self, embedder: str, items: Sequence[tuple[Key, np.ndarray]]) -> None:
+        """set_embedding for many calls at once."""
         ...
 
 
@@ -89,9 +108,10 @@ class StatsStore(Protocol):
 
 class PairStore(Protocol):
     async def pair_candidates(
-        self, caller: str, request_id: str, similarity: float, limit: int = 50
+        self, caller: str, request_id: str, similarity: float, limit: int = 50, *, embedder: str | None
     ) -> tuple[RatedCall | None, list[RatedCall]]:
-        """That call and its candidates for a pair: calls of the same tenant only."""
+        """That call and its candidates for a pair: calls of the same tenant only. Near-identical
+        prompts (cosine >= `similarity`) only where both embeddings are `embedder`'s (None: none)."""
         ...
 
     async def save_pair(self, pair: DPOPair) -> bool: ...
@@ -176,6 +196,7 @@ class Store(
     FeedbackStore,
     RatingStore,
     NeighbourStore,
+    ReembedStore,
     StatsStore,
     PairStore,
     ExportStore,

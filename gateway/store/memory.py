@@ -27,58 +27,18 @@ from gateway.domain import (
     RatedCall,
     Rating,
     StoredCall,
+    ToEmbed,
     UsageRow,
     feedback_applies,
     utcnow,
 )
 from gateway.errors import NotFound
 from gateway.store import Key
+from gateway.store.memory_index import VectorIndex
 from gateway.store.memory_insights import InsightQueries
 from gateway.store.memory_keys import MemoryKeys
 
 MAX_RATINGS = 100  # ratings kept per call: a client re-rating one call forever cannot grow memory
-
-
-class _Index:
-    """Rated calls' embeddings in one growable matrix, with their models and times: a neighbour
-    search is a few numpy operations, and a new rating appends a row (amortised O(1))."""
-
-    def __init__(self) -> None:
-        self.ids: list[Key] = []
-        self.rows: dict[Key, int] = {}
-        self.matrix = np.zeros((0, 384), dtype=np.float32)
-        self.models = np.zeros(0, dtype=object)
-        self.callers = np.zeros(0, dtype=object)
-        self.times = np.zeros(0, dtype=np.float64)
-        self.gone: set[int] = set()
-
-    def add(self, rec: CallRecord) -> None:
-        key = (rec.caller, rec.id)
-        if key in self.rows or rec.embedding is None or rec.model is None:
-            return
-        n = len(self.ids)
-        if n == len(self.matrix):
-            size = max(64, 2 * n)
-            matrix = np.zeros((size, len(rec.embedding)), dtype=np.float32)
-            matrix[:n] = self.matrix[:n]
-            models = np.zeros(size, dtype=object)
-            models[:n] = self.models[:n]
-            callers = np.zeros(size, dtype=object)
-            callers[:n] = self.callers[:n]
-            times = np.zeros(size, dtype=np.float64)
-            times[:n] = self.times[:n]
-            self.matrix, self.models, self.callers, self.times = matrix, models, callers, times
-        self.matrix[n] = rec.embedding
-        self.models[n] = rec.model
-        self.callers[n] = rec.caller
-        self.times[n] = rec.created_at.timestamp()
-        self.rows[key] = n
-        self.ids.append(key)
-
-    def remove(self, key: Key) -> None:
-        row = self.rows.pop(key, None)
-        if row is not None:
-            self.gone.add(row)
 
 
 class _Call:
@@ -105,7 +65,7 @@ class MemoryStore(InsightQueries, MemoryKeys):
         self.ratings: dict[str, dict[str, tuple[int, float]]] = {}  # model -> caller -> sums
         self.pairs: dict[tuple[str, str, str], DPOPair] = {}
         self._pair_ids = 0
-        self.index = _Index()
+        self.index = VectorIndex()
 
     async def aclose(self) -> None:
         pass
@@ -136,7 +96,7 @@ class MemoryStore(InsightQueries, MemoryKeys):
             cid, _ = self.calls.popitem(last=False)
             self.index.remove(cid)
         if len(self.index.gone) > max(1000, len(self.index.ids) // 4):  # compact now and then
-            index = _Index()
+            index = VectorIndex()
             for c in self.calls.values():
                 if c.score is not None:
                     index.add(c.record)
@@ -179,12 +139,30 @@ class MemoryStore(InsightQueries, MemoryKeys):
             self.index.add(call.record)
         return FeedbackOutcome(feedback.request_id, call.record.model, previous, call.score, applies)
 
-    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None:
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray, embedder: str) -> None:
         call = self.calls.get((caller, request_id))
-        if call is not None and call.record.embedding is None:
-            call.record.embedding = embedding
-            if call.score is not None:
-                self.index.add(call.record)
+        if call is None or (call.record.embedding is not None and call.record.embedder == embedder):
+            return
+        call.record.embedding, call.record.embedder = embedding, embedder
+        if call.score is not None:
+            self.index.remove((caller, request_id))  # its row held the old vector, if any
+            self.index.add(call.record)
+
+    async def set_embeddings(self, embedder: str, items: Sequence[tuple[Key, np.ndarray]]) -> None:
+        for (caller, request_id), embedding in items:
+            await self.set_embedding(caller, request_id, embedding, embedder)
+
+    async def to_reembed(self, embedder: str, after: Key | None, limit: int) -> list[ToEmbed]:
+        keys = sorted(
+            (rid, caller)
+            for (caller, rid), c in self.calls.items()
+            if c.score is not None and (c.record.embedding is None or c.record.embedder != embedder)
+        )
+        if after is not None:
+            keys = [k for k in keys if k > (after[1], after[0])]
+        return [
+            ToEmbed(caller, rid, self.calls[(caller, rid)].record.messages) for rid, caller in keys[:limit]
+        ]
 
     async def neighbours(
         self,
@@ -194,6 +172,8 @@ class MemoryStore(InsightQueries, MemoryKeys):
         threshold: float,
         per_model: list[str] | None = None,
         caller: str = "",
+        *,
+        embedder: str,
     ) -> list[Neighbour]:
         index = self.index
         n = len(index.ids)
@@ -203,6 +183,7 @@ class MemoryStore(InsightQueries, MemoryKeys):
         live = np.ones(n, dtype=bool)
         live[list(index.gone)] = False
         recent = live & (index.times[:n] >= since.timestamp()) & (index.callers[:n] == caller)
+        recent &= index.embedders[:n] == embedder
         groups = [recent & (index.models[:n] == m) for m in per_model] if per_model else [recent]
         chosen: list[int] = []
         for mask in groups:
@@ -236,11 +217,11 @@ class MemoryStore(InsightQueries, MemoryKeys):
         out.sort(key=lambda r: r.at)
         return out[:limit]
 
-    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
+    async def embeddings_of(self, keys: Sequence[Key], embedder: str) -> dict[Key, np.ndarray]:
         out = {}
         for key in keys:
             call = self.calls.get(key)
-            if call is not None and call.record.embedding is not None:
+            if call is not None and call.record.embedding is not None and call.record.embedder == embedder:
                 out[key] = call.record.embedding
         return out
 
@@ -297,20 +278,20 @@ class MemoryStore(InsightQueries, MemoryKeys):
         return RatedCall.of(call.record, call.score, similarity)
 
     async def pair_candidates(
-        self, caller: str, request_id: str, similarity: float, limit: int = 50
+        self, caller: str, request_id: str, similarity: float, limit: int = 50, *, embedder: str | None
     ) -> tuple[RatedCall | None, list[RatedCall]]:
         call = self.calls.get((caller, request_id))
         me = self._rated_call(call) if call is not None else None
         if call is None or me is None:
             return None, []
-        emb = call.record.embedding
+        emb = call.record.embedding if embedder is not None and call.record.embedder == embedder else None
         found: list[RatedCall] = []
         for other in self.calls.values():
             if other is call or other.record.model == me.model or other.record.caller != caller:
                 continue
             sim = 1.0
             if other.record.prompt_hash != me.prompt_hash:
-                if emb is None or other.record.embedding is None:
+                if emb is None or other.record.embedding is None or other.record.embedder != embedder:
                     continue
                 sim = float(np.dot(emb, other.record.embedding))
                 if sim < similarity:

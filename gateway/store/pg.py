@@ -36,6 +36,14 @@ SERVER_SETTINGS = {
 }
 
 
+# The hot pool runs the neighbour search only, whose order (ORDER BY distance LIMIT k) must come from
+# the HNSW index: its filters (tenant, embedder, time) are correlated with the partial index's
+# predicate in ways the planner cannot see, and once it underestimates the rows it prefers another
+# index and a sort (measured with four tenants: a bitmap scan on calls_caller_created_at_idx, the
+# whole tenant's calls sorted). No sort leaves it the index; pgvector's iterative scan filters.
+HOT_SETTINGS = {"enable_sort": "off"}
+
+
 def server_settings(timeout_s: float) -> dict[str, str]:
     # The server gives up on a statement after STORE_TIMEOUT_S; asyncpg's command_timeout is the
     # client's side of it (a hung server answers nothing, not even a cancellation).
@@ -172,7 +180,7 @@ class PgBase:
                     max_size=8,
                     init=register_vector,
                     ssl=self.ssl,
-                    server_settings=server_settings(self.timeout_s),
+                    server_settings={**server_settings(self.timeout_s), **HOT_SETTINGS},
                     timeout=self.timeout_s,
                     command_timeout=self.timeout_s,
                 )

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
-from sqlalchemy import and_, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +23,7 @@ from gateway.domain import (
     Neighbour,
     Rating,
     StoredCall,
+    ToEmbed,
     UsageRow,
     feedback_applies,
     rating_delta,
@@ -39,12 +40,13 @@ from gateway.store.schema import arm_ratings, arm_stats, calls, feedback
 __all__ = ["NEIGHBOURS_SQL", "PostgresStore", "make_engine", "postgres_store"]
 
 # Rated calls nearest to $1: ORDER BY distance LIMIT k, so that the HNSW index serves it. Only the
-# partial index's own predicate and the time window: more IS NOT NULL filters make the planner
-# underestimate the rows and prefer a sequential scan.
+# partial index's own predicate, the time window, the tenant and the embedder (its id: vectors of
+# another embedder live in another space); more IS NOT NULL filters make the planner underestimate
+# the rows and prefer a sequential scan. The equality filters ride pgvector's iterative index scan.
 NEIGHBOURS_SQL = """
 SELECT id, model, score, 1 - (embedding <=> $1) AS similarity, created_at
 FROM calls
-WHERE score IS NOT NULL AND created_at >= $2 AND caller = $4
+WHERE score IS NOT NULL AND created_at >= $2 AND caller = $4 AND embedder = $5
 ORDER BY embedding <=> $1
 LIMIT $3
 """
@@ -58,7 +60,7 @@ FROM unnest($4::text[]) AS arm(model)
 CROSS JOIN LATERAL (
     SELECT id, model, score, 1 - (embedding <=> $1) AS similarity, created_at
     FROM calls
-    WHERE score IS NOT NULL AND created_at >= $2 AND model = arm.model AND caller = $5
+    WHERE score IS NOT NULL AND created_at >= $2 AND model = arm.model AND caller = $5 AND embedder = $6
     ORDER BY embedding <=> $1
     LIMIT $3
 ) AS n
@@ -180,15 +182,41 @@ class PostgresStore(PairQueries, InsightQueries, KeyQueries, LogQueries):
 
         return await self._run(tx, write=True)
 
-    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray) -> None:
-        async def tx(conn: AsyncConnection) -> None:
-            await conn.execute(
-                update(calls)
-                .where(and_(calls.c.id == request_id, calls.c.caller == caller, calls.c.embedding.is_(None)))
-                .values(embedding=embedding)
+    async def set_embedding(self, caller: str, request_id: str, embedding: np.ndarray, embedder: str) -> None:
+        await self.set_embeddings(embedder, [((caller, request_id), embedding)])
+
+    async def set_embeddings(self, embedder: str, items: Sequence[tuple[Key, np.ndarray]]) -> None:
+        if not items:
+            return
+        stmt = (
+            update(calls)
+            .where(
+                calls.c.id == bindparam("rid"),
+                calls.c.caller == bindparam("owner"),
+                or_(calls.c.embedding.is_(None), calls.c.embedder.is_distinct_from(embedder)),
             )
+            .values(embedding=bindparam("vector"), embedder=embedder)
+        )
+        rows = [{"rid": rid, "owner": caller, "vector": vector} for (caller, rid), vector in items]
+
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(stmt, rows)
 
         await self._run(tx, write=True)
+
+    async def to_reembed(self, embedder: str, after: Key | None, limit: int) -> list[ToEmbed]:
+        stmt = select(calls.c.caller, calls.c.id, calls.c.messages).where(
+            calls.c.score.is_not(None),
+            or_(calls.c.embedding.is_(None), calls.c.embedder.is_distinct_from(embedder)),
+        )
+        if after is not None:
+            stmt = stmt.where(tuple_(calls.c.id, calls.c.caller) > tuple_(after[1], after[0]))
+        stmt = stmt.order_by(calls.c.id, calls.c.caller).limit(limit)
+
+        async def q(conn: AsyncConnection) -> list[ToEmbed]:
+            return [ToEmbed(r[0], r[1], r[2]) for r in (await conn.execute(stmt)).all()]
+
+        return await self._run(q)
 
     # --- routing
     async def neighbours(
@@ -199,13 +227,17 @@ class PostgresStore(PairQueries, InsightQueries, KeyQueries, LogQueries):
         threshold: float,
         per_model: list[str] | None = None,
         caller: str = "",
+        *,
+        embedder: str,
     ) -> list[Neighbour]:
 
         async def fetch() -> list[asyncpg.Record]:
             pool = await self._hot()
             if per_model:
-                return await pool.fetch(NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model, caller)
-            return await pool.fetch(NEIGHBOURS_SQL, embedding, since, k, caller)
+                return await pool.fetch(
+                    NEIGHBOURS_PER_MODEL_SQL, embedding, since, k, per_model, caller, embedder
+                )
+            return await pool.fetch(NEIGHBOURS_SQL, embedding, since, k, caller, embedder)
 
         rows = await retrying(fetch)
         out = [
@@ -229,12 +261,13 @@ class PostgresStore(PairQueries, InsightQueries, KeyQueries, LogQueries):
 
         return await self._run(q)
 
-    async def embeddings_of(self, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
+    async def embeddings_of(self, keys: Sequence[Key], embedder: str) -> dict[Key, np.ndarray]:
         if not keys:
             return {}
         stmt = select(calls.c.caller, calls.c.id, calls.c.embedding).where(
             tuple_(calls.c.id, calls.c.caller).in_([(rid, caller) for caller, rid in keys]),
             calls.c.embedding.is_not(None),
+            calls.c.embedder == embedder,
         )
 
         async def q(conn: AsyncConnection) -> dict[Key, np.ndarray]:

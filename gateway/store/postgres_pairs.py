@@ -56,14 +56,14 @@ class PairQueries(PgBase):
     )
 
     async def pair_candidates(
-        self, caller: str, request_id: str, similarity: float, limit: int = 50
+        self, caller: str, request_id: str, similarity: float, limit: int = 50, *, embedder: str | None
     ) -> tuple[RatedCall | None, list[RatedCall]]:
         mine = calls.c.caller == caller  # pairs are mined within one tenant's calls
 
         async def q(conn: AsyncConnection) -> tuple[RatedCall | None, list[RatedCall]]:
             row = (
                 await conn.execute(
-                    select(*self._PAIR_COLS, calls.c.embedding).where(
+                    select(*self._PAIR_COLS, calls.c.embedding, calls.c.embedder).where(
                         calls.c.id == request_id, mine, *self._PAIRABLE
                     )
                 )
@@ -86,11 +86,12 @@ class PairQueries(PgBase):
             )
             for r in same:
                 found[r[0]] = RatedCall(r[0], r[1], r[2], r[3], r[4], float(r[5]))
-            if row[6] is not None:
+            if row[6] is not None and embedder is not None and row[7] == embedder:
                 distance = calls.c.embedding.cosine_distance(row[6])
                 near = await conn.execute(
                     select(*self._PAIR_COLS, (1 - distance).label("similarity"))
-                    .where(calls.c.score.is_not(None), mine)  # the HNSW index's predicate, the tenant
+                    # the HNSW index's predicate, the tenant, the same embedder's vectors only
+                    .where(calls.c.score.is_not(None), mine, calls.c.embedder == embedder)
                     .order_by(distance)
                     .limit(limit)
                 )

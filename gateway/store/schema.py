@@ -67,6 +67,9 @@ calls = Table(
     Column("synthetic", Boolean, nullable=False, server_default=text("false")),
     Column("trace_id", Text),  # the call's OpenTelemetry trace, when traced
     Column("key_id", Text),  # the virtual key it was made with (its tenant is `caller`)
+    # The id of the embedder that made `embedding` (gateway/embedders): searches compare only the
+    # current embedder's. Migration 0006 gave every earlier row MiniLM's id (they were all its).
+    Column("embedder", Text),
     Index("calls_created_at_idx", "created_at"),
     Index("calls_caller_created_at_idx", "caller", "created_at"),
     Index("calls_trace_id_idx", "trace_id", postgresql_where=text("trace_id IS NOT NULL")),

@@ -152,6 +152,7 @@ async def explain(request: Request) -> Response:
             "fallbacks": decision.fallbacks,
             "timings_ms": {k: round(v, 3) for k, v in decision.timings.items()},
             "embedded": decision.embedding is not None,
+            "embedder": decision.embedder,
             "arms": arms,
         }
     )
