@@ -1,28 +1,41 @@
 """Baselines, run on the same order as the router: random, round robin, always-cheapest,
 always-best-single, the per-prompt oracle, the original proxy's algorithm, and Thompson sampling
-without context (the router's objective on the arms' global posteriors)."""
+without context with the router's objective: HCTS's core without clusters under ROUTER_POLICY=hcts
+(its dial), the bandit's Thompson step on the arms' global posteriors under the other policies."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from gateway.config import Settings
 from gateway.domain import ArmStats
 from gateway.lab.report import Trace
-from gateway.providers.replay import ReplayData
+from gateway.providers.replay import Record, ReplayData
 from gateway.routing import RouteContext
 from gateway.routing.bandit import Knobs, choose
+from gateway.routing.hcts import Hcts
+from gateway.routing.hcts_model import HctsKnobs
+from gateway.routing.hcts_policy import chat_arms, core_seed, default_dial
 from gateway.routing.stats import ArmStatsCache
 from gateway.wire import estimate_tokens
 
 
-def _trace(name: str, data: ReplayData, order: Sequence[int], picks: Sequence[int]) -> Trace:
+def _trace(
+    name: str,
+    data: ReplayData,
+    order: Sequence[int],
+    picks: Sequence[int],
+    meta: dict[str, Any] | None = None,
+) -> Trace:
     scores = data.scores()
     costs = data.costs()
     rows = np.asarray(order)
     cols = np.asarray(picks)
-    return Trace(name, [data.models[j] for j in picks], scores[rows, cols], costs[rows, cols])
+    return Trace(name, [data.models[j] for j in picks], scores[rows, cols], costs[rows, cols], meta or {})
 
 
 def best_single(data: ReplayData) -> str:
@@ -124,38 +137,92 @@ def original_proxy(
     return _trace("original_proxy", data, order, picks)
 
 
+def _context(record: Record, t: int) -> RouteContext:
+    """What the gateway's router knows of a lab call before deciding (the prompt, as it counts it)."""
+    return RouteContext(
+        request_id=f"r{t}",
+        requested_model="auto",
+        messages=record.messages,
+        prompt_tokens=estimate_tokens(record.messages),
+    )
+
+
+def _book_call(cache: ArmStatsCache, data: ReplayData, record: Record, model: str) -> None:
+    """A finished call in the arm statistics: its tokens (as the provider reports them) and cost."""
+    stats = cache.stats.setdefault(model, ArmStats(model))
+    stats.calls += 1
+    stats.ok_calls += 1
+    stats.completion_tokens_sum += record.outcomes[model].completion_tokens or 0
+    stats.cost_usd_sum += data.cost(record, model)
+
+
 def noncontextual_ts(
     data: ReplayData, order: Sequence[int], rated: Sequence[bool], seed: int, knobs: Knobs
 ) -> Trace:
-    """Thompson sampling without context, with the router's own objective: each arm's global Beta
-    posterior from its rated calls (on the catalogue's prior, as the router's arm statistics form
-    it), scored by the router's Thompson step (`bandit.choose` with the lab's knobs: FEEDBACK_WEIGHT
-    x quality + COST_WEIGHT x the log-normalised estimated cost + the exploration bonus and rate).
-    The cost estimate is the router's: the prompt's estimated tokens at the arm's prices plus its
-    running mean completion tokens. Fed as the gateway is: every call's tokens, the score of the
-    rated calls (`rated`, the router's feedback mask). It reads a record's messages (for the
-    prompt's length) and the chosen model's outcome, never its task nor any embedding: what
-    context is worth is the router's lift over this. Seeded: the same seed, the same picks."""
+    """Thompson sampling without context, with the objective of the bandit policies (lin_ts,
+    knn_ts, default): each arm's global Beta posterior from its rated calls (on the catalogue's
+    prior, as the router's arm statistics form it), scored by the router's Thompson step
+    (`bandit.choose` with the lab's knobs: FEEDBACK_WEIGHT x quality + COST_WEIGHT x the
+    log-normalised estimated cost + the exploration bonus and rate). The cost estimate is the
+    router's: the prompt's estimated tokens at the arm's prices plus its running mean completion
+    tokens. Fed as the gateway is: every call's tokens, the score of the rated calls (`rated`, the
+    router's feedback mask). It reads a record's messages (for the prompt's length) and the chosen
+    model's outcome, never its task nor any embedding: what context is worth is the router's lift
+    over this. Seeded: the same seed, the same picks."""
     rng = np.random.default_rng(seed)
     cache = ArmStatsCache(data.catalogue(), knobs)
     names = list(data.models)
     picks: list[int] = []
     for t, i in enumerate(order):
         record = data.records[i]
-        ctx = RouteContext(
-            request_id=f"r{t}",
-            requested_model="auto",
-            messages=record.messages,
-            prompt_tokens=estimate_tokens(record.messages),
-        )
-        model = choose(cache.views(names, ctx), knobs, rng).arm
-        outcome = record.outcomes[model]
-        stats = cache.stats.setdefault(model, ArmStats(model))
-        stats.calls += 1
-        stats.ok_calls += 1
-        stats.completion_tokens_sum += outcome.completion_tokens or 0  # what the provider reports
-        stats.cost_usd_sum += data.cost(record, model)
+        model = choose(cache.views(names, _context(record, t)), knobs, rng).arm
+        _book_call(cache, data, record, model)
         if rated[t]:
-            cache.observe(model, outcome.score, None)
+            cache.observe(model, record.outcomes[model].score, None)
         picks.append(names.index(model))
     return _trace("noncontextual_ts", data, order, picks)
+
+
+NO_CONTEXT = np.ones(1, dtype=np.float32)  # every prompt is the same point: HCTS without context
+
+
+def noncontextual_hcts(
+    data: ReplayData, order: Sequence[int], rated: Sequence[bool], seed: int, settings: Settings
+) -> Trace:
+    """Thompson sampling without context for ROUTER_POLICY=hcts: HCTS's own core (`Hcts`) with no
+    clustering levels and no gate, so it decides on the arms' global posteriors only, with the dial
+    of `settings` (ROUTER_DIAL_MODE / ROUTER_DIAL_TARGET) calibrated online as in the gateway. Made
+    as `HctsPolicy` makes its core: the chat arms and the catalogue's quality hints as the prior, the
+    seed the policy draws from the gateway's Generator seeded with `seed`; fed as the policy is:
+    each decision gets every arm's pre-call cost estimate (`ArmStatsCache.estimated_cost`: the
+    prompt's estimated tokens at the arm's prices plus its running mean completion tokens), every
+    call is observed with its realised cost, the rated calls (`rated`, the router's feedback mask)
+    also with their score. Every prompt is the same point (`NO_CONTEXT`): it reads a record's
+    messages (for the prompt's length) and the chosen model's outcome, never its task nor any
+    embedding. Seeded: the same seed, the same picks."""
+    knobs = Knobs.from_settings(settings)
+    cache = ArmStatsCache(settings.models, knobs)
+    arms, prior = chat_arms(settings)
+    core = Hcts(
+        len(arms),
+        len(NO_CONTEXT),
+        core_seed(np.random.default_rng(seed)),
+        dataclasses.replace(HctsKnobs(), levels=(), gate=False),
+        default_dial(settings),
+        prior,
+        inline=True,
+    )
+    models = list(data.models)
+    picks: list[int] = []
+    for t, i in enumerate(order):
+        record = data.records[i]
+        costs = np.array([v.cost_usd for v in cache.views(arms, _context(record, t))])
+        pick = core.choose(NO_CONTEXT, None, costs)
+        model = arms[pick.arm]
+        core.observe_call(pick.ticket, NO_CONTEXT, pick.arm, data.cost(record, model))
+        _book_call(cache, data, record, model)
+        if rated[t]:
+            core.observe_rating(NO_CONTEXT, pick.arm, record.outcomes[model].score, ticket=pick.ticket)
+        picks.append(models.index(model))
+    dial = core.default
+    return _trace("noncontextual_ts", data, order, picks, {"objective": f"hcts {dial.mode} {dial.target:g}"})

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,11 @@ from gateway.lab.runner import (
     lab_encoder,
     lab_settings,
     noncontextual_ts,
+    objective,
     run_router,
     stream_order,
 )
 from gateway.providers import replay as replay_data
-from gateway.routing.bandit import Knobs
 from gateway.routing.policies import POLICIES
 from gateway.spelling import unknown
 
@@ -260,15 +261,15 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
     mid = len(order) // 2
     zero = frontier.zero_router(data, order, best.picks[0])
     runs = []
-    contextless: dict[Any, Trace] = {}  # one per distinct set of the router's knobs
+    contextless: dict[Hashable, Trace] = {}  # one per distinct objective (hcts: dial; else knobs)
     ts_points: dict[str, tuple[float, float]] = {}  # label -> second-half mean cost and score
     for setting, opts in plans:
         label = ",".join(f"{k}={v}" for k, v in setting.items())
         trace = _run(data, order, mask, texts, vectors, encoder, opts, label)
-        knobs = Knobs.from_settings(lab_settings(data, opts, None))
-        if knobs not in contextless:
-            contextless[knobs] = noncontextual_ts(data, order, mask, opts)
-        ts = contextless[knobs].window(mid)
+        goal = objective(data, opts)
+        if goal not in contextless:
+            contextless[goal] = noncontextual_ts(data, order, mask, opts)
+        ts = contextless[goal].window(mid)
         ts_points[label] = _mean_point(ts)
         summary = halves(trace, best)
         op = frontier.operating(frontier.point(trace.window(mid), best.window(mid)), zero)

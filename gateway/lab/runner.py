@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from gateway.lab import baselines
 from gateway.lab.report import Trace
 from gateway.providers.replay import ReplayData
 from gateway.routing.bandit import Knobs
+from gateway.routing.hcts_policy import default_dial
 from gateway.services import Services
 
 log = logging.getLogger("gateway.lab")
@@ -298,9 +299,21 @@ def _knobs(settings: Settings) -> dict[str, Any]:
 
 def noncontextual_ts(data: ReplayData, order: list[int], mask: list[bool], options: Options) -> Trace:
     """Thompson sampling without context, with the objective the lab's router runs with under
-    `options` (its knobs), on the same order, feedback and seed."""
-    knobs = Knobs.from_settings(lab_settings(data, options, None))
-    return baselines.noncontextual_ts(data, order, mask, options.seed, knobs)
+    `options` (HCTS's dial under ROUTER_POLICY=hcts, else the bandit's knobs), on the same order,
+    feedback and seed."""
+    settings = lab_settings(data, options, None)
+    if settings.router_policy == "hcts":
+        return baselines.noncontextual_hcts(data, order, mask, options.seed, settings)
+    return baselines.noncontextual_ts(data, order, mask, options.seed, Knobs.from_settings(settings))
+
+
+def objective(data: ReplayData, options: Options) -> Hashable:
+    """What the non-contextual baseline depends on besides the stream: runs of a sweep with the
+    same objective share one baseline."""
+    settings = lab_settings(data, options, None)
+    if settings.router_policy == "hcts":
+        return ("hcts", default_dial(settings))
+    return (settings.router_policy, Knobs.from_settings(settings))
 
 
 def baseline_traces(

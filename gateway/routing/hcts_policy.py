@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from gateway.config import Settings
 from gateway.domain import utcnow
 from gateway.routing import hcts_state
 from gateway.routing.bandit import ArmView, Choice, Posterior
@@ -47,6 +48,18 @@ def default_dial(settings: object) -> DialSpec:
     )
 
 
+def chat_arms(settings: Settings) -> tuple[list[str], np.ndarray]:
+    """The arms (models that chat, in catalogue order) and their prior means (the catalogue's
+    `quality` hints; nan: none)."""
+    chat = [m for m in settings.models if "chat" in m.capabilities]
+    return [m.name for m in chat], np.array([np.nan if m.quality is None else m.quality for m in chat])
+
+
+def core_seed(rng: np.random.Generator) -> int:
+    """The core's seed, drawn from the gateway's Generator (its first draw when the policy is made)."""
+    return int(rng.integers(2**62))
+
+
 class HctsPolicy:
     needs_embedding: ClassVar[bool] = True
     layer: ClassVar[str] = "bandit"
@@ -54,13 +67,10 @@ class HctsPolicy:
     def __init__(self, deps: PolicyDeps, core: Hcts | None = None) -> None:
         self.deps = deps
         s = deps.settings
-        self.arms = [m.name for m in s.models if "chat" in m.capabilities]
+        self.arms, self.prior = chat_arms(s)
         self.index = {name: i for i, name in enumerate(self.arms)}
-        self.prior = np.array(
-            [np.nan if m.quality is None else m.quality for m in s.models if "chat" in m.capabilities]
-        )
         self.dial = default_dial(s)
-        self.seed = int(deps.rng.integers(2**62))
+        self.seed = core_seed(deps.rng)
         self.core = core if core is not None else self._stored()
         self.open: OrderedDict[Key, Ticket] = OrderedDict()
         self.done: OrderedDict[Key, Ticket] = OrderedDict()
