@@ -130,3 +130,38 @@ def test_embedder_setting_picks_the_model_and_its_id(static_build, st_model, dat
 
 def static_model_vector(models: Path) -> np.ndarray:
     return static.StaticModel(models / distil.ID).encode(["What is the capital of France?"])[0]
+
+
+def test_one_process_at_a_time_builds_into_a_models_dir(static_build, tmp_path):
+    """Two processes opening the embedder on one fresh directory at once (parallel lab runs,
+    gateways starting together) once read each other's half-written export; the second now waits
+    for the first's build lock, then finds the model made."""
+    import subprocess
+    import sys
+    import time
+
+    from gateway.embedders import _building
+
+    models = tmp_path / "models"
+    shutil.copytree(static_build.models_dir, models)
+    code = (
+        "import sys, time; from pathlib import Path; from gateway.config import Settings; "
+        "from gateway.embedders import open_encoder; s = Settings(models_dir=Path(sys.argv[1])); "
+        "print('ready', flush=True); e = open_encoder(s); print(e.id, time.time(), flush=True)"
+    )
+    with _building(models):  # a build in progress
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(models)],
+            env=static_build.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # opening a built model takes a fraction of that
+        released = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    eid, done = out.split()
+    assert eid == distil.ID and float(done) >= released  # it waited for the lock

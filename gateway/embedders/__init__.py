@@ -11,9 +11,11 @@ configured embedder, and compare only embeddings of its id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,10 +68,27 @@ def embedder_id(settings: Settings) -> str:
     return EMBEDDERS[settings.embedder].id
 
 
+@contextlib.contextmanager
+def _building(models: Path) -> Iterator[None]:
+    """One process at a time builds into `models` (several gateways, lab runs or tests starting at
+    once on a fresh directory): the others wait, then find the model made. A lock file's flock,
+    released by the kernel if its holder dies."""
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_encoder(settings: Settings, threads: int | None = None) -> Encoder:
-    """The configured embedder's model, synchronously (built or exported first if need be)."""
+    """The configured embedder's model, synchronously (built or exported first if need be, by one
+    process at a time)."""
     kind = EMBEDDERS[settings.embedder]
-    return kind.open(models_dir(settings), settings, threads or settings.embedding_threads)
+    models = models_dir(settings)
+    with _building(models):
+        return kind.open(models, settings, threads or settings.embedding_threads)
 
 
 def serve(settings: Settings, model: Encoder, cache_size: int | None = None) -> ServedEmbedder:
