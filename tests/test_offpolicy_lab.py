@@ -28,7 +28,7 @@ def test_estimates_against_candidates_replayed_for_real(tmp_path, data_dir, st_m
     # that a window of 100 calls says enough about the candidates
     options = LabOptions(
         limit=200,
-        logging={"exploration_rate": 1.0, "llm_models": MODELS},
+        logging={"exploration_rate": 1.0, "llm_models": MODELS, "router_policy": "lin_ts"},
         candidates=[
             parse("greedy: EXPLORATION_RATE=0"),
             parse("thrifty: COST_WEIGHT=-0.8 EXPLORATION_RATE=0"),

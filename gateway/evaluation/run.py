@@ -232,7 +232,8 @@ async def compute(
     calls = loaded.window.calls
     if len(calls) < 2:
         raise InvalidRequest(
-            f"the window holds {len(calls)} rated calls with propensities: nothing to evaluate",
+            f"the window holds {len(calls)} rated calls with propensities: nothing to evaluate"
+            f" (left out: {loaded.window.skipped})",
             param="since",
             code="window_empty",
         )

@@ -141,7 +141,11 @@ async def check(file: str, options: LabOptions) -> tuple[dict[str, Any], Report]
     order = stream_order(len(data.records), "shuffle", options.seed, options.limit)
     mid = len(order) // 2
     # the embedder (EMBEDDER) of the logging gateway, which its candidates share
-    lab = Options(overrides=dict(options.logging), config=options.config, data_dir=options.data_dir)
+    logging = dict(options.logging)
+    subset = logging.get("llm_models")
+    if subset and "default_model" not in logging:  # the file's first model may be left out
+        logging["default_model"] = (subset.split(",") if isinstance(subset, str) else subset)[0].strip()
+    lab = Options(overrides=logging, config=options.config, data_dir=options.data_dir)
     encoder = lab_encoder(data, lab)
     texts, vecs = embeddings_for(data, options.data_dir / "lab-cache", 1000, encoder, order)
     embedder = serve(lab_settings(data, lab, None), encoder, cache_size=len(order) + 1000)

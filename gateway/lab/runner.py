@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -201,38 +202,43 @@ async def drive(
     refreshes what it knows). The picks, and how many calls each layer decided."""
     picks: list[str] = []
     layers: dict[str, int] = {}
-    async with serving(settings, embedder, seed) as (url, gw), aiohttp.ClientSession() as http:
-        for t, i in enumerate(order):
-            record = data.records[i]
-            body: dict[str, Any] = {
-                "model": "auto",
-                "messages": record.messages,
-                "metadata": {"replay_id": record.id},
-            }
-            if strategy:
-                body["router"] = {"strategy": strategy}
-            headers = {"x-request-id": f"r{first + t}"}
-            async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
-                payload = await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
-                chosen = resp.headers["x-router-model"]
-                request_id = resp.headers["x-request-id"]
-                layer = resp.headers.get("x-router-layer", "")
-            layers[layer] = layers.get(layer, 0) + 1
-            picks.append(chosen)
-            if mask is not None and mask[t]:
-                fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
-                async with http.post(url + "/feedback", json=fb) as resp:
+    # A spool of its own: each run has a fresh database, and records another run's gateway left in
+    # a shared spool would be written into this one's (the replay profile's data dir is shared).
+    with tempfile.TemporaryDirectory(prefix="llm-router-lab-spool-") as spool:
+        settings = settings.model_copy(update={"spool_dir": Path(spool)})
+        async with serving(settings, embedder, seed) as (url, gw), aiohttp.ClientSession() as http:
+            for t, i in enumerate(order):
+                record = data.records[i]
+                body: dict[str, Any] = {
+                    "model": "auto",
+                    "messages": record.messages,
+                    "metadata": {"replay_id": record.id},
+                }
+                if strategy:
+                    body["router"] = {"strategy": strategy}
+                headers = {"x-request-id": f"r{first + t}"}
+                async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    payload = await resp.read()
                     if resp.status != 200:
-                        raise RuntimeError(f"feedback failed: {resp.status} {(await resp.read())[:300]!r}")
-            # Reproducible runs: each decision sees every earlier call and rating, whatever the
-            # timing of the write-behind recorder and of the statistics refresh.
-            await gw.recorder.flush()
-            if mask is not None:
-                await gw.router.refresh_stats()
-            if progress is not None:
-                progress(t, chosen)
+                        raise RuntimeError(f"the gateway answered {resp.status}: {payload[:300]!r}")
+                    chosen = resp.headers["x-router-model"]
+                    request_id = resp.headers["x-request-id"]
+                    layer = resp.headers.get("x-router-layer", "")
+                layers[layer] = layers.get(layer, 0) + 1
+                picks.append(chosen)
+                if mask is not None and mask[t]:
+                    fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
+                    async with http.post(url + "/feedback", json=fb) as resp:
+                        if resp.status != 200:
+                            said = (await resp.read())[:300]
+                            raise RuntimeError(f"feedback failed: {resp.status} {said!r}")
+                # Reproducible runs: each decision sees every earlier call and rating, whatever the
+                # timing of the write-behind recorder and of the statistics refresh.
+                await gw.recorder.flush()
+                if mask is not None:
+                    await gw.router.refresh_stats()
+                if progress is not None:
+                    progress(t, chosen)
     return picks, layers
 
 
