@@ -284,6 +284,8 @@ async def run_router(
 def _knobs(settings: Settings) -> dict[str, Any]:
     keys = (
         "router_policy",
+        "router_dial_mode",
+        "router_dial_target",
         "embedder",
         "feedback_weight",
         "latency_weight",
