@@ -127,9 +127,11 @@ def cluster(
 ) -> Iterator[Cluster]:
     if not valkey_server.ping():
         valkey_server.restart()
-    c = Cluster(pg, valkey_server, fake.url(), tmp_path_factory.mktemp("cluster")).start()
-    yield c
-    c.stop()
+    c = Cluster(pg, valkey_server, fake.url(), tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()  # also when one failed to start: the others must not outlive the tests
 
 
 def chat(url: str, key: str, timeout: float = 10, **body: Any) -> httpx.Response:
