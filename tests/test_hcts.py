@@ -271,3 +271,30 @@ def test_fit_command_warm_starts_a_gateway(gateway, data_dir, tmp_path):
         right += raw.headers["x-router-model"] == good[topic]
     assert right >= 36
     assert wait_for(lambda: core.calls == len(records) + 40)  # and it keeps learning
+
+
+def test_an_observed_mean_of_zero_completion_tokens_is_not_replaced_by_the_default():
+    """HCTS's objective uses each arm's pre-call cost estimate. An arm whose calls all came back with
+    0 completion tokens (a replay file without completion tokens: every call is billed for its
+    prompt) was estimated as if it answered with DEFAULT_COMPLETION_TOKENS: 4.5x the realised cost
+    on llmrouter_dev, with the per-prompt cost differences the policy trades on diluted."""
+    from gateway.catalogue import ModelSpec
+    from gateway.domain import ArmStats
+    from gateway.routing import RouteContext
+    from gateway.routing.bandit import Knobs
+    from gateway.routing.stats import DEFAULT_COMPLETION_TOKENS, ArmStatsCache
+
+    spec = ModelSpec(
+        name="m",
+        provider="openai_compatible",
+        base_url="http://127.0.0.1:9",
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+    )
+    cache = ArmStatsCache([spec], Knobs())
+    ctx = RouteContext("r1", "auto", [], prompt_tokens=1000)
+    assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, DEFAULT_COMPLETION_TOKENS)  # none seen
+    cache.stats["m"] = ArmStats("m", calls=3, ok_calls=3, completion_tokens_sum=0)
+    assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, 0)
+    cache.stats["m"] = ArmStats("m", calls=3, ok_calls=3, completion_tokens_sum=30)
+    assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, 10)

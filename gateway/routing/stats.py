@@ -109,8 +109,10 @@ class ArmStatsCache:
 
     def estimated_cost(self, name: str, ctx: RouteContext) -> float:
         stats = self.stats.get(name)
-        completion = stats.completion_tokens_avg if stats and stats.completion_tokens_avg else None
-        completion = completion or DEFAULT_COMPLETION_TOKENS
+        observed = stats.completion_tokens_avg if stats is not None else None
+        # an observed mean of 0 tokens is a measurement (answers billed for their prompt only, as in
+        # a replay file without completion tokens), not "nothing observed"
+        completion = DEFAULT_COMPLETION_TOKENS if observed is None else observed
         if ctx.max_tokens:
             completion = min(completion, ctx.max_tokens)
         return self.specs[name].cost_usd(ctx.prompt_tokens, int(completion))
