@@ -28,7 +28,8 @@ def fit_cmd(args: argparse.Namespace, settings_of: SettingsOf) -> int:
     print(
         f"fitted {done.prompts} prompts x {len(done.models)} models ({', '.join(done.models)}); "
         f"clusters {done.clusters}, contextual {done.contextual}, lambda {done.lam:.4g}; "
-        f"stored in {done.path} (the gateway loads it at start: ROUTER_STATE_PATH)"
+        f"stored in {done.path}: a gateway started with the same --config (data dir "
+        f"{settings.data_dir}) or ROUTER_STATE_PATH loads it at start"
     )
     return 0
 

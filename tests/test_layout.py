@@ -96,3 +96,24 @@ def test_the_core_never_imports_the_lab():
 def test_modules_stay_small(path: Path):
     lines = len(path.read_text().splitlines())
     assert lines <= 400, f"{path.relative_to(ROOT.parent)} has {lines} lines (at most 400)"
+
+
+# Revisions that have shipped on main, with their parents: a database stamped with one of them
+# counts every ancestor as applied, so a migration inserted below it would never run there.
+PUBLISHED = {"0001": None, "0002": "0001", "0003_i15_tenancy": "0002", "0005_i18_trace": "0003_i15_tenancy"}
+
+
+def test_published_migrations_keep_their_parents_and_new_ones_chain_after_them():
+    import re
+
+    found: dict[str, str | None] = {}
+    for path in (ROOT.parent / "migrations" / "versions").glob("*.py"):
+        text = path.read_text()
+        rev = re.search(r'^revision: str = "([^"]+)"', text, re.M)
+        down = re.search(r'^down_revision: str \| None = (?:"([^"]+)"|None)', text, re.M)
+        assert rev and down, path
+        found[rev.group(1)] = down.group(1)
+    for rev, parent in PUBLISHED.items():
+        assert found.get(rev, "missing") == parent, f"{rev} must keep its parent {parent}"
+    children = [r for r, p in found.items() if p is not None]
+    assert len(set(found.values()) - {None}) == len(children), "the chain must not branch"

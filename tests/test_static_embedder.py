@@ -165,3 +165,16 @@ def test_one_process_at_a_time_builds_into_a_models_dir(static_build, tmp_path):
     assert proc.returncode == 0, err
     eid, done = out.split()
     assert eid == distil.ID and float(done) >= released  # it waited for the lock
+
+
+def test_a_models_dir_where_no_lock_can_be_made_still_opens_a_built_model(static_build, tmp_path):
+    """The Docker image bakes the models into a directory its user cannot write, so no lock file
+    can be made there (and none is needed). Root may write anywhere, so the lock file is made
+    impossible here by a directory in its place: the same OSError on open."""
+    from gateway.embedders import open_encoder
+
+    models = tmp_path / "ro-models"
+    shutil.copytree(static_build.models_dir, models)
+    (models / ".build.lock").unlink(missing_ok=True)
+    (models / ".build.lock").mkdir()
+    assert open_encoder(Settings(models_dir=models)).id == distil.ID

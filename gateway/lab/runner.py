@@ -124,6 +124,10 @@ def lab_settings(data: ReplayData, options: Options, database_url: str | None) -
     if options.policy:
         values["router_policy"] = options.policy
     values["enable_persistence"] = options.store == "postgres"
+    # Online from nothing: a state `llm-router fit` left in the replay profile's data dir (fitted
+    # on this file's outcomes, perhaps) must not leak into the run; --set ROUTER_STATE_PATH=FILE
+    # warm-starts on purpose.
+    values["router_state_path"] = str(options.data_dir / "lab" / "no-fitted-state.npz")
     if database_url:
         values["database_url"] = database_url
     values.update(options.overrides)

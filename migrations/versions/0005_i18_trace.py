@@ -2,7 +2,7 @@
 and time, calls by trace id, a call's DPO pairs (as call_b), pairs by creation time
 
 Revision ID: 0005_i18_trace
-Revises: 0004_i16_keys
+Revises: 0003_i15_tenancy
 Create Date: 2026-11-27
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_i18_trace"
-down_revision: str | None = "0004_i16_keys"
+down_revision: str | None = "0003_i15_tenancy"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

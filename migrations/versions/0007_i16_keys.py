@@ -1,8 +1,8 @@
 """Virtual keys (only a hash of each secret is stored); calls.key_id (the virtual key a call was
 made with, its tenant being the key's owner in calls.caller) and an index for a key's spend
 
-Revision ID: 0004_i16_keys
-Revises: 0003_i15_tenancy
+Revision ID: 0007_i16_keys
+Revises: 0006_i13_embedder
 Create Date: 2026-11-23
 """
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0004_i16_keys"
-down_revision: str | None = "0003_i15_tenancy"
+revision: str = "0007_i16_keys"
+down_revision: str | None = "0006_i13_embedder"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
