@@ -157,6 +157,14 @@ def ready(pg: Any) -> None:
     pg.wait_for_selector("body[data-ready=true]", timeout=15_000)
 
 
+def click(pg: Any, selector: str) -> None:
+    """Click what re-renders the page (it changes the hash), and wait for that render: the
+    previous render's `data-ready=true` must not be taken for it (a race seen in CI)."""
+    pg.evaluate("() => { document.body.dataset.ready = 'stale' }")
+    pg.click(selector)
+    ready(pg)
+
+
 def go(pg: Any, hash_: str) -> None:
     pg.evaluate("h => { location.hash = h }", hash_)
     pg.wait_for_function("h => location.hash === h && document.body.dataset.ready === 'true'", arg=hash_)
@@ -259,42 +267,34 @@ def test_calls_list_filters_search_and_pages(page, site):
         r[0] for r in query(dsn, f"SELECT id FROM calls WHERE {week} ORDER BY created_at DESC, id DESC")
     ]
     assert table_ids(page) == newest[:50]
-    page.click("#calls-older")
-    ready(page)
+    click(page, "#calls-older")
     assert table_ids(page) == newest[50:100] and "page 2" in page.text_content("#calls-page")
-    page.click("#calls-newer")
-    ready(page)
+    click(page, "#calls-newer")
     assert table_ids(page) == newest[:50]
     page.select_option("#f-model", "m2")
     page.select_option("#f-rated", "true")
-    page.click("#calls-apply")
-    ready(page)
+    click(page, "#calls-apply")
     newest_first = "ORDER BY created_at DESC, id DESC"
     expected = query(
         dsn, f"SELECT id FROM calls WHERE {week} AND model = 'm2' AND score IS NOT NULL {newest_first}"
     )
     assert table_ids(page) == [r[0] for r in expected] and expected
-    page.click("text=Clear")
-    ready(page)
+    click(page, "text=Clear")
     page.select_option("#f-status", "error")
-    page.click("#calls-apply")
-    ready(page)
+    click(page, "#calls-apply")
     errors = query(
         dsn, f"SELECT id FROM calls WHERE {week} AND status = 'error' ORDER BY created_at DESC, id DESC"
     )
     assert table_ids(page) == [r[0] for r in errors] and len(errors) > 1
     shoot(page, "calls")
-    page.click("text=Clear")
-    ready(page)
+    click(page, "text=Clear")
     page.fill("#f-q", "sourdough starter")
-    page.click("#calls-apply")
-    ready(page)
+    click(page, "#calls-apply")
     assert table_ids(page) == [site["ids"]["sourdough"]]
     page.fill("#f-q", "")
     page.fill("#f-caller", key_id(BETA))
     page.fill("#f-id", "")
-    page.click("#calls-apply")
-    ready(page)
+    click(page, "#calls-apply")
     mine = query(
         dsn,
         f"SELECT id FROM calls WHERE {week} AND caller = $1 ORDER BY created_at DESC, id DESC",
