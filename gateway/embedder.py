@@ -16,6 +16,7 @@ the text is cut from the start, so the newest words are kept.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +44,41 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+
+class VectorCache:
+    """The embedders' LRU cache of vectors by text, with its hit and miss counters (size 0: off)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        vector = self.vectors.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.vectors.move_to_end(text)
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        self.vectors[text] = vector
+        self.vectors.move_to_end(text)
+        while len(self.vectors) > self.size:
+            self.vectors.popitem(last=False)
+
+    def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Known embeddings (the lab precomputes a data set's in one batch)."""
+        for text, vector in zip(texts, vectors, strict=True):
+            self.put(text, vector)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses)
 
 
 class Embedder(Protocol):

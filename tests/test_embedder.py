@@ -34,9 +34,9 @@ async def test_concurrent_requests_are_batched_and_cached(st_model):
     assert embedder.batches <= 3  # 40 texts arriving together: a few batches, not 40 calls
     again = await embedder.embed([texts[0], texts[1]])
     assert np.array_equal(again[0], results[0][0])
-    assert embedder.hits == 2 and embedder.misses == 40
+    assert embedder.cache.hits == 2 and embedder.cache.misses == 40
     same = await asyncio.gather(*(embedder.embed(["one text, asked twice at once"]) for _ in range(2)))
-    assert np.array_equal(same[0], same[1]) and embedder.misses == 42 and embedder.batches <= 4
+    assert np.array_equal(same[0], same[1]) and embedder.cache.misses == 42 and embedder.batches <= 4
     await embedder.aclose()
 
 
@@ -45,7 +45,7 @@ async def test_cache_is_bounded_lru(st_model):
     await embedder.embed(["a", "b"])
     await embedder.embed(["a"])  # a is now the most recent
     await embedder.embed(["c"])  # evicts b
-    assert list(embedder.cache) == ["a", "c"]
+    assert list(embedder.cache.vectors) == ["a", "c"]
     await embedder.aclose()
 
 

@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.embedder import DIM, CacheStats
+from gateway.embedder import DIM, CacheStats, VectorCache
 
 log = logging.getLogger("gateway.embedder")
 
@@ -161,31 +160,18 @@ class MiniLMEmbedder:
 
     def __init__(self, model: Any, *, cache_size: int = 10_000, max_batch: int = 32) -> None:
         self.model = model
-        self.cache_size = cache_size
         self.max_batch = max_batch
-        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache = VectorCache(cache_size)
         self.inflight: dict[str, asyncio.Future[np.ndarray]] = {}
         self.queue: list[str] = []
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="embedder")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self.hits = 0
-        self.misses = 0
         self.batches = 0
         self.last_batch_ms = 0.0
 
     def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Put known embeddings into the cache (the lab precomputes a data set's in one batch)."""
-        for text, vector in zip(texts, vectors, strict=True):
-            self._remember(text, vector)
-
-    def _remember(self, text: str, vector: np.ndarray) -> None:
-        if self.cache_size <= 0:
-            return
-        self.cache[text] = vector
-        self.cache.move_to_end(text)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        self.cache.prime(texts, vectors)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -193,11 +179,8 @@ class MiniLMEmbedder:
         for text in texts:
             cached = self.cache.get(text)
             if cached is not None:
-                self.hits += 1
-                self.cache.move_to_end(text)
                 out.append(cached)
                 continue
-            self.misses += 1
             future = self.inflight.get(text)
             if future is None:
                 future = self.inflight[text] = loop.create_future()
@@ -240,13 +223,13 @@ class MiniLMEmbedder:
             self.batches += 1
             self.last_batch_ms = (time.perf_counter() - t0) * 1000
             for text, vector in zip(batch, vectors, strict=True):
-                self._remember(text, vector)
+                self.cache.put(text, vector)
                 future = self.inflight.pop(text, None)
                 if future is not None and not future.done():
                     future.set_result(vector)
 
     def cache_stats(self) -> CacheStats:
-        return CacheStats(self.hits, self.misses)
+        return self.cache.stats()
 
     async def aclose(self) -> None:
         if self._task is not None:

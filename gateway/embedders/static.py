@@ -21,14 +21,13 @@ import asyncio
 import json
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from gateway.embedder import DIM, CacheStats
+from gateway.embedder import DIM, CacheStats, VectorCache
 from gateway.embedders import distil
 
 log = logging.getLogger("gateway.embedder")
@@ -111,10 +110,7 @@ class StaticEmbedder:
 
     def __init__(self, model: StaticModel, *, cache_size: int = 10_000) -> None:
         self.model = model
-        self.cache_size = cache_size
-        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.cache = VectorCache(cache_size)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="embedder")
 
     @property
@@ -122,17 +118,7 @@ class StaticEmbedder:
         return self.model.id
 
     def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Put known embeddings into the cache (the lab precomputes a data set's)."""
-        for text, vector in zip(texts, vectors, strict=True):
-            self._remember(text, vector)
-
-    def _remember(self, text: str, vector: np.ndarray) -> None:
-        if self.cache_size <= 0:
-            return
-        self.cache[text] = vector
-        self.cache.move_to_end(text)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        self.cache.prime(texts, vectors)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.empty((len(texts), DIM), dtype=np.float32)
@@ -142,11 +128,8 @@ class StaticEmbedder:
             if cached is None:
                 todo.append(i)
                 continue
-            self.hits += 1
-            self.cache.move_to_end(text)
             out[i] = cached
         if todo:
-            self.misses += len(todo)
             work = [texts[i] for i in todo]
             if sum(len(t) for t in work) <= INLINE_CHARS:
                 vectors = self.model.encode(work)
@@ -155,11 +138,11 @@ class StaticEmbedder:
                 vectors = await loop.run_in_executor(self.worker, self.model.encode, work)
             for i, text, vector in zip(todo, work, vectors, strict=True):
                 out[i] = vector
-                self._remember(text, vector)
+                self.cache.put(text, vector)
         return out
 
     def cache_stats(self) -> CacheStats:
-        return CacheStats(self.hits, self.misses)
+        return self.cache.stats()
 
     async def aclose(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)
