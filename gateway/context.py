@@ -62,27 +62,17 @@ def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
     state.quotas = [q for q in state.quotas if q.name not in names] + quotas
 
 
-async def admit(limits: RateLimits, state: RequestState, tokens: int | None = None) -> None:
-    """Counts the request against its caller's limits (once), holding `tokens` for a call that goes
-    upstream: the headers' figures go into `state`; a refusal is raised."""
+async def admit(
+    limits: RateLimits, state: RequestState, tokens: int | None = None, cost_usd: float = 0.0
+) -> None:
+    """Counts the request against its caller's limits (once), holding `tokens` and `cost_usd` (its
+    key's budgets) for a call that goes upstream: the headers' figures go into `state`; a refusal
+    is raised."""
     if state.policy is None or state.limit_id is None or state.admitted:
         return
     state.admitted = True
-    held, quotas, refused = await limits.admit(state.limit_id, state.policy, tokens)
+    held, quotas, refused = await limits.admit(state.limit_id, state.policy, tokens, cost_usd)
     update_quotas(state, quotas)
     if refused is not None:
         raise refused
     state.reservation = held
-
-
-async def hold_budget(limits: RateLimits, state: RequestState, cost_usd: float) -> None:
-    """Holds a call's estimated cost against its key's budgets, beside its tokens (refused: the
-    429 is raised)."""
-    if state.policy is None or state.limit_id is None or not state.policy.budgets:
-        return
-    state.reservation, quotas, refused = await limits.spend(
-        state.limit_id, state.policy, cost_usd, state.reservation
-    )
-    update_quotas(state, quotas)
-    if refused is not None:
-        raise refused

@@ -3,13 +3,15 @@ replicas: requests and tokens a minute (RATE_LIMIT_RPM / RATE_LIMIT_TPM, or a vi
 and a virtual key's budgets (USD a UTC day, a UTC month, in total).
 
 A request takes one request unit when it arrives (`admit`, which also reads the tokens and budgets
-left, for the headers); a chat call is admitted once its body is read, in the same operation as its
-estimated prompt tokens (one round trip to a shared server, and still before any routing work).
-Once routed, a call of a key with a budget holds its estimated cost (prompt plus maximum output at
-the price of the dearest model it may end on) against every budget, all or none (`spend`). When the
+left, for the headers); a call that goes upstream is admitted once its body is read, in the same
+operation as its estimated tokens (prompt plus most output) and, for a key with budgets, its
+estimated cost (the same tokens at the price of the dearest model it may end on) against every
+budget: all or none, one round trip to a shared server. A key without budgets is admitted before
+any routing work; a key with budgets once routed (the cost depends on the models chosen). When the
 call ends, however it ends (streams included), the reservation is settled with what the call really
-used and cost, so a long answer leaves a token debt the caller's next calls wait out; a call refused
-before it went upstream releases its reservation.
+used and cost (with the next admission, in its round trip, or 20 ms later at most), so a long
+answer leaves a token debt the caller's next calls wait out; a call refused before it went upstream
+releases its reservation.
 
 Budgets: the shared counters are the fast path; the store's call records are the ledger. A counter
 that does not exist (a new period, a restarted server, a new process without REDIS_URL) starts from
@@ -19,11 +21,12 @@ the ledger's sum for its period, so a restart never hands a key its budget again
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Protocol
 
 from gateway.domain import VirtualKey, utcnow
@@ -32,6 +35,7 @@ from gateway.shared import Cell, Op, Outcome, Rate, SharedState, Sum
 
 log = logging.getLogger("gateway.limits")
 
+SETTLE_AFTER_S = 0.02  # a settlement waits at most this long for an admission to ride with
 NANO = 1_000_000_000  # spend is counted in nano-USD: integers, exact, and a call of one token counts
 
 
@@ -72,6 +76,12 @@ class Ledger(Protocol):
 
 def period_bounds(period: str, now: datetime) -> tuple[str, datetime, datetime | None]:
     """A budget period's id, start and end (UTC; a total budget never ends)."""
+    return _bounds(period, now.date(), now.tzinfo)
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(period: str, day: date, tz: tzinfo | None) -> tuple[str, datetime, datetime | None]:
+    now = datetime(day.year, day.month, day.day, tzinfo=tz)
     if period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return start.strftime("%Y%m%d"), start, start + timedelta(days=1)
@@ -159,6 +169,8 @@ class RateLimits:
         self.ledger = ledger
         self.now = now
         self.pending: set[asyncio.Task[None]] = set()
+        self.unsettled: list[tuple[list[Op], str]] = []
+        self.settle_timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def cell(who: str, kind: str, period: str = "") -> str:
@@ -224,10 +236,12 @@ class RateLimits:
         return out
 
     async def admit(
-        self, who: str, policy: Policy, tokens: int | None = None
+        self, who: str, policy: Policy, tokens: int | None = None, cost_usd: float = 0.0
     ) -> tuple[Reservation | None, list[Quota], RateLimited | None]:
-        """Takes one request and, for a chat call, holds its estimated prompt `tokens` (both or
-        neither, in one operation); reads what is left of the tokens and budgets for the headers."""
+        """Takes one request and, for a call that goes upstream, holds its estimated prompt
+        `tokens` and, for a key with budgets, its estimated `cost_usd` against every budget: all or
+        none, in one operation (one round trip to a shared server). Reads what is left of the tokens
+        and budgets for the headers (a cost of 0 only reads the budgets)."""
         if tokens is not None and policy.tpm and tokens > policy.tpm:
             return (
                 None,
@@ -240,45 +254,35 @@ class RateLimits:
                 ),
             )
         now = self.now()
+        nano = max(0, round(cost_usd * NANO)) if policy.budgets else 0
         ops: list[Op] = []
         if policy.rpm:
             ops.append(Rate(self.cell(who, "r"), 1, policy.rpm))
         if policy.tpm:
             ops.append(Rate(self.cell(who, "t"), tokens or 0, policy.tpm, check=bool(tokens)))
-        ops += self._budget_ops(who, policy, 0, now)  # peeks; the spend op seeds them
-        outcome = await self._apply(ops, who, seed=False)
+        rates = len(ops)
+        ops += self._budget_ops(who, policy, nano, now)  # nano 0: peeks (a spend seeds them)
+        if self.unsettled:  # the settlements waiting go in the same round trip
+            self._settle()
+        outcome = await self._apply(ops, who, seed=bool(nano))
         quotas = self._quotas(policy, ops, outcome.cells, now)
         if outcome.applied:
-            held = Reservation(self, who, policy, tokens or 0, 0, ()) if tokens and policy.tpm else None
-            return held, quotas, None
+            held_tokens = (tokens or 0) if policy.tpm else 0
+            if not (held_tokens or nano):
+                return None, quotas, None
+            periods = tuple(op.key.rsplit(":", 1)[1] for op in ops[rates:]) if nano else ()
+            return Reservation(self, who, policy, held_tokens, nano, periods), quotas, None
         cell = outcome.cells[0]
-        wait = cell.retry_s or 0.0
         if policy.rpm and not cell.ok:
+            wait = cell.retry_s or 0.0
             message = f"rate limit reached: {policy.rpm} requests per minute; try again in {wait:.1f} s"
             return None, quotas, RateLimited(message, "requests", wait)
-        wait = outcome.cells[1 if policy.rpm else 0].retry_s or 0.0
-        message = f"rate limit reached: {policy.tpm} tokens per minute; try again in {wait:.1f} s"
-        return None, quotas, RateLimited(message, "tokens", wait)
-
-    async def spend(
-        self, who: str, policy: Policy, cost_usd: float, held: Reservation | None
-    ) -> tuple[Reservation | None, list[Quota], RateLimited | None]:
-        """Holds a routed call's estimated cost against every budget (all or none), beside the
-        tokens `held` at admission (the reservation returned holds both)."""
-        if not policy.budgets:
-            return held, [], None
-        now = self.now()
-        nano = max(0, round(cost_usd * NANO))
-        ops = self._budget_ops(who, policy, nano, now)
-        outcome = await self._apply(list(ops), who)
-        quotas = self._quotas(policy, ops, outcome.cells, now)
-        if not outcome.applied:
-            return held, quotas, self._over_budget(policy, cost_usd, outcome.cells, now)
-        periods = tuple(op.key.rsplit(":", 1)[1] for op in ops)
-        if held is None:
-            held = Reservation(self, who, policy, 0, 0, ())
-        held.nano, held.periods = nano, periods
-        return held, quotas, None
+        cell = outcome.cells[rates - 1] if policy.tpm else cell
+        if policy.tpm and not cell.ok:
+            wait = cell.retry_s or 0.0
+            message = f"rate limit reached: {policy.tpm} tokens per minute; try again in {wait:.1f} s"
+            return None, quotas, RateLimited(message, "tokens", wait)
+        return None, quotas, self._over_budget(policy, cost_usd, outcome.cells[rates:], now)
 
     def _over_budget(
         self, policy: Policy, cost_usd: float, cells: Sequence[Cell], now: datetime
@@ -299,19 +303,31 @@ class RateLimits:
         raise AssertionError("a refused operation without a refused cell")  # pragma: no cover
 
     def later(self, ops: list[Op], who: str) -> None:
-        """Applies `ops` in the background (settling): the call's answer is already on its way."""
+        """Applies `ops` in the background (settling: the call's answer is already on its way), with
+        the next admission (one round trip to a shared server carries both) or after
+        SETTLE_AFTER_S, whichever comes first."""
+        self.unsettled.append((ops, who))
+        if self.settle_timer is None:
+            self.settle_timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._settle)
 
-        async def run() -> None:
-            try:
-                await self._apply(ops, who)
-            except Exception as exc:
-                log.warning("could not settle a reservation of %s: %s", who, exc)
+    def _settle(self) -> None:
+        if self.settle_timer is not None:
+            self.settle_timer.cancel()
+            self.settle_timer = None
+        batch, self.unsettled = self.unsettled, []
+        for ops, who in batch:
+            task = asyncio.get_running_loop().create_task(self._settle_one(ops, who))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+    async def _settle_one(self, ops: list[Op], who: str) -> None:
+        try:
+            await self._apply(ops, who)
+        except Exception as exc:
+            log.warning("could not settle a reservation of %s: %s", who, exc)
 
     async def drain(self) -> None:
         """Waits for the settlements in flight (at shutdown)."""
+        self._settle()
         if self.pending:
             await asyncio.wait(list(self.pending), timeout=5)

@@ -182,21 +182,43 @@ async def test_a_budget_starts_from_the_ledger_and_refuses_past_it():
     limits = RateLimits(LocalState(), ledger=store, now=lambda: now)
     policy = limits.policy(_key(budget_month_usd=1.0))
     who = "vk_0123456789abcdef"
-    held, quotas, refused = await limits.spend(who, policy, 0.2, None)
+    held, quotas, refused = await limits.admit(who, policy, cost_usd=0.2)
     assert held is not None and quotas[0].name == "usd-month" and quotas[0].remaining == pytest.approx(0.05)
     _, quotas, refused = await limits.admit(who, policy)
     assert refused is None and quotas[0].remaining == pytest.approx(0.05)  # seeded: the headers read it
-    _, _, refused = await limits.spend(who, policy, 0.2, None)
+    _, _, refused = await limits.admit(who, policy, cost_usd=0.2)
     assert refused is not None and refused.code == "budget_exceeded" and refused.status == 429
     _, _, end = period_bounds("month", now)
     assert end is not None and end.isoformat() in refused.message
     assert int(refused.headers["retry-after"]) == pytest.approx((end - now).total_seconds(), abs=1)
     held.settle(10, 0.01)  # it cost far less than held: the rest comes back
     await limits.drain()
-    assert (await limits.spend(who, policy, 0.2, None))[2] is None
+    assert (await limits.admit(who, policy, cost_usd=0.2))[2] is None
     total = limits.policy(_key(budget_total_usd=0.5))
-    _, _, refused = await limits.spend(who, total, 0.0001, None)
+    _, _, refused = await limits.admit(who, total, cost_usd=0.0001)
     assert refused is not None and "never resets" in refused.message and "retry-after" not in refused.headers
+
+
+async def test_one_operation_holds_the_request_its_tokens_and_its_cost(shared):
+    """A call of a key with a budget is admitted in one operation (one round trip to a shared
+    server): its request, its tokens and its estimated cost, all or none. A call the budget refuses
+    takes no request nor token; a rate refusal is reported as such even when the budget is short."""
+    limits = RateLimits(shared, ledger=MemoryStore())
+    policy = limits.policy(_key(rpm=2, tpm=1000, budget_day_usd=1.0))
+    who = "vk_0123456789abcdef"
+    held, quotas, refused = await limits.admit(who, policy, 100, cost_usd=0.6)
+    assert refused is None and held is not None and (held.tokens, held.nano) == (100, 600_000_000)
+    names = {q.name: q.remaining for q in quotas}
+    assert names["requests"] == pytest.approx(1, abs=0.01) and names["usd-day"] == pytest.approx(0.4)
+    assert names["tokens"] == pytest.approx(900, abs=2)
+    _, quotas, refused = await limits.admit(who, policy, 100, cost_usd=0.6)  # over the budget
+    assert refused is not None and refused.code == "budget_exceeded"
+    assert {q.name: q.remaining for q in quotas}["requests"] == pytest.approx(1, abs=0.01)  # none taken
+    held.release()
+    await limits.drain()
+    assert (await limits.admit(who, policy, 100, cost_usd=0.6))[2] is None  # the release gave it back
+    _, _, refused = await limits.admit(who, policy, 100, cost_usd=0.6)  # no request left, nor budget
+    assert refused is not None and refused.code == "rate_limit_exceeded" and "requests" in refused.message
 
 
 def test_periods_and_headers_as_openai_writes_them():

@@ -1,8 +1,9 @@
 """Admitting a routed call, whatever API it came in: the size limits, the caller's limits (one
-request, the prompt and the most output it may ask for, in one operation before any routing work),
-the routing constraints (a virtual model's, the body's `router`, the X-Router-* headers, narrowed to
-a virtual key's models), room to record it, the router's decision, and the budget reservation (the
-most the call may cost on the dearest model it may end on)."""
+request, the prompt and the most output it may ask for and, for a key with budgets, the most the
+call may cost on the dearest model it may end on: one operation, before any routing work for a key
+without budgets and once routed for one with them), the routing constraints (a virtual model's, the
+body's `router`, the X-Router-* headers, narrowed to a virtual key's models), room to record it and
+the router's decision."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from starlette.types import Scope
 
 from gateway.catalogue import QUALITY_TARGET_MAX, ModelSpec, RouterConstraints
-from gateway.context import RequestState, hold_budget
+from gateway.context import RequestState
 from gateway.context import admit as admit_limits
 from gateway.domain import text_of
 from gateway.errors import GatewayError, InvalidRequest, NotFound
@@ -155,7 +156,9 @@ async def admit(
     decision and the budget reservation."""
     prompt_tokens = measure(services, ask.messages)
     most = prompt_tokens + output_tokens(services, ask.n, ask.max_tokens)
-    await admit_limits(services.limits, state, most)  # before any routing work
+    budgets = state.policy is not None and bool(state.policy.budgets)
+    if not budgets:
+        await admit_limits(services.limits, state, most)  # before any routing work
     catalogue = {m.name for m in services.settings.models}
     constraints = narrow(
         state.key, ask.model, constraints_of(services, scope, ask.model, ask.router), catalogue
@@ -173,7 +176,10 @@ async def admit(
     )
     decision = await services.router.decide(ctx)
     decision.fallbacks = fallbacks_for(state.key, decision.fallbacks, catalogue)
-    await hold_budget(services.limits, state, most_cost_usd(services, decision.chain, prompt_tokens, ask))
+    if budgets:  # the most it may cost is known once routed: one operation holds it all
+        await admit_limits(
+            services.limits, state, most, most_cost_usd(services, decision.chain, prompt_tokens, ask)
+        )
     return ctx, decision
 
 

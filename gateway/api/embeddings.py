@@ -24,7 +24,7 @@ from gateway.api import json_response, services
 from gateway.api.routed import within_deadline
 from gateway.asgi import header_value, until_disconnect
 from gateway.catalogue import ModelSpec
-from gateway.context import admit, hold_budget, request_state
+from gateway.context import admit, request_state
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.keys import allow
 from gateway.providers import EMBEDDINGS
@@ -76,11 +76,9 @@ async def embeddings(request: Request) -> Response:
             param="input",
             code="input_too_long",
         )
-    await admit(gw.limits, state, tokens)
+    await admit(gw.limits, state, tokens, spec.cost_usd(tokens, 0))
     body = {k: v for k, v in data.items() if k != "router"}
     try:
-        if spec.input_usd_per_mtok:
-            await hold_budget(gw.limits, state, spec.cost_usd(tokens, 0))
         work = gw.upstreams.answer([spec.name], lambda _: (EMBEDDINGS, body))
         result = await until_disconnect(request.receive, within_deadline(gw, state, work))
     except Exception as exc:  # refused, an error, or the client gone (ClientDisconnected): nothing used

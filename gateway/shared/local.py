@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 
 from gateway.shared import RESYNC, Cell, Op, Outcome, Rate, SharedStatus, Sum, gcra, ttl_ms
 
@@ -28,27 +29,34 @@ class LocalState:
     async def apply(self, ops: Sequence[Op]) -> Outcome:
         now = self.clock()
         cells: list[Cell] = []
+        stands: list[Cell] = []  # each cell as it stands, if the operation is refused
         writes: list[tuple[str, float, float]] = []
         applied = True
         for op in ops:
             found = self._get(op.key, now)
             if isinstance(op, Rate):
-                cell, tat = gcra(found[0] if found else 0.0, now, op)
+                tat = found[0] if found else 0.0
+                cell, new = gcra(tat, now, op)
                 if cell.ok:
-                    writes.append((op.key, tat, now + ttl_ms(tat, now) / 1000))
+                    writes.append((op.key, new, now + ttl_ms(new, now) / 1000))
+                    stands.append(gcra(tat, now, replace(op, cost=0, check=False))[0])
+                else:
+                    stands.append(cell)
                 applied &= cell.ok
             else:
                 cell, write = _sum(op, found, now)
                 if write is not None:
                     writes.append((op.key, *write))
+                stands.append(replace(cell, value=cell.value - op.amount) if cell.ok else cell)
                 applied &= cell.ok
             cells.append(cell)
-        if applied:
-            for key, value, expires in writes:
-                self.cells[key] = (value, expires)
-            if len(self.cells) >= self.sweep_at:
-                self._sweep(now)
-        return Outcome(applied, tuple(cells))
+        if not applied:
+            return Outcome(False, tuple(stands))
+        for key, value, expires in writes:
+            self.cells[key] = (value, expires)
+        if len(self.cells) >= self.sweep_at:
+            self._sweep(now)
+        return Outcome(True, tuple(cells))
 
     def _sweep(self, now: float) -> None:
         self.cells = {k: v for k, v in self.cells.items() if v[1] > now}

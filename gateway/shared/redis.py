@@ -48,6 +48,7 @@ local function run(base_key, spec)
   end
   local applied = 1
   local cells = {}
+  local stands = {}  -- a passing op's cell as it stands, if the operation is refused
   local writes = {}
   for i = 1, #ops do
     local key = KEYS[base_key + i]
@@ -68,6 +69,7 @@ local function run(base_key, spec)
       else
         local left = math.max(0, (now + period - new) / interval)
         cells[i] = string.format('1,%.6f,%.6f,,0', left, math.max(0, new - now))
+        stands[i] = string.format('1,%.6f,%.6f,,0', math.max(0, (now + period - base) / interval), base - now)
         writes[i] = {'r', string.format('%.6f', new), math.ceil(math.max(0.001, new - now) * 1000) + 1000}
       end
     else
@@ -85,6 +87,7 @@ local function run(base_key, spec)
           cells[i] = string.format('0,%.0f,0,,0', value)
         else
           cells[i] = string.format('1,%.0f,0,,0', total)
+          stands[i] = string.format('1,%.0f,0,,0', value)
           if fresh then
             writes[i] = {'new', string.format('%.0f', total), ttl}
           elseif amount ~= 0 then
@@ -94,7 +97,9 @@ local function run(base_key, spec)
       end
     end
   end
-  if applied == 1 then
+  if applied == 0 then
+    for i, stand in pairs(stands) do cells[i] = stand end
+  else
     for i = 1, #ops do
       local key, w = KEYS[base_key + i], writes[i]
       if w ~= nil then
