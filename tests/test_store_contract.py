@@ -76,7 +76,7 @@ async def test_write_and_read_back_a_call(store):
     got = stored.record
     assert got.messages == rec.messages
     assert got.prompt_hash == prompt_hash(rec.messages)
-    assert np.allclose(got.embedding, emb, atol=1e-6)
+    assert np.array_equal(np.asarray(got.embedding, dtype=np.float32), emb)  # the same bits, stored
     assert got.decision["candidates"][0]["score"] == 0.7
     assert (got.layer, got.propensity, got.response, got.caller) == ("bandit", 0.4, "an answer", "key_abc")
     assert (got.upstream_ms, got.ttft_ms, got.overhead_ms) == (100.0, 5.0, 0.8)

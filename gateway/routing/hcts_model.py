@@ -32,8 +32,9 @@ class HctsKnobs:
     levels: tuple[int, ...] = (4, 16, 64)  # k-means granularities; () = non-contextual
     min_cluster: int = 24  # a level has at most (#prompts seen) / MIN_CLUSTER clusters
     recluster_first: int = 64  # first re-clustering after this many prompts, then doubling ...
-    recluster_max_gap: int = 4096  # ... with at most this many prompts between two
+    recluster_max_gap: int = 16_384  # ... with at most this many prompts between two
     kmeans_iters: int = 12
+    kmeans_sample: int = 8192  # k-means runs on at most this many prompts (then every one is assigned)
     prior_var: float = 0.05  # variance of an arm's global mean around its prior mean
     sigma2_floor: float = 0.01
     tau2_floor: float = 1e-4
@@ -118,12 +119,15 @@ class Clustering:
 def compute_clusters(x: np.ndarray, knobs: HctsKnobs, seed: int | np.random.Generator) -> Clustering:
     """The k-means part of a re-clustering (pure; runs in a thread on a copy of the prompts)."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    # A uniform sample is as good for 64 centroids and costs a fixed amount however long the
+    # history (50,000 prompts: 4 s of CPU on 2 cores instead of 0.5 s).
+    fit = x if len(x) <= knobs.kmeans_sample else x[np.sort(rng.choice(len(x), knobs.kmeans_sample, False))]
     cents: list[np.ndarray] = []
     for k in knobs.levels:
         kk = min(k, len(x) // max(1, knobs.min_cluster))
         if kk < 2 or (cents and kk <= len(cents[-1])):
             continue
-        cents.append(spherical_kmeans(x, kk, rng, knobs.kmeans_iters))
+        cents.append(spherical_kmeans(fit, kk, rng, knobs.kmeans_iters))
     return Clustering(cents, [np.argmax(x @ c.T, axis=1) for c in cents], len(x))
 
 

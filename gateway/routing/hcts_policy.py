@@ -20,10 +20,12 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import timedelta
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from gateway.config import Settings
 from gateway.domain import utcnow
@@ -34,6 +36,8 @@ from gateway.routing.hcts_dial import DialSpec
 from gateway.routing.hcts_model import compute_clusters
 from gateway.routing.seam import FinishedCall, Observed, PolicyDeps, PolicyRequest, thompson
 from gateway.store import Key
+
+T = TypeVar("T")
 
 log = logging.getLogger("gateway.router")
 
@@ -53,6 +57,13 @@ def chat_arms(settings: Settings) -> tuple[list[str], np.ndarray]:
     `quality` hints; nan: none)."""
     chat = [m for m in settings.models if "chat" in m.capabilities]
     return [m.name for m in chat], np.array([np.nan if m.quality is None else m.quality for m in chat])
+
+
+def _quietly(fn: Callable[..., T], *args: object) -> T:
+    """`fn` on one BLAS thread: a re-clustering in the background must leave the event loop its
+    core (OpenBLAS would take every core for k-means's products)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return fn(*args)
 
 
 def core_seed(rng: np.random.Generator) -> int:
@@ -207,7 +218,7 @@ class HctsPolicy:
 
     async def _recluster(self, core: Hcts, x: np.ndarray, seed: int) -> None:
         try:
-            result = await asyncio.to_thread(compute_clusters, x, core.kn, seed)
+            result = await asyncio.to_thread(_quietly, compute_clusters, x, core.kn, seed)
         except Exception as exc:
             log.warning("re-clustering failed: %s", exc)
             return

@@ -3,6 +3,10 @@ Alembic migrations in `migrations/`; a test checks that the two agree."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import orjson
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
@@ -22,6 +26,25 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+
+class Embedding(Vector):
+    """pgvector's column type, with a numpy vector sent as orjson writes it (7 us for 384 floats
+    where pgvector's own text conversion takes 170 us: one per recorded call, on the event loop).
+    float32 values print in their shortest exact form, so the stored vector has the same bits."""
+
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Any:
+        fallback = super().bind_processor(dialect)
+
+        def process(value: Any) -> Any:
+            if isinstance(value, np.ndarray) and value.dtype == np.float32:
+                return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+            return fallback(value)
+
+        return process
+
+
 EMBEDDING_DIM = 384
 
 metadata = MetaData()
@@ -40,7 +63,7 @@ calls = Table(
     Column("upstream_model", Text),
     Column("messages", JSONB, nullable=False),
     Column("prompt_hash", Text, nullable=False),
-    Column("embedding", Vector(EMBEDDING_DIM)),
+    Column("embedding", Embedding(EMBEDDING_DIM)),
     Column("layer", Text),
     Column("strategy", Text),
     Column("policy", Text),
