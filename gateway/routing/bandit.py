@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gateway.domain import ArmStats, Neighbour
-from gateway.routing.propensity import Pending
+from gateway.routing.propensity import Pending, Resolvable
 
 COST_FLOOR_USD = 1e-7  # free arms sit at the floor of the log scale
 MEAN_CLIP = 0.01  # prior means stay in [0.01, 0.99]: a Beta needs both parameters > 0
@@ -107,7 +107,7 @@ class Choice:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     propensities: dict[str, float] = field(default_factory=dict)
     propensity_error: float = 0.0  # each of `propensities` is within about this of the truth
-    pending: Pending | None = None
+    pending: Resolvable | None = None
 
     @classmethod
     def deterministic(cls, ranking: list[str], candidates: list[dict[str, Any]] | None = None) -> Choice:

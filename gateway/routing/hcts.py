@@ -19,6 +19,7 @@ with `inline=True` it runs at once (tests, the warm start).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +48,12 @@ class Ticket:
     gcost: float  # ... and estimated cost
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
+    pending: Callable[[], float] | None = field(default=None, repr=False)  # fills `props` (lazy pick)
+
+    def resolve(self) -> float:
+        """Fills `props` if the pick left them pending; returns their numerical error (0 after)."""
+        fill, self.pending = self.pending, None
+        return fill() if fill is not None else 0.0
 
 
 @dataclass
@@ -103,8 +110,10 @@ class Hcts:
     # --- deciding
     def choose(
         self, x: np.ndarray, eligible: np.ndarray | None = None, costs: np.ndarray | None = None,
-        spec: DialSpec | None = None,
+        spec: DialSpec | None = None, lazy: bool = False,
     ) -> Pick:  # fmt: skip
+        """A pick. `lazy`: its propensities are computed when its ticket's `resolve()` is first
+        called (the gateway does it while the call is upstream), not before it returns."""
         k, model = self.k, self.model
         x = np.asarray(x, dtype=np.float32)
         elig = np.arange(k) if eligible is None else np.asarray(eligible, dtype=np.int64)
@@ -129,19 +138,23 @@ class Hcts:
         theta = me + sd * z
         explored = r_explore < eps
         j = r_arm if explored else int(np.argmax(theta - pen))
-        pts, error = propensities(me - pen, sd)
         props = np.zeros(k)
-        props[elig] = eps / len(elig) + (1.0 - eps) * pts
+
+        def fill() -> float:
+            pts, error = propensities(me - pen, sd)
+            props[elig] = eps / len(elig) + (1.0 - eps) * pts
+            return (1.0 - eps) * error
+
+        error = 0.0 if lazy else fill()
         samples, objective = np.full(k, np.nan), np.full(k, np.nan)
         samples[elig], objective[elig] = theta, theta - pen
         g = int(np.argmax(me - pen))  # the greedy pick, for the calibrator
         arm = int(elig[j])
         ticket = Ticket(
-            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec
-        )
-        return Pick(
-            arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, (1.0 - eps) * error
-        )
+            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec,
+            pending=fill if lazy else None,
+        )  # fmt: skip
+        return Pick(arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, error)
 
     # --- learning
     def observe_call(self, ticket: Ticket | None, x: np.ndarray, arm: int, cost: float | None) -> int:
@@ -182,6 +195,7 @@ class Hcts:
         seq = ticket.seq if ticket is not None and seq is None else seq
         model.add_rating(cl, arm, score, previous, seq, float(m0[arm]), float(mc[arm]))
         if previous is None and ticket is not None and ticket.arm == arm:
+            ticket.resolve()
             if np.isfinite(ticket.props[arm]) and ticket.props[arm] > 0:
                 self.ref.update_dr(ticket.mdec, arm, float(score), float(ticket.props[arm]))
             dial = self.dials.get(ticket.dial)

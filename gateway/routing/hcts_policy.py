@@ -66,6 +66,25 @@ def _quietly(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
 
 
+class _Propensities:
+    """A lazy pick's propensities (`gateway.routing.bandit.Choice.pending`): its ticket fills them
+    once; the candidates of the record get theirs then."""
+
+    def __init__(self, ticket: Ticket, names: list[str], idx: np.ndarray, candidates: list[dict]) -> None:
+        self.ticket, self.names, self.idx, self.candidates = ticket, names, idx, candidates
+        self.done: tuple[dict[str, float], float] | None = None
+
+    def resolve(self) -> tuple[dict[str, float], float]:
+        if self.done is None:
+            error = self.ticket.resolve()
+            props = self.ticket.props
+            out = {name: float(props[i]) for name, i in zip(self.names, self.idx, strict=True)}
+            for c in self.candidates:
+                c["propensity"] = round(out[c["model"]], 6)
+            self.done = (out, error)
+        return self.done
+
+
 def core_seed(rng: np.random.Generator) -> int:
     """The core's seed, drawn from the gateway's Generator (its first draw when the policy is made)."""
     return int(rng.integers(2**62))
@@ -127,7 +146,7 @@ class HctsPolicy:
         costs = np.zeros(len(self.arms))
         idx = np.array(elig, dtype=np.int64)
         costs[idx] = [v.cost_usd for v in views]
-        pick = core.choose(embedding, idx, costs, request.dial if request else None)
+        pick = core.choose(embedding, idx, costs, request.dial if request else None, lazy=True)
         timings["sample_ms"] = (time.perf_counter() - t) * 1000
         if request is not None:
             self._keep(self.open, (request.tenant, request.request_id), pick.ticket, OPEN_TICKETS)
@@ -143,20 +162,18 @@ class HctsPolicy:
                 "quality_sample": round(float(pick.samples[idx[j]]), 4),
                 "quality_mean": round(float(pick.means[idx[j]]), 4),
                 "cost_estimate_usd": float(f"{views[j].cost_usd:.4g}"),
-                "propensity": round(float(pick.props[idx[j]]), 6),
             }
             for j in order
         ]
-        # every eligible arm's propensity, exact (closed form, with the uniform floor) and known at
-        # once: nothing is left pending for the call's record to compute
+        # every eligible arm's propensity, exact (closed form, with the uniform floor), computed
+        # while the call is upstream (`Decision.resolve`): the decision does not wait for them
         return Choice(
             arm=self.arms[pick.arm],
             explored=pick.explored,
-            propensity=float(pick.props[pick.arm]),
+            propensity=None,
             ranking=[views[j].name for j in order],
             candidates=candidates,
-            propensities={v.name: float(pick.props[i]) for v, i in zip(views, idx, strict=True)},
-            propensity_error=pick.error,
+            pending=_Propensities(pick.ticket, [v.name for v in views], idx, candidates),
         )
 
     # --- learning

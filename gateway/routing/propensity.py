@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from scipy.special import betainc, betaln, ndtr, ndtri
@@ -52,6 +52,12 @@ class Propensities:
     probs: np.ndarray  # per arm; sums to 1
     error: float  # estimated largest error of any arm's probability
     exact: bool  # computed (True) or resampled (False)
+
+
+class Resolvable(Protocol):
+    """Propensities left pending by a pick: every arm's, and their numerical error."""
+
+    def resolve(self) -> tuple[dict[str, float], float]: ...
 
 
 class Pending:
