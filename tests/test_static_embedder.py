@@ -4,6 +4,7 @@ packaged weights, deterministic and normalised, chosen by EMBEDDER, versioned by
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from gateway.config import Settings
 from gateway.embedders import distil, embedder_id, load_embedder, minilm, static
 from gateway.embedders.static import INLINE_CHARS, StaticEmbedder
+from tests.test_lab import SHARED
 
 TEXTS = [
     "What is the capital of France?",
@@ -68,7 +70,15 @@ def test_output_is_deterministic_normalised_and_the_same_alone_or_in_a_batch(sta
 
 def test_token_ids_are_the_tokenizers_own(static_model):
     # the fast path (a word cache over BERT's pre-tokenisation) must give the tokenizer's ids
-    texts = [*TEXTS, "Don't panic: e-mail me@example.com at 10:30, O'Brien's 1st-class ticket #42"]
+    texts = [
+        *TEXTS,
+        "Don't panic: e-mail me@example.com at 10:30, O'Brien's 1st-class ticket #42",
+        "a" * 150 + " supercalifragilisticexpialidocious x_y {[<tag>]} ~`|\\ $3.50 50% ^_^",
+    ]
+    replay = SHARED / "llmrouter_dev.jsonl"  # real prompts, when the data sit beside the checkout
+    if replay.is_file():
+        with replay.open() as f:
+            texts += [json.loads(line)["messages"][-1]["content"] for line in itertools.islice(f, 300)]
     for text in texts:
         want = static_model.tokenizer.encode(text, add_special_tokens=False).ids
         assert static_model.token_ids(text) == want, text

@@ -54,6 +54,7 @@ class StaticModel:
         self.tokenizer = Tokenizer.from_file(str(model_dir / distil.TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.wordpiece = self.tokenizer.model
         added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
         self.added = re.compile("|".join(re.escape(t) for t in added)) if added else None
         self.words: dict[str, tuple[int, ...]] = {}
@@ -72,7 +73,8 @@ class StaticModel:
             if pieces is None:
                 if len(words) >= _WORD_CACHE:
                     words.clear()
-                pieces = words[word] = tuple(self._pieces(word))
+                # A plain word needs no normalising: WordPiece alone (2 us, the tokenizer 11 us)
+                pieces = words[word] = tuple(t.id for t in self.wordpiece.tokenize(word))
             ids.extend(pieces)
         return ids
 
