@@ -3,10 +3,10 @@ limits and a budget counted in process, and with them counted in Valkey (REDIS_U
 by side against direct calls to a fake upstream in alternating rounds, on this machine.
 
 Each limited call goes through the whole path: a virtual key with its own RPM, TPM and a daily
-budget; the middleware's admission (one request, the tokens and the budget read for the headers),
-the chat's admission with its tokens, the budget's reservation and, after the answer, the
-settlement. With Valkey that is two round trips before the upstream and one after; a key without a
-budget ("rpm/tpm only") needs one before.
+budget; the chat's admission (one request, its tokens and its estimated cost against the budget,
+in one operation once routed, the figures read for the headers) and, after the answer, the
+settlement (which rides the next admission). With Valkey that is one round trip before the
+upstream; a key without a budget ("rpm/tpm only") is admitted before routing, also in one.
 
   python bench/limits.py                 # about 1 minute: c=1 and c=32
   python bench/limits.py --n1 3000 --n32 20000
