@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -65,6 +66,15 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     return _settings(args, **extra)
 
 
+def _freeze_heap() -> None:
+    """Once the gateway is up: what it has built (modules, the embedder, the router's state) goes
+    out of the garbage collector's sight (`gc.freeze`), so that a full collection scans only what
+    came since. Without it, each full collection walked the whole start-up heap, 60-100 ms with
+    the event loop stopped, every few thousand requests."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -75,7 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     warn_about_environment(settings)
-    app = create_app(settings, redact=redact)
+    app = create_app(settings, redact=redact, on_start=lambda _: _freeze_heap())
     config = uvicorn_config(
         app,
         settings,

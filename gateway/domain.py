@@ -18,8 +18,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-
-
 def text_of(content: Any) -> str:
     """The text of a message's content (a string, or the text parts of a content list)."""
     if isinstance(content, str):

@@ -32,13 +32,14 @@ from gateway.routing.hcts_model import ClusterModel, HctsKnobs, compute_clusters
 MAX_DIALS = 32  # dial settings calibrated at once (per-request dials beyond: the least recent goes)
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
-    """What a decision knew, for learning from its call and its rating later."""
+    """What a decision knew, for learning from its call and its rating later. Tens of thousands
+    wait for their ratings: slots and a tuple keep each one object for the garbage collector."""
 
     x: np.ndarray
     arm: int
-    cl: list[int]
+    cl: tuple[int, ...]
     epoch: int
     m0: np.ndarray
     mc: np.ndarray

@@ -193,15 +193,15 @@ class ClusterModel:
             self._glob = (m, v, sig2)
         return self._glob
 
-    def clusters(self, x: np.ndarray) -> list[int]:
+    def clusters(self, x: np.ndarray) -> tuple[int, ...]:
         if not self.cents:
-            return []
+            return ()
         sims = self.allc @ x
         o = self.offsets
-        return [int(np.argmax(sims[o[i] : o[i + 1]])) for i in range(len(self.cents))]
+        return tuple(int(np.argmax(sims[o[i] : o[i + 1]])) for i in range(len(self.cents)))
 
     def posterior(
-        self, x: np.ndarray, cl: list[int]
+        self, x: np.ndarray, cl: tuple[int, ...]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Global and contextual (mean, variance) per arm for prompt x in clusters `cl`."""
         m0, v0, sig2 = self.glob()
@@ -233,7 +233,7 @@ class ClusterModel:
         return np.broadcast_to(self.glob()[0], (len(x), self.k))
 
     # --- learning
-    def add_prompt(self, x: np.ndarray, cl: list[int], epoch: int) -> int:
+    def add_prompt(self, x: np.ndarray, cl: tuple[int, ...], epoch: int) -> int:
         """A prompt seen (rated or not); returns its history sequence number."""
         if epoch == self.epoch:
             for li, c in enumerate(cl):
@@ -243,7 +243,7 @@ class ClusterModel:
 
     def add_rating(
         self,
-        cl: list[int],
+        cl: tuple[int, ...],
         arm: int,
         score: float,
         previous: float | None,
