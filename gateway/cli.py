@@ -73,7 +73,7 @@ def _freeze_heap() -> None:
     request's objects (alive across its awaits, 32 requests at a time) mostly die young instead of
     being promoted, which is what made full collections come every few hundred requests. Measured
     with `auto` at c=32 (a loaded 2-core machine): full collections 15 in 20 s, 17-60 ms each with
-    the event loop stopped, 1.6 s of collection in all; with both, none after the start."""
+    the event loop stopped, 1.6 s of collection in all; with both, none in the 20 s after the start."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
