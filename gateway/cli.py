@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib.util
 import logging
 import os
@@ -66,30 +65,17 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     return _settings(args, **extra)
 
 
-def _freeze_heap() -> None:
-    """Once the gateway is up: what it has built (modules, the embedder, the router's state) goes
-    out of the garbage collector's sight (`gc.freeze`), so that a full collection scans only what
-    came since; and a young collection waits for 10,000 new objects instead of 700, so that a
-    request's objects (alive across its awaits, 32 requests at a time) mostly die young instead of
-    being promoted, which is what made full collections come every few hundred requests. Measured
-    with `auto` at c=32 (a loaded 2-core machine): full collections 15 in 20 s, 17-60 ms each with
-    the event loop stopped, 1.6 s of collection in all; with both, none in the 20 s after the start."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-
-
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
-    from gateway.server import uvicorn_config
+    from gateway.server import freeze_heap, uvicorn_config
 
     settings = serve_settings(args)
     redact = setup_logging(settings.log_level, settings.log_format, settings.secrets())
     warn_about_environment(settings)
-    app = create_app(settings, redact=redact, on_start=lambda _: _freeze_heap())
+    app = create_app(settings, redact=redact, on_start=lambda _: freeze_heap())
     config = uvicorn_config(
         app,
         settings,
