@@ -45,6 +45,7 @@ class Ticket:
     props: np.ndarray  # propensities (all arms; 0 for the ineligible)
     gpred: float  # the greedy pick's predicted quality ...
     gcost: float  # ... and estimated cost
+    eq: float  # the decision's expected quality under the model (propensity-weighted means)
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
 
@@ -136,8 +137,9 @@ class Hcts:
         samples[elig], objective[elig] = theta, theta - pen
         g = int(np.argmax(me - pen))  # the greedy pick, for the calibrator
         arm = int(elig[j])
+        eq = float(props[elig] @ me)
         ticket = Ticket(
-            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec
+            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), eq, dial.spec
         )
         return Pick(
             arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, (1.0 - eps) * error
@@ -160,6 +162,7 @@ class Hcts:
             if dial is not None:
                 if cost is not None and ticket.arm == arm:
                     dial.cost(float(cost), ticket.gcost, self.ref)
+                dial.explored(ticket.gpred - ticket.eq, self.ref.emax)
                 dial.calls += 1
                 if dial.calls % self.kn.solve_every == 0:
                     dial.solve(*self.ref.refresh(model), self.ref, self.kn.solve_max_step)
@@ -183,10 +186,10 @@ class Hcts:
         model.add_rating(cl, arm, score, previous, seq, float(m0[arm]), float(mc[arm]))
         if previous is None and ticket is not None and ticket.arm == arm:
             if np.isfinite(ticket.props[arm]) and ticket.props[arm] > 0:
-                self.ref.update_dr(ticket.mdec, arm, float(score), float(ticket.props[arm]))
+                self.ref.update_dr(ticket.mdec, arm, float(score), ticket.props)
             dial = self.dials.get(ticket.dial)
             if dial is not None:
-                dial.rated(ticket.gpred, float(score), self.ref.emax)
+                dial.rated(float(ticket.mdec[arm]), float(score), self.ref.emax)
         fixed = all(d.spec.mode == "fixed" for d in self.dials.values())
         if previous is None and fixed and model.rated % self.kn.pbest_every == 0:
             self.ref.update_pbest(model)

@@ -48,6 +48,8 @@ class HctsKnobs:
     gate: bool = True
     gate_z: float = 3.0
     gate_min: int = 30  # rated calls before the gate may open
+    shared_offsets: bool = True  # a coarse cluster's difficulty, shared by the arms (see `glob`)
+    offset_n0: float = 10.0  # pseudo-ratings shrinking a cluster's offset to 0
     # the dial's calibrator (gateway.routing.hcts_dial)
     lam0: float = 0.05
     lam_min: float = 1e-4
@@ -55,9 +57,12 @@ class HctsKnobs:
     solve_every: int = 20  # calls of a dial between re-solves of its multiplier
     solve_buffer: int = 400  # recent prompts a re-solve uses
     solve_max_step: float = 0.25  # largest move of log(lam) per re-solve
-    bias_halflife: float = 400.0  # EW window of (predicted - realised), the correction
+    bias_halflife: float = 400.0  # EW window (ratings) of the chosen arm's (predicted - realised)
+    explore_halflife: float = 100.0  # EW window (calls) of the exploration's predicted loss
     integral_max: float = 0.1  # |correction| cap (share units)
     dr_halflife: float = 1000.0  # EW window of the doubly robust arm means
+    ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
+    # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
     dr_clip: float = 0.05  # propensities are clipped here in the doubly robust weights
     pbest_every: int = 8  # ratings between updates of P(arm is best) when no dial re-solves
 
@@ -149,6 +154,7 @@ class ClusterModel:
         self.gd, self.gv, self.gn = 0.0, 0.0, 0  # the gate's prequential error differences
         self.use_ctx = not knobs.gate
         self._glob: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.d0 = np.zeros(0)  # the coarse clusters' offsets (set with `_glob`)
 
     # --- posteriors
     def sigma2(self) -> np.ndarray:
@@ -167,7 +173,13 @@ class ClusterModel:
         return np.asarray(np.maximum(var, self.kn.sigma2_floor))
 
     def glob(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Level 0 (mean, variance, noise) per arm, post-stratified over the coarse clusters."""
+        """Level 0 (mean, variance, noise) per arm, post-stratified over the coarse clusters.
+
+        With SHARED_OFFSETS a coarse cluster's prior for every arm is the arm's level-0 mean plus
+        the cluster's offset d_c: how far the arms rated there score from their level-0 means
+        (pooled over arms, shrunk by OFFSET_N0). An arm that routing sends only to the hard
+        prompts is then read as good at those, not as bad everywhere (without it the best arm,
+        once starved of the easy prompts, sank below the second best and stayed there)."""
         if self._glob is None:
             kn = self.kn
             sig2 = self.sigma2()
@@ -177,15 +189,19 @@ class ClusterModel:
             prec = 1.0 / kn.prior_var + self.n / sig2
             m = (pm / kn.prior_var + self.s / sig2) / prec
             v = 1.0 / prec
+            d = np.zeros(len(self.lc[0]) if self.cents else 0)
             if self.cents and self.lc[0].sum() > 0:
                 w = self.lc[0] / self.lc[0].sum()
                 nn, ss = self.ln[0], self.ls[0]
                 p1 = prec
-                for _ in range(2):
+                for _ in range(3 if kn.shared_offsets else 2):
+                    if kn.shared_offsets:
+                        d = (ss.sum(1) - nn @ m) / (nn.sum(1) + kn.offset_n0)
                     pv = v + self.tau2[0]
                     p1 = 1.0 / pv + nn / sig2
-                    m = w @ ((m / pv + ss / sig2) / p1)
+                    m = w @ (((m + d[:, None]) / pv + ss / sig2) / p1)
                 v = (w * w) @ (1.0 / p1)
+            self.d0 = d
             self._glob = (m, v, sig2)
         return self._glob
 
@@ -205,7 +221,8 @@ class ClusterModel:
         for li, c in enumerate(cl):
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            m = (m / pv + self.ls[li][c] / sig2) / prec
+            prior = m + self.d0[c] if li == 0 else m
+            m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m0, v0, m, v
 
@@ -218,7 +235,8 @@ class ClusterModel:
             c = np.argmax(x @ self.cents[li].T, axis=1)
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            m = (m / pv + self.ls[li][c] / sig2) / prec
+            prior = m + self.d0[c][:, None] if li == 0 else m
+            m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m, v
 
@@ -321,6 +339,8 @@ class ClusterModel:
         _, _, sig2 = self.glob()
         for li, c in enumerate(self.cents):
             mp, _ = self.predict(c, upto=li)
+            if li == 0:
+                mp = mp + self.d0[:, None]
             nn, ss = self.ln[li], self.ls[li]
             ok = nn >= 2
             if not ok.any():
