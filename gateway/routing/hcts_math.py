@@ -104,3 +104,14 @@ def spherical_kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int
             break
         cent = new
     return cent
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 0.01, 0.99)
+    return np.asarray(np.log(p / (1.0 - p)))
+
+
+def shifted(m: np.ndarray, d: np.ndarray | float) -> np.ndarray:
+    """Means `m` (scores in [0, 1]) moved by offsets `d` on the logit scale (a shift there never
+    leaves [0, 1]: an arm near the top moves less than one in the middle)."""
+    return np.asarray(1.0 / (1.0 + np.exp(-(logit(m) + d))))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.routing.hcts_math import onehot, spherical_kmeans
+from gateway.routing.hcts_math import logit, onehot, shifted, spherical_kmeans
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,10 @@ class ClusterModel:
     def glob(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Level 0 (mean, variance, noise) per arm, post-stratified over the coarse clusters.
 
-        With SHARED_OFFSETS a coarse cluster's prior for every arm is the arm's level-0 mean plus
-        the cluster's offset d_c: how far the arms rated there score from their level-0 means
-        (pooled over arms, shrunk by OFFSET_N0). An arm that routing sends only to the hard
-        prompts is then read as good at those, not as bad everywhere (without it the best arm,
-        once starved of the easy prompts, sank below the second best and stayed there)."""
+        With SHARED_OFFSETS a coarse cluster's prior for an arm is its level-0 mean shifted (logit
+        scale) by the cluster's offset: how far the arms rated there score from their level-0
+        means, pooled over arms and shrunk by OFFSET_N0. An arm sent only the hard prompts is then
+        not read as bad everywhere (the best arm, so starved, sank below the second best)."""
         if self._glob is None:
             kn = self.kn
             sig2 = self.sigma2()
@@ -196,10 +195,11 @@ class ClusterModel:
                 p1 = prec
                 for _ in range(3 if kn.shared_offsets else 2):
                     if kn.shared_offsets:
-                        d = (ss.sum(1) - nn @ m) / (nn.sum(1) + kn.offset_n0)
+                        ybar = (ss + 2.0 * m) / (nn + 2.0)
+                        d = (nn * (logit(ybar) - logit(m))).sum(1) / (nn.sum(1) + kn.offset_n0)
                     pv = v + self.tau2[0]
                     p1 = 1.0 / pv + nn / sig2
-                    m = w @ (((m + d[:, None]) / pv + ss / sig2) / p1)
+                    m = w @ ((shifted(m, d[:, None]) / pv + ss / sig2) / p1)
                 v = (w * w) @ (1.0 / p1)
             self.d0 = d
             self._glob = (m, v, sig2)
@@ -221,7 +221,7 @@ class ClusterModel:
         for li, c in enumerate(cl):
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            prior = m + self.d0[c] if li == 0 else m
+            prior = shifted(m, self.d0[c]) if li == 0 else m
             m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m0, v0, m, v
@@ -235,7 +235,7 @@ class ClusterModel:
             c = np.argmax(x @ self.cents[li].T, axis=1)
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            prior = m + self.d0[c][:, None] if li == 0 else m
+            prior = shifted(m, self.d0[c][:, None]) if li == 0 else m
             m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m, v
@@ -340,7 +340,7 @@ class ClusterModel:
         for li, c in enumerate(self.cents):
             mp, _ = self.predict(c, upto=li)
             if li == 0:
-                mp = mp + self.d0[:, None]
+                mp = shifted(mp, self.d0[:, None])
             nn, ss = self.ln[li], self.ls[li]
             ok = nn >= 2
             if not ok.any():
