@@ -107,11 +107,11 @@ def spherical_kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 0.01, 0.99)
+    p = np.minimum(np.maximum(p, 0.01), 0.99)  # (np.clip is twice as slow on small arrays)
     return np.asarray(np.log(p / (1.0 - p)))
 
 
-def shifted(m: np.ndarray, d: np.ndarray | float) -> np.ndarray:
-    """Means `m` (scores in [0, 1]) moved by offsets `d` on the logit scale (a shift there never
-    leaves [0, 1]: an arm near the top moves less than one in the middle)."""
-    return np.asarray(1.0 / (1.0 + np.exp(-(logit(m) + d))))
+def shifted(lm: np.ndarray, d: np.ndarray | float) -> np.ndarray:
+    """Means of logit `lm` (scores in [0, 1]) moved by offsets `d` on the logit scale (a shift
+    there never leaves [0, 1]: an arm near the top moves less than one in the middle)."""
+    return np.asarray(1.0 / (1.0 + np.exp(-(lm + d))))

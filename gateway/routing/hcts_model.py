@@ -154,7 +154,7 @@ class ClusterModel:
         self.gd, self.gv, self.gn = 0.0, 0.0, 0  # the gate's prequential error differences
         self.use_ctx = not knobs.gate
         self._glob: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.d0 = np.zeros(0)  # the coarse clusters' offsets (set with `_glob`)
+        self.p0 = np.zeros((0, k))  # each coarse cluster's prior per arm (set with `_glob`)
 
     # --- posteriors
     def sigma2(self) -> np.ndarray:
@@ -194,14 +194,16 @@ class ClusterModel:
                 nn, ss = self.ln[0], self.ls[0]
                 p1 = prec
                 for _ in range(3 if kn.shared_offsets else 2):
+                    prior, lm = m, logit(m)
                     if kn.shared_offsets:
                         ybar = (ss + 2.0 * m) / (nn + 2.0)
-                        d = (nn * (logit(ybar) - logit(m))).sum(1) / (nn.sum(1) + kn.offset_n0)
+                        d = (nn * (logit(ybar) - lm)).sum(1) / (nn.sum(1) + kn.offset_n0)
+                        prior = shifted(lm, d[:, None])
                     pv = v + self.tau2[0]
                     p1 = 1.0 / pv + nn / sig2
-                    m = w @ ((shifted(m, d[:, None]) / pv + ss / sig2) / p1)
+                    m = w @ ((prior / pv + ss / sig2) / p1)
                 v = (w * w) @ (1.0 / p1)
-            self.d0 = d
+            self.p0 = shifted(logit(m), d[:, None]) if kn.shared_offsets else m + 0 * d[:, None]
             self._glob = (m, v, sig2)
         return self._glob
 
@@ -221,7 +223,7 @@ class ClusterModel:
         for li, c in enumerate(cl):
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            prior = shifted(m, self.d0[c]) if li == 0 else m
+            prior = self.p0[c] if li == 0 else m
             m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m0, v0, m, v
@@ -235,7 +237,7 @@ class ClusterModel:
             c = np.argmax(x @ self.cents[li].T, axis=1)
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            prior = shifted(m, self.d0[c][:, None]) if li == 0 else m
+            prior = self.p0[c] if li == 0 else m
             m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m, v
@@ -340,7 +342,7 @@ class ClusterModel:
         for li, c in enumerate(self.cents):
             mp, _ = self.predict(c, upto=li)
             if li == 0:
-                mp = shifted(mp, self.d0[:, None])
+                mp = self.p0
             nn, ss = self.ln[li], self.ls[li]
             ok = nn >= 2
             if not ok.any():
