@@ -192,12 +192,12 @@ class ClusterModel:
             if self.cents and self.lc[0].sum() > 0:
                 w = self.lc[0] / self.lc[0].sum()
                 nn, ss = self.ln[0], self.ls[0]
-                p1 = prec
+                p1, nn2, den = prec, nn + 2.0, nn.sum(1) + kn.offset_n0
                 for _ in range(3 if kn.shared_offsets else 2):
-                    prior, lm = m, logit(m)
+                    prior = m
                     if kn.shared_offsets:
-                        ybar = (ss + 2.0 * m) / (nn + 2.0)
-                        d = (nn * (logit(ybar) - lm)).sum(1) / (nn.sum(1) + kn.offset_n0)
+                        lm = logit(m)
+                        d = (nn * (logit((ss + 2.0 * m) / nn2) - lm)).sum(1) / den
                         prior = shifted(lm, d[:, None])
                     pv = v + self.tau2[0]
                     p1 = 1.0 / pv + nn / sig2
