@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from gateway.routing.hcts_dial import Dial, DialSpec, Reference
-from gateway.routing.hcts_math import propensities
-from gateway.routing.hcts_model import ClusterModel, HctsKnobs, compute_clusters
+from gateway.routing.hcts_math import compute_clusters, propensities
+from gateway.routing.hcts_model import ClusterModel, HctsKnobs
 
 MAX_DIALS = 32  # dial settings calibrated at once (per-request dials beyond: the least recent goes)
 
@@ -47,6 +47,7 @@ class Ticket:
     props: np.ndarray  # propensities (all arms; 0 for the ineligible)
     gpred: float  # the greedy pick's predicted quality ...
     gcost: float  # ... and estimated cost
+    eq: float  # the decision's expected quality under the model (propensity-weighted means; nan: pending)
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
     pending: Callable[[], float] | None = field(default=None, repr=False)  # fills `props` (lazy pick)
@@ -139,22 +140,24 @@ class Hcts:
         theta = me + sd * z
         explored = r_explore < eps
         j = r_arm if explored else int(np.argmax(theta - pen))
-        props = np.zeros(k)
-
-        def fill() -> float:
-            pts, error = propensities(me - pen, sd)
-            props[elig] = eps / len(elig) + (1.0 - eps) * pts
-            return (1.0 - eps) * error
-
-        error = 0.0 if lazy else fill()
         samples, objective = np.full(k, np.nan), np.full(k, np.nan)
         samples[elig], objective[elig] = theta, theta - pen
         g = int(np.argmax(me - pen))  # the greedy pick, for the calibrator
         arm = int(elig[j])
+        props = np.zeros(k)
         ticket = Ticket(
-            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), dial.spec,
-            pending=fill if lazy else None,
+            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), math.nan,
+            dial.spec,
         )  # fmt: skip
+
+        def fill() -> float:
+            pts, error = propensities(me - pen, sd)
+            props[elig] = eps / len(elig) + (1.0 - eps) * pts
+            ticket.eq = float(props[elig] @ me)
+            return (1.0 - eps) * error
+
+        ticket.pending = fill
+        error = 0.0 if lazy else ticket.resolve()
         return Pick(arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, error)
 
     # --- learning
@@ -174,6 +177,8 @@ class Hcts:
             if dial is not None:
                 if cost is not None and ticket.arm == arm:
                     dial.cost(float(cost), ticket.gcost, self.ref)
+                ticket.resolve()  # a lazy pick's propensities (and `eq`), if nothing asked yet
+                dial.explored(ticket.gpred - ticket.eq, self.ref.emax)
                 dial.calls += 1
                 if dial.calls % self.kn.solve_every == 0:
                     dial.solve(*self.ref.refresh(model), self.ref, self.kn.solve_max_step)
@@ -198,10 +203,10 @@ class Hcts:
         if previous is None and ticket is not None and ticket.arm == arm:
             ticket.resolve()
             if np.isfinite(ticket.props[arm]) and ticket.props[arm] > 0:
-                self.ref.update_dr(ticket.mdec, arm, float(score), float(ticket.props[arm]))
+                self.ref.update_dr(ticket.mdec, arm, float(score), ticket.props)
             dial = self.dials.get(ticket.dial)
             if dial is not None:
-                dial.rated(ticket.gpred, float(score), self.ref.emax)
+                dial.rated(float(ticket.mdec[arm]), float(score), self.ref.emax)
         fixed = all(d.spec.mode == "fixed" for d in self.dials.values())
         if previous is None and fixed and model.rated % self.kn.pbest_every == 0:
             self.ref.update_pbest(model)

@@ -59,6 +59,7 @@ class Reference:
         self.pbest = np.full(k, 1.0 / k)
         self.emax = 1.0
         self.dr, self.dr_w = np.zeros(k), 0.0
+        self.cover = np.ones(k)  # EW share of rated calls on which an arm's propensity was >= DR_CLIP
         self.bx = np.zeros((knobs.solve_buffer, dim), dtype=np.float32)
         self.bc = np.zeros((knobs.solve_buffer, k))
         self.bpos = self.blen = 0
@@ -91,12 +92,13 @@ class Reference:
             plausible = self.pbest >= self.pbest.max()
         return float(max(m[plausible].max(), 1e-300))
 
-    def update_dr(self, mdec: np.ndarray, arm: int, score: float, prop: float) -> None:
+    def update_dr(self, mdec: np.ndarray, arm: int, score: float, props: np.ndarray) -> None:
         dr = mdec.copy()
-        dr[arm] += (score - mdec[arm]) / max(prop, self.kn.dr_clip)
+        dr[arm] += (score - mdec[arm]) / max(float(props[arm]), self.kn.dr_clip)
         w = 1.0 - 0.5 ** (1.0 / self.kn.dr_halflife)
         self.dr_w = self.dr_w * (1 - w) + w
         self.dr += (dr - self.dr) * w / self.dr_w
+        self.cover += ((props >= self.kn.dr_clip) - self.cover) * w / self.dr_w
 
     def update_pbest(self, model: ClusterModel) -> None:
         m0, v0, _ = model.glob()
@@ -114,10 +116,13 @@ class Reference:
         self.pbest, _ = argmax_probs(cm, sd, self.nodes)
         self.emax = expected_max(cm, sd, self.nodes)
         if self.dr_w > 0.5 and model.use_ctx:
-            self.emax = float(self.dr[int(np.argmax(cm))])
+            best = int(np.argmax(cm))
+            self.emax = float(self.dr[best])
+            if self.cover[best] < self.kn.ref_cover:  # starved: its DR mean leans on the model's
+                self.emax = max(self.emax, float(model.glob()[0][best]))
         return m, c
 
-    _ARRAYS = ("cest_sum", "cest_cnt", "pbest", "dr", "bx", "bc")
+    _ARRAYS = ("cest_sum", "cest_cnt", "pbest", "dr", "cover", "bx", "bc")
     _SCALARS = ("emax", "dr_w", "bpos", "blen")
 
     def state(self) -> dict[str, Any]:
@@ -125,7 +130,8 @@ class Reference:
 
     def load(self, d: dict[str, Any]) -> None:
         for key in self._ARRAYS:
-            setattr(self, key, np.array(d[key], dtype=getattr(self, key).dtype))
+            if key in d:  # (a state saved before `cover` existed starts it at 1)
+                setattr(self, key, np.array(d[key], dtype=getattr(self, key).dtype))
         for key in self._SCALARS:
             setattr(self, key, type(getattr(self, key))(d[key]))
 
@@ -137,6 +143,7 @@ class Dial:
         self.spec, self.kn = spec, knobs
         self.log_lam = math.log(spec.target if spec.mode == "fixed" else knobs.lam0)
         self.integ = self.bias = self.bias_w = 0.0
+        self.xgap = self.xgap_w = 0.0  # EW (greedy pick's predicted quality - the decision's expected)
         self.calls = 0
 
     @property
@@ -151,12 +158,27 @@ class Dial:
         self.bias_w = self.bias_w * (1 - w) + w
         self.bias += (gap - self.bias) * w / self.bias_w
 
+    def _quality_integ(self, emax: float) -> None:
+        cap = self.kn.integral_max
+        self.integ = min(cap, max(-cap, (self.bias + self.xgap) / max(emax, 1e-3)))
+
     def rated(self, predicted: float, score: float, emax: float) -> None:
-        """A rated call of this dial: the gap between the greedy prediction and the outcome."""
+        """A rated call of this dial: the gap between the chosen arm's predicted quality and the
+        outcome (the model's optimism, measured on rated calls only)."""
         if self.spec.mode == "quality":
             self._ew(predicted - score)
-            cap = self.kn.integral_max
-            self.integ = min(cap, max(-cap, self.bias / max(emax, 1e-3)))
+            self._quality_integ(emax)
+
+    def explored(self, gap: float, emax: float) -> None:
+        """A decision of this dial: what exploring cost by the model's own means (the greedy pick's
+        predicted quality minus the propensity-weighted one), known without a rating and followed
+        over a short window: it shrinks as the posteriors tighten, which a long window of rated
+        outcomes would remember long after it has gone."""
+        if self.spec.mode == "quality":
+            w = 1.0 - 0.5 ** (1.0 / self.kn.explore_halflife)
+            self.xgap_w = self.xgap_w * (1 - w) + w
+            self.xgap += (gap - self.xgap) * w / self.xgap_w
+            self._quality_integ(emax)
 
     def cost(self, realised: float, predicted: float, ref: Reference) -> None:
         """A finished call of this dial: the gap between its realised and estimated cost."""
@@ -176,7 +198,7 @@ class Dial:
         self.set_lam(math.exp(self.log_lam + move))
 
     def state(self) -> dict[str, Any]:
-        keys = ("log_lam", "integ", "bias", "bias_w", "calls")
+        keys = ("log_lam", "integ", "bias", "bias_w", "xgap", "xgap_w", "calls")
         return {"mode": self.spec.mode, "target": self.spec.target, **{k: getattr(self, k) for k in keys}}
 
     @classmethod
@@ -184,6 +206,7 @@ class Dial:
         dial = cls(DialSpec(d["mode"], float(d["target"])), knobs)
         dial.log_lam, dial.integ = float(d["log_lam"]), float(d["integ"])
         dial.bias, dial.bias_w, dial.calls = float(d["bias"]), float(d["bias_w"]), int(d["calls"])
+        dial.xgap, dial.xgap_w = float(d.get("xgap", 0.0)), float(d.get("xgap_w", 0.0))
         return dial
 
 

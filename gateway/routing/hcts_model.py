@@ -6,7 +6,7 @@
 
 Spherical k-means at several granularities (4, 16, 64 clusters; at most #prompts / MIN_CLUSTER
 each), re-fitted on every prompt seen (rated or not) on a doubling schedule, in a background thread
-(`snapshot` -> `compute_clusters` -> `apply`). tau2_l is estimated by empirical Bayes against the
+(`snapshot` -> `hcts_math.compute_clusters` -> `apply`). tau2_l is estimated by empirical Bayes against the
 within-cluster noise, so when the context carries nothing the model collapses to the arms' global
 means. Level 0 is post-stratified over the coarse clusters (an arm's raw mean is biased once routing
 depends on the prompt). A gate (safe fallback) keeps decisions on level 0 until a chi-square test
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.routing.hcts_math import onehot, spherical_kmeans
+from gateway.routing.hcts_math import Clustering, logit, onehot, shifted
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class HctsKnobs:
     gate: bool = True
     gate_z: float = 3.0
     gate_min: int = 30  # rated calls before the gate may open
+    shared_offsets: bool = True  # a coarse cluster's difficulty, shared by the arms (see `glob`)
+    offset_n0: float = 10.0  # pseudo-ratings shrinking a cluster's offset to 0
     # the dial's calibrator (gateway.routing.hcts_dial)
     lam0: float = 0.05
     lam_min: float = 1e-4
@@ -56,9 +58,12 @@ class HctsKnobs:
     solve_every: int = 20  # calls of a dial between re-solves of its multiplier
     solve_buffer: int = 400  # recent prompts a re-solve uses
     solve_max_step: float = 0.25  # largest move of log(lam) per re-solve
-    bias_halflife: float = 400.0  # EW window of (predicted - realised), the correction
+    bias_halflife: float = 400.0  # EW window (ratings) of the chosen arm's (predicted - realised)
+    explore_halflife: float = 100.0  # EW window (calls) of the exploration's predicted loss
     integral_max: float = 0.1  # |correction| cap (share units)
     dr_halflife: float = 1000.0  # EW window of the doubly robust arm means
+    ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
+    # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
     dr_clip: float = 0.05  # propensities are clipped here in the doubly robust weights
     pbest_every: int = 8  # ratings between updates of P(arm is best) when no dial re-solves
 
@@ -107,30 +112,6 @@ class History:
             self.length, self.base = cap, self.base + drop
 
 
-@dataclass(frozen=True)
-class Clustering:
-    """A re-clustering's result: centroids per level and the assignment of the first `rows` rows."""
-
-    cents: list[np.ndarray]
-    assigned: list[np.ndarray]
-    rows: int
-
-
-def compute_clusters(x: np.ndarray, knobs: HctsKnobs, seed: int | np.random.Generator) -> Clustering:
-    """The k-means part of a re-clustering (pure; runs in a thread on a copy of the prompts)."""
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    # A uniform sample is as good for 64 centroids and costs a fixed amount however long the
-    # history (50,000 prompts: 4 s of CPU on 2 cores instead of 0.5 s).
-    fit = x if len(x) <= knobs.kmeans_sample else x[np.sort(rng.choice(len(x), knobs.kmeans_sample, False))]
-    cents: list[np.ndarray] = []
-    for k in knobs.levels:
-        kk = min(k, len(x) // max(1, knobs.min_cluster))
-        if kk < 2 or (cents and kk <= len(cents[-1])):
-            continue
-        cents.append(spherical_kmeans(fit, kk, rng, knobs.kmeans_iters))
-    return Clustering(cents, [np.argmax(x @ c.T, axis=1) for c in cents], len(x))
-
-
 class ClusterModel:
     def __init__(self, k: int, dim: int, knobs: HctsKnobs, prior: np.ndarray | None = None) -> None:
         self.k, self.dim, self.kn = k, dim, knobs
@@ -153,6 +134,7 @@ class ClusterModel:
         self.gd, self.gv, self.gn = 0.0, 0.0, 0  # the gate's prequential error differences
         self.use_ctx = not knobs.gate
         self._glob: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.p0 = np.zeros((0, k))  # each coarse cluster's prior per arm (set with `_glob`)
 
     # --- posteriors
     def sigma2(self) -> np.ndarray:
@@ -171,7 +153,12 @@ class ClusterModel:
         return np.asarray(np.maximum(var, self.kn.sigma2_floor))
 
     def glob(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Level 0 (mean, variance, noise) per arm, post-stratified over the coarse clusters."""
+        """Level 0 (mean, variance, noise) per arm, post-stratified over the coarse clusters.
+
+        With SHARED_OFFSETS a coarse cluster's prior for an arm is its level-0 mean shifted (logit
+        scale) by the cluster's offset: how far the arms rated there score from their level-0
+        means, pooled over arms and shrunk by OFFSET_N0. An arm sent only the hard prompts is then
+        not read as bad everywhere (the best arm, so starved, sank below the second best)."""
         if self._glob is None:
             kn = self.kn
             sig2 = self.sigma2()
@@ -181,15 +168,22 @@ class ClusterModel:
             prec = 1.0 / kn.prior_var + self.n / sig2
             m = (pm / kn.prior_var + self.s / sig2) / prec
             v = 1.0 / prec
+            d = np.zeros(len(self.lc[0]) if self.cents else 0)
             if self.cents and self.lc[0].sum() > 0:
                 w = self.lc[0] / self.lc[0].sum()
                 nn, ss = self.ln[0], self.ls[0]
-                p1 = prec
-                for _ in range(2):
+                p1, nn2, den = prec, nn + 2.0, nn.sum(1) + kn.offset_n0
+                for _ in range(3 if kn.shared_offsets else 2):
+                    prior = m
+                    if kn.shared_offsets:
+                        lm = logit(m)
+                        d = (nn * (logit((ss + 2.0 * m) / nn2) - lm)).sum(1) / den
+                        prior = shifted(lm, d[:, None])
                     pv = v + self.tau2[0]
                     p1 = 1.0 / pv + nn / sig2
-                    m = w @ ((m / pv + ss / sig2) / p1)
+                    m = w @ ((prior / pv + ss / sig2) / p1)
                 v = (w * w) @ (1.0 / p1)
+            self.p0 = shifted(logit(m), d[:, None]) if kn.shared_offsets else m + 0 * d[:, None]
             self._glob = (m, v, sig2)
         return self._glob
 
@@ -209,7 +203,8 @@ class ClusterModel:
         for li, c in enumerate(cl):
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            m = (m / pv + self.ls[li][c] / sig2) / prec
+            prior = self.p0[c] if li == 0 else m
+            m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m0, v0, m, v
 
@@ -222,7 +217,8 @@ class ClusterModel:
             c = np.argmax(x @ self.cents[li].T, axis=1)
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
-            m = (m / pv + self.ls[li][c] / sig2) / prec
+            prior = self.p0[c] if li == 0 else m
+            m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
         return m, v
 
@@ -325,6 +321,8 @@ class ClusterModel:
         _, _, sig2 = self.glob()
         for li, c in enumerate(self.cents):
             mp, _ = self.predict(c, upto=li)
+            if li == 0:
+                mp = self.p0
             nn, ss = self.ln[li], self.ls[li]
             ok = nn >= 2
             if not ok.any():

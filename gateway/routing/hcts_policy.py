@@ -33,7 +33,7 @@ from gateway.routing import hcts_state
 from gateway.routing.bandit import ArmView, Choice, Posterior
 from gateway.routing.hcts import Hcts, Ticket
 from gateway.routing.hcts_dial import DialSpec
-from gateway.routing.hcts_model import compute_clusters
+from gateway.routing.hcts_math import compute_clusters
 from gateway.routing.seam import FinishedCall, Observed, PolicyDeps, PolicyRequest, thompson
 from gateway.store import Key
 

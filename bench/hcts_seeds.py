@@ -1,0 +1,103 @@
+"""HCTS's default dial over many policy seeds, without the HTTP round trips (issue 12).
+
+One lab `--seed` fixes the prompt order and the feedback mask, not the policy's own random draws,
+and HCTS's runs spread widely over those (a point of score is worth ~30 points of cost near the
+top of routerbench_dev). This drives HCTS's core as the gateway does - the lab's embeddings (the
+configured EMBEDDER, cached in DATA_DIR/lab-cache, made by a first `llm-router replay` with the
+same --data-dir), each arm's pre-call cost estimate as the lab's non-contextual baseline computes
+it, every call observed with its realised cost, the rated calls with their score, re-clustering
+inline - for several policy seeds per lab seed, and prints for each run the second half's score
+and cost shares of the best single model, the lift over the zero router, and the decision's p50.
+A record's `task` is never read.
+
+  python bench/hcts_seeds.py FILE --lab-seeds 0 1 2 --policy-seeds 1 2 3 4 --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gateway.lab import baselines
+from gateway.lab.commands import _prepare
+from gateway.lab.frontier import point, zero_router
+from gateway.lab.report import Trace
+from gateway.lab.runner import Options, lab_settings, trace_of
+from gateway.routing.bandit import Knobs
+from gateway.routing.hcts import Hcts
+from gateway.routing.hcts_policy import chat_arms, default_dial
+from gateway.routing.stats import ArmStatsCache
+
+
+def second_half(trace: Trace) -> Trace:
+    half = len(trace.picks) // 2
+    return dataclasses.replace(
+        trace, picks=trace.picks[half:], scores=trace.scores[half:], costs=trace.costs[half:]
+    )
+
+
+def run(
+    file: str, lab_seed: int, policy_seeds: list[int], data_dir: Path
+) -> list[tuple[float, float, float]]:
+    options = Options(store="memory", seed=lab_seed, data_dir=data_dir)
+    data, order, mask, _, vectors, _ = _prepare(file, options, [options])
+    settings = lab_settings(data, options, None)
+    x_all = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    best = baselines.best_single(data)
+    zero = zero_router(data, order, best)
+    best_trace = second_half(baselines.single(data, order, best, "best"))
+    out = []
+    for seed in policy_seeds:
+        cache = ArmStatsCache(settings.models, Knobs.from_settings(settings))
+        arms, prior = chat_arms(settings)
+        core = Hcts(len(arms), x_all.shape[1], seed, dial=default_dial(settings), prior=prior)
+        picks, timings = [], []
+        for t, i in enumerate(order):
+            record, x = data.records[i], x_all[i]
+            costs = np.array([v.cost_usd for v in cache.views(arms, baselines._context(record, t))])
+            t0 = time.perf_counter()
+            pick = core.choose(x, None, costs)
+            timings.append(time.perf_counter() - t0)
+            model = arms[pick.arm]
+            core.observe_call(pick.ticket, x, pick.arm, data.cost(record, model))
+            baselines._book_call(cache, data, record, model)
+            if mask[t]:
+                core.observe_rating(x, pick.arm, record.outcomes[model].score, ticket=pick.ticket)
+            picks.append(model)
+        cost, score = point(second_half(trace_of("auto", data, order, picks, {})), best_trace)
+        lift = score - zero.at(cost)
+        out.append((score, cost, lift))
+        print(
+            f"{data.name} lab seed {lab_seed} policy seed {seed}: score {100 * score:.1f} % "
+            f"cost {100 * cost:.1f} % lift {100 * lift:+.1f} (lam {core.dial().lam:.3g}, reference "
+            f"{core.ref.emax:.3f}; decision p50 {1000 * float(np.median(timings)):.3f} ms)",
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file")
+    ap.add_argument("--lab-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--policy-seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--data-dir", type=Path, default=Path("./data"))
+    args = ap.parse_args()
+    rows = [r for s in args.lab_seeds for r in run(args.file, s, args.policy_seeds, args.data_dir)]
+    scores = [100 * r[0] for r in rows]
+    print(
+        f"{len(rows)} runs: score {statistics.mean(scores):.1f} % (sd {statistics.pstdev(scores):.1f}; "
+        f"{sum(93 <= s <= 97 for s in scores)} within 95 +/- 2), cost "
+        f"{100 * statistics.mean(r[1] for r in rows):.1f} %, "
+        f"lift {100 * statistics.mean(r[2] for r in rows):+.2f} "
+        f"(lowest {100 * min(r[2] for r in rows):+.1f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
