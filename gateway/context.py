@@ -56,12 +56,6 @@ def request_state(scope: MutableMapping[str, Any]) -> RequestState:
     return state
 
 
-def update_quotas(state: RequestState, quotas: list[Quota]) -> None:
-    """Newer figures replace older ones of the same name (a reservation after the admission)."""
-    names = {q.name for q in quotas}
-    state.quotas = [q for q in state.quotas if q.name not in names] + quotas
-
-
 async def admit(
     limits: RateLimits, state: RequestState, tokens: int | None = None, cost_usd: float = 0.0
 ) -> None:
@@ -71,8 +65,7 @@ async def admit(
     if state.policy is None or state.limit_id is None or state.admitted:
         return
     state.admitted = True
-    held, quotas, refused = await limits.admit(state.limit_id, state.policy, tokens, cost_usd)
-    update_quotas(state, quotas)
+    held, state.quotas, refused = await limits.admit(state.limit_id, state.policy, tokens, cost_usd)
     if refused is not None:
         raise refused
     state.reservation = held
