@@ -6,20 +6,23 @@ top (budgets seeded from the ledger, OpenAI's headers)."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from gateway.domain import CallRecord, VirtualKey
 from gateway.errors import ServiceUnavailable
 from gateway.limits import NANO, RateLimits, duration, headers, period_bounds
-from gateway.shared import RESYNC, Rate, Sum
+from gateway.shared import RESYNC, Rate, SharedStateDown, Sum
 from gateway.shared.guarded import Guarded
 from gateway.shared.local import LocalState
 from gateway.shared.redis import RedisState
 from gateway.store.memory import MemoryStore
+from tests.valkey import Valkey
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -114,6 +117,48 @@ async def test_a_restarted_server_gets_the_script_again(valkey):
         valkey.restart()  # the script cache (and every cell) is gone
         outcome = await state.apply([Rate("k", 1, 5)])
         assert outcome.applied and int(outcome.cells[0].value) == 4
+    finally:
+        await state.aclose()
+
+
+async def test_the_url_says_where_and_as_whom(tmp_path):
+    """REDIS_URL's password, user, database and unix socket reach the limiter's own connection."""
+    sock = Path(tempfile.mkdtemp(prefix="vk", dir="/tmp")) / "s"  # a unix socket path is short
+    server = Valkey(tmp_path / "v", extra=["--requirepass", "s3cret", "--unixsocket", str(sock)]).start()
+    tcp = f"127.0.0.1:{server.port}"
+    urls = [f"redis://:s3cret@{tcp}/3", f"redis://default:s3cret@{tcp}/3", f"unix://:s3cret@{sock}?db=3"]
+    try:
+        left = []
+        for url in urls:
+            state = RedisState(url)
+            try:
+                left.append(int((await state.apply([Rate("k", 1, 5)])).cells[0].value))
+            finally:
+                await state.aclose()
+        assert left == [4, 3, 2]  # one cell, in database 3, whichever way the server was reached
+        other_db = RedisState(f"redis://:s3cret@{tcp}/0")
+        try:
+            assert int((await other_db.apply([Rate("k", 1, 5)])).cells[0].value) == 4
+        finally:
+            await other_db.aclose()
+        wrong = RedisState(f"redis://:wrong@{tcp}/3")
+        try:
+            with pytest.raises(SharedStateDown, match=r"WRONGPASS|invalid"):
+                await wrong.apply([Rate("k", 1, 5)])
+        finally:
+            await wrong.aclose()
+    finally:
+        server.stop()
+
+
+async def test_pipelined_answers_reach_their_own_callers(valkey):
+    """Many operations in flight on the one connection at once, each on its own cell: every
+    caller gets its own cell's answer (replies are matched to commands in order)."""
+    state = RedisState(valkey.url)
+    try:
+        await state.apply([Rate("warm", 1, 10)])
+        outcomes = await asyncio.gather(*(state.apply([Rate(f"k{i}", i + 1, 1000)]) for i in range(200)))
+        assert [round(o.cells[0].value) for o in outcomes] == [1000 - (i + 1) for i in range(200)]
     finally:
         await state.aclose()
 

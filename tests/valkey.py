@@ -24,8 +24,9 @@ def server_binary() -> str:
 
 
 class Valkey:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, extra: list[str] | None = None) -> None:
         self.dir = directory
+        self.extra = extra or []  # more server arguments (e.g. --requirepass)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -34,6 +35,7 @@ class Valkey:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "no", "--logfile", str(self.dir / "server.log")]
+        args += self.extra
         self.proc = subprocess.Popen(args)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -46,7 +48,7 @@ class Valkey:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -8,16 +8,19 @@ loop go in one call. Keys carry the caller in a hash tag (`llm-router:{vk_…}:r
 several callers' operations spans several slots, so the server must be one primary (with replicas
 or Sentinel if you like), not a Redis Cluster.
 
-The client fails fast: a short socket timeout and no retry after one (redis-py's defaults retry ten
-times, so a hung server would stall a request for seconds); only a connection the server closed is
-tried once more, on a fresh one; the guard (`gateway.shared.guarded`) turns a
-failure into per-replica limits. `register_script` reloads the script when a restarted server has
-lost it. Notices use pub/sub on a connection of their own (no read timeout: it waits for messages).
+The script goes over one pipelined connection of its own (`gateway.shared.pipe`: hiredis packs
+and parses, no redis-py command machinery, which cost as much CPU as the round trip). It fails
+fast: no answer within REDIS_TIMEOUT_S fails the call, and nothing is retried after a timeout (a
+hung server would stall a request twice); only a connection the server closed is tried once more,
+on a fresh one; a restarted server that lost the script gets it whole (EVAL after NOSCRIPT). The
+guard (`gateway.shared.guarded`) turns a failure into per-replica limits. Pings, publishing and
+notices use redis-py (pub/sub on a connection of its own, no read timeout: it waits for messages).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import redis.asyncio as aredis
@@ -28,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.shared import RESYNC, Cell, Op, Outcome, Rate, SharedStateDown
+from gateway.shared.pipe import Lost, Pipe, ReplyError
 
 # One call carries the operations of every request that reached the client in the same turn of
 # the event loop (see `RedisState.apply`), each one atomic on its own (the whole script is).
@@ -130,11 +134,12 @@ end
 return table.concat(out, '\\n')
 """
 
+_SHA = hashlib.sha1(APPLY.encode()).hexdigest()
 _MAX_BATCH = 64  # operations in one call at most
 
 # No CLIENT SETINFO round trips on every new connection.
 _NO_SETINFO = DriverInfo(name=None, lib_version=None)
-_FAILURES = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
+_FAILURES = (RedisError, ReplyError, OSError, TimeoutError, asyncio.TimeoutError)
 
 
 def _opt(value: object | None) -> str:
@@ -186,7 +191,7 @@ class RedisState:
             retry=Retry(NoBackoff(), 0),
             driver_info=_NO_SETINFO,
         )
-        self.script = self.client.register_script(APPLY)
+        self.pipe = Pipe(url, timeout_s)
         self.queue: list[tuple[list[str], str, asyncio.Future[Outcome]]] = []
         self.sending: set[asyncio.Task[None]] = set()
         self.alone = 0  # operations sent at once, not queued (see `apply`), in flight
@@ -207,7 +212,7 @@ class RedisState:
             # the light-load case); operations issued meanwhile queue and go together.
             self.alone += 1
             try:
-                raw = await self.script(keys=keys, args=[f"{len(keys)}\t{spec}"])
+                raw = await self._run(keys, f"{len(keys)}\t{spec}")
             except _FAILURES as exc:
                 raise SharedStateDown(f"{type(exc).__name__}: {exc}") from exc
             finally:
@@ -234,7 +239,7 @@ class RedisState:
         keys = [k for group, _, _ in batch for k in group]
         arg = "\n".join(f"{len(group)}\t{spec}" for group, spec, _ in batch)
         try:  # bounded by the socket timeouts (no asyncio.timeout: it costs CPU on every call)
-            raw = await self.script(keys=keys, args=[arg])
+            raw = await self._run(keys, arg)
         except _FAILURES as exc:
             down = SharedStateDown(f"{type(exc).__name__}: {exc}")
             for _, _, done in batch:
@@ -245,6 +250,23 @@ class RedisState:
         for (_, _, done), part in zip(batch, text.split("\n"), strict=True):
             if not done.done():
                 done.set_result(_decode(part))
+
+    async def _run(self, keys: list[str], arg: str) -> bytes:
+        """The script on the pipelined connection: by its hash, or whole when the server does not
+        have it (a restarted server); once more on a fresh connection when the server closed the
+        connection under it (never after a timeout: a hung server would stall the request twice)."""
+        for attempt in (1, 2):
+            try:
+                try:
+                    return await self.pipe.call("EVALSHA", _SHA, len(keys), *keys, arg)
+                except ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    return await self.pipe.call("EVAL", APPLY, len(keys), *keys, arg)
+            except Lost:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def ping(self) -> bool:
         """Whether the server answers; it also (re)loads the script, so that a burst of calls
@@ -289,6 +311,7 @@ class RedisState:
                     pass
 
     async def aclose(self) -> None:
+        self.pipe.close()
         for client in (self.client, self.listener):
             try:
                 await client.aclose()
