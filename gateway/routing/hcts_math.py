@@ -1,31 +1,16 @@
-"""The numerical pieces of HCTS (`gateway.routing.hcts`), pure numpy: the normal CDF, the
+"""The numerical pieces of HCTS (`gateway.routing.hcts`), numpy and scipy: the
 probability that each of several independent Gaussians is the largest (the propensities, in closed
 form with a guaranteed bracket), the expected maximum, and spherical k-means (a re-clustering:
 `compute_clusters`)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Protocol
 
 import numpy as np
-
-SQRT2 = math.sqrt(2.0)
-
-
-def _erf(x: np.ndarray) -> np.ndarray:
-    """Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 (numpy has no erf)."""
-    s = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t
-    return np.asarray(s * (1.0 - poly * np.exp(-a * a)))
-
-
-def norm_cdf(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + _erf(z / SQRT2))
+from scipy.special import ndtr
 
 
 def argmax_probs(u: np.ndarray, s: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, float]:
@@ -39,7 +24,8 @@ def argmax_probs(u: np.ndarray, s: np.ndarray, nodes: np.ndarray) -> tuple[np.nd
     if k == 1:
         return np.ones(1), 0.0
     t = np.sort((u[:, None] + s[:, None] * nodes[None, :]).ravel())
-    cdf = norm_cdf((t[None, :] - u[:, None]) / s[:, None])  # (k, M): Phi_a(t_j)
+    z = (t[None, :] - u[:, None]) / s[:, None]
+    cdf = ndtr(z)  # (k, M): Phi_a(t_j)
     logc = np.log(np.maximum(cdf, 1e-300))
     f_minus = np.exp(logc.sum(axis=0)[None, :] - logc)  # F_{-a}(t_j)
     # Phi_a's mass on (-inf, t0], [t0, t1], ..., [t_M-1, inf)
@@ -71,7 +57,7 @@ def expected_max(u: np.ndarray, s: np.ndarray, nodes: np.ndarray) -> float:
     """E[max_a (u_a + s_a z_a)] for independent z_a ~ N(0, 1): int t dF(t), F = prod Phi_a, on the
     merged grid (midpoint rule in F; the tails at the grid's ends)."""
     t = np.sort((u[:, None] + s[:, None] * nodes[None, :]).ravel())
-    f = np.exp(np.log(np.maximum(norm_cdf((t[None, :] - u[:, None]) / s[:, None]), 1e-300)).sum(axis=0))
+    f = np.exp(np.log(np.maximum(ndtr((t[None, :] - u[:, None]) / s[:, None]), 1e-300)).sum(axis=0))
     df = np.diff(f, prepend=0.0)
     mid = np.concatenate([[t[0]], 0.5 * (t[1:] + t[:-1])])
     return float((df * mid).sum() + (1.0 - f[-1]) * t[-1])
