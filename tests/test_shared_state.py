@@ -6,6 +6,7 @@ top (budgets seeded from the ledger, OpenAI's headers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -149,6 +150,45 @@ async def test_the_url_says_where_and_as_whom(tmp_path):
             await wrong.aclose()
     finally:
         server.stop()
+
+
+async def test_rediss_speaks_tls_and_checks_the_certificate(valkey, tmp_path):
+    """rediss://: the limiter's connection speaks TLS, trusts the CA that ssl_ca_certs names and
+    refuses a server its CAs do not vouch for (a TLS front, certificates from trustme, before the
+    test's Valkey, whose build has no TLS)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    backend = int(valkey.url.rsplit(":", 1)[1].split("/")[0])
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", backend)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+
+    front = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_ctx)
+    port = front.sockets[0].getsockname()[1]
+    trusted = RedisState(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}", timeout_s=5)
+    untrusted = RedisState(f"rediss://127.0.0.1:{port}/0", timeout_s=5)  # the system's CAs only
+    try:
+        assert [round((await trusted.apply([Rate("k", 1, 5)])).cells[0].value) for _ in range(2)] == [4, 3]
+        with pytest.raises(SharedStateDown, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.apply([Rate("k", 1, 5)])
+    finally:
+        await trusted.aclose()
+        await untrusted.aclose()
+        front.close()
 
 
 async def test_pipelined_answers_reach_their_own_callers(valkey):
