@@ -10,7 +10,15 @@ from typing import Any
 
 import asyncpg
 import numpy as np
-from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,9 +41,18 @@ from gateway.store import Key
 from gateway.store.pg import clean, make_engine, retrying
 from gateway.store.postgres_insights import InsightQueries
 from gateway.store.postgres_keys import KeyQueries
-from gateway.store.postgres_logs import RECORD_FIELDS, LogQueries, stored_call
+from gateway.store.postgres_logs import LogQueries, stored_call
 from gateway.store.postgres_pairs import PairQueries
-from gateway.store.schema import arm_ratings, arm_stats, calls, feedback
+from gateway.store.schema import (
+    ARM_COLUMNS,
+    BUMP_ARMS_SQL,
+    INSERT_CALLS_SQL,
+    WRITE_COLUMNS,
+    arm_ratings,
+    arm_stats,
+    calls,
+    feedback,
+)
 
 __all__ = ["NEIGHBOURS_SQL", "PostgresStore", "make_engine", "postgres_store"]
 
@@ -69,36 +86,38 @@ CROSS JOIN LATERAL (
 
 class PostgresStore(PairQueries, InsightQueries, KeyQueries, LogQueries):
     # --- calls
-    @staticmethod
-    def _row(rec: CallRecord) -> dict[str, Any]:
-        return clean({name: getattr(rec, name) for name in RECORD_FIELDS})
-
     async def write_calls(self, records: Sequence[CallRecord]) -> int:
+        """Inserts the records not yet stored (a reused request id keeps its first record) and adds
+        the inserted ones to their arms' statistics, in one transaction: two prepared statements
+        on the plain asyncpg pool, every row's values as one array per column (`unnest`), so the
+        cost does not grow with SQLAlchemy's per-row parameter handling (measured: 0.12-0.17 ms of
+        CPU per record in batches of 50 through SQLAlchemy, on the event loop)."""
         if not records:
             return 0
         by_key: dict[Key, CallRecord] = {}
         for r in records:
-            by_key.setdefault((r.caller, r.id), r)  # a reused request id keeps its first record
-        rows = [self._row(r) for r in by_key.values()]
+            by_key.setdefault((r.caller, r.id), r)
+        columns = [[] for _ in WRITE_COLUMNS]  # type: list[list[Any]]
+        for rec in by_key.values():
+            for values, (name, encode) in zip(columns, WRITE_COLUMNS, strict=True):
+                values.append(encode(clean(getattr(rec, name))))
 
-        async def tx(conn: AsyncConnection) -> int:
-            stmt = (
-                pg_insert(calls)
-                .on_conflict_do_nothing(index_elements=[calls.c.id, calls.c.caller])
-                .returning(calls.c.caller, calls.c.id)
-            )
-            inserted = (await conn.execute(stmt, rows)).all()
-            sums: dict[str, ArmStats] = {}
-            for caller, rid in inserted:
-                rec = by_key[(caller, rid)]
-                if rec.counts_for_arm:
-                    assert rec.model is not None
-                    sums.setdefault(rec.model, ArmStats(rec.model)).add_call(rec)
-            if sums:
-                await self._bump_arms(conn, [vars(s) for _, s in sorted(sums.items())])
-            return len(inserted)
+        async def tx() -> int:
+            pool = await self._hot()
+            async with pool.acquire() as conn, conn.transaction():
+                inserted = await conn.fetch(INSERT_CALLS_SQL, *columns)
+                sums: dict[str, ArmStats] = {}
+                for caller, rid in inserted:
+                    rec = by_key[(caller, rid)]
+                    if rec.counts_for_arm:
+                        assert rec.model is not None
+                        sums.setdefault(rec.model, ArmStats(rec.model)).add_call(rec)
+                if sums:
+                    rows = [vars(s) for _, s in sorted(sums.items())]
+                    await conn.execute(BUMP_ARMS_SQL, *([row[c] for row in rows] for c in ARM_COLUMNS))
+                return len(inserted)
 
-        return await self._run(tx, write=True)
+        return await retrying(tx)
 
     @staticmethod
     async def _bump_arms(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@ Alembic migrations in `migrations/`; a test checks that the two agree."""
 
 from __future__ import annotations
 
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+from gateway.domain import ArmStats, CallRecord
+from gateway.store.pg import json_dumps
 
 
 class Embedding(Vector):
@@ -206,4 +210,70 @@ api_keys = Table(
     Column("budget_total_usd", Float),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Index("api_keys_owner_idx", "owner"),
+)
+
+
+# --- a new call's row and its arm's statistics, written in bulk (PostgresStore.write_calls)
+
+
+def _embedding_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return orjson.dumps(np.asarray(value, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json_dumps(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_RECORD_FIELDS = {f.name for f in dataclass_fields(CallRecord)}
+
+
+def _write_plan() -> tuple[list[tuple[str, Any]], str]:
+    """The columns a new call's row is written with (the record's fields: its rating comes later),
+    how each value is sent (jsonb and vector as text, cast by the server; orjson writes float32
+    in its shortest exact form, so the stored vector has the same bits), and the statement."""
+    plan, params, selects = [], [], []
+    for i, col in enumerate(c for c in calls.columns if c.name in _RECORD_FIELDS):
+        if isinstance(col.type, Embedding):
+            encode, array, cast = _embedding_text, "text[]", f"::vector({EMBEDDING_DIM})"
+        elif isinstance(col.type, JSONB):
+            encode, array, cast = _json_text, "text[]", "::jsonb"
+        else:
+            encode, array, cast = _same, _ARRAY_TYPES[type(col.type)], ""
+        plan.append((col.name, encode))
+        params.append(f"${i + 1}::{array}")
+        selects.append(f"{col.name}{cast}")
+    names = ", ".join(name for name, _ in plan)
+    sql = (
+        f"INSERT INTO calls ({names}) SELECT {', '.join(selects)} FROM unnest({', '.join(params)}) "
+        f"AS r({names}) ON CONFLICT (id, caller) DO NOTHING RETURNING caller, id"
+    )
+    return plan, sql
+
+
+_ARRAY_TYPES = {
+    Text: "text[]",
+    DateTime: "timestamptz[]",
+    Integer: "int4[]",
+    Float: "float8[]",
+    Boolean: "bool[]",
+}
+WRITE_COLUMNS, INSERT_CALLS_SQL = _write_plan()
+
+# An arm's statistics gain the inserted calls' sums (one row per model, in the model's order: two
+# writers lock the rows in the same order).
+ARM_COLUMNS = [f.name for f in dataclass_fields(ArmStats)]
+_ARM_TYPES = {"model": "text[]", "calls": "int8[]", "ok_calls": "int8[]", "rated": "int8[]",
+              "completion_tokens_sum": "int8[]"}  # fmt: skip
+BUMP_ARMS_SQL = (
+    f"INSERT INTO arm_stats ({', '.join(ARM_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{_ARM_TYPES.get(c, 'float8[]')}" for i, c in enumerate(ARM_COLUMNS))
+    + ") ON CONFLICT (model) DO UPDATE SET "
+    + ", ".join(f"{c} = arm_stats.{c} + excluded.{c}" for c in ARM_COLUMNS if c != "model")
+    + ", updated_at = now()"
 )
