@@ -217,7 +217,8 @@ def test_export_routes_says_why_it_wrote_nothing(fake, gateway, dsn, tmp_path, c
 # --- finding 6: replay mode, honest and complete
 
 
-def test_replay_models_claim_only_what_a_replay_can_do(duo, gateway):
+def test_replay_models_claim_only_what_a_replay_can_do(duo, gateway, monkeypatch, tmp_path):
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))  # not ./data/replay-duo of the checkout
     data = load(duo)
     for spec in data.catalogue():
         assert spec.capabilities == {"chat", "streaming"}
@@ -231,8 +232,9 @@ def test_replay_models_claim_only_what_a_replay_can_do(duo, gateway):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "router.capability"
 
 
-def test_every_virtual_model_of_the_profile_works_in_replay_mode(duo, gateway, monkeypatch):
+def test_every_virtual_model_of_the_profile_works_in_replay_mode(duo, gateway, monkeypatch, tmp_path):
     monkeypatch.delenv("CONFIG_FILE", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     args = build_parser().parse_args(
         ["serve", "--replay", str(duo), "--config", str(ROOT / "config.dev.yaml")]
     )
@@ -285,7 +287,7 @@ def test_demo_without_prices_says_cost_is_unknown(tmp_path, data_dir, st_model, 
 @pytest.mark.skipif(
     not (SHARED / "routerbench_dev.jsonl").is_file(), reason="../shared/data/replay is not here"
 )
-def test_the_readme_no_key_snippet_works_as_written(gateway, monkeypatch):
+def test_the_readme_no_key_snippet_works_as_written(gateway, monkeypatch, tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Try it with no API key", 1)[1].split("\n## ", 1)[0]
     commands = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))
@@ -295,6 +297,7 @@ def test_the_readme_no_key_snippet_works_as_written(gateway, monkeypatch):
     ast.parse(snippet)
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("CONFIG_FILE", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))  # a fresh state, not the checkout's
     args = build_parser().parse_args(["serve", "--replay", "../shared/data/replay/routerbench_dev.jsonl"])
     gw = gateway(serve_settings(args))
     # the snippet as written, on this gateway's port
