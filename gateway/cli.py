@@ -203,7 +203,7 @@ def _lab_options(args: argparse.Namespace) -> Any:
 
 
 def replay_cmd(args: argparse.Namespace) -> int:
-    from gateway.lab.commands import replay
+    from gateway.lab.warm import replay
     from gateway.logs import setup_logging
 
     setup_logging("warning", "text", [])

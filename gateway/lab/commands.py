@@ -137,11 +137,7 @@ def _frontier_note(best: str) -> str:
     )
 
 
-def replay(file: str, options: Options, out: str | None, warm_start: bool = False) -> dict[str, Any]:
-    if warm_start:  # fit on the first half, replay the second from it (gateway.lab.warm)
-        from gateway.lab.warm import warm_start as warm
-
-        return warm(file, options, out)
+def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
     data, order, mask, texts, vectors, encoder = _prepare(file, options, [options])
     out_dir = _out_dir(out, data.name, "replay")
     router = _run(data, order, mask, texts, vectors, encoder, options, f"replay {data.name}")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from gateway.config_errors import ConfigError
-from gateway.lab import baselines, frontier
+from gateway.lab import baselines, commands, frontier
 from gateway.lab.commands import MODE, _out_dir, _pct, _prepare, _run
 from gateway.lab.fit import fit_rows
 from gateway.lab.report import Trace, summary
@@ -80,6 +80,12 @@ def offline_points(
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def replay(file: str, options: Options, out: str | None, warm: bool = False) -> dict[str, Any]:
+    """`llm-router replay`: the lab's replay (`gateway.lab.commands.replay`), or with --warm-start
+    this module's check."""
+    return warm_start(file, options, out) if warm else commands.replay(file, options, out)
 
 
 def warm_start(file: str, options: Options, out: str | None) -> dict[str, Any]:
