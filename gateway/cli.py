@@ -203,11 +203,11 @@ def _lab_options(args: argparse.Namespace) -> Any:
 
 
 def replay_cmd(args: argparse.Namespace) -> int:
-    from gateway.lab.commands import replay
+    from gateway.lab.warm import replay
     from gateway.logs import setup_logging
 
     setup_logging("warning", "text", [])
-    replay(args.file, _lab_options(args), args.out)
+    replay(args.file, _lab_options(args), args.out, args.warm_start)
     return 0
 
 
@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STRATEGIES,
         help="a per-request strategy instead of the bandit (e.g. cost_optimized)",
     )
+    p.add_argument("--warm-start", action="store_true", help="fit the first half, replay the second from it")
     p.set_defaults(func=replay_cmd)
 
     from gateway.cli_fit import add_parser as add_fit

@@ -44,14 +44,31 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
         xs.append(vectors)
         scores.append(d.scores()[:, order])
         costs.append(d.costs()[:, order])
-    x = np.concatenate(xs)
+    path = out or hcts_state.state_file(settings)
+    x, s, c = np.concatenate(xs), np.concatenate(scores), np.concatenate(costs)
+    return fit_rows(models, x, s, c, settings, path, encoder.id, seed)
+
+
+def fit_rows(
+    models: list[str],
+    x: np.ndarray,
+    scores: np.ndarray,
+    costs: np.ndarray,
+    settings: Settings,
+    path: Path,
+    embedder: str,
+    seed: int = 0,
+) -> Fitted:
+    """HCTS fitted on full-information rows (`x`: the prompts' embeddings by `embedder`; `scores`,
+    `costs`: every model's, in the order of `models`), stored at `path`. `fit` for files; the lab's
+    warm-start check for the first half of its stream."""
+    x = np.array(x, dtype=np.float32)  # a copy, normalised
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     quality = {m.name: m.quality for m in settings.models}
     prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
-    policy.fit(x, np.concatenate(scores), np.concatenate(costs))
-    path = out or hcts_state.state_file(settings)
-    hcts_state.save(policy, models, path, embedder=encoder.id)
+    policy.fit(x, scores, costs)
+    hcts_state.save(policy, models, path, embedder=embedder)
     return Fitted(
         path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam
     )
