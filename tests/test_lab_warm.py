@@ -40,12 +40,12 @@ def two_topics(tmp_path) -> tuple[Path, dict[str, str]]:
                 "id": f"p{n}",
                 "task": "never read",
                 "messages": [{"role": "user", "content": prompt}],
-                # 256 completion tokens: what the gateway assumes for a model it has not yet served
-                # (DEFAULT_COMPLETION_TOKENS; the fitted state does not carry the lengths, so with
-                # others its first cost estimates differ from the fit's until each model is served)
+                # short answers, far from the 256 tokens the gateway assumes for a model it has not
+                # served: the fitted state carries each model's answer length, or the warm gateway
+                # would price the dear model at 20 times its cost and keep off it at first
                 "outcomes": {
-                    "cheap": outcome(cheap, None, "cheap answer", 20, 256),
-                    "dear": outcome(dear, None, "dear answer", 20, 256),
+                    "cheap": outcome(cheap, None, "cheap answer", 20, 12),
+                    "dear": outcome(dear, None, "dear answer", 20, 12),
                 },
             }
         )

@@ -6,6 +6,7 @@ structure in the embeddings itself."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from gateway.config import Settings
 from gateway.embedders import open_encoder
 from gateway.lab.runner import embeddings_for
-from gateway.providers.replay import load
+from gateway.providers.replay import Record, load
 from gateway.routing import hcts_state
 from gateway.routing.hcts import Hcts
 from gateway.routing.hcts_policy import default_dial
@@ -38,6 +39,7 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
             raise ValueError(f"{d.path} has other models ({', '.join(d.models)}) than {datasets[0].path}")
     xs, scores, costs = [], [], []
     encoder = open_encoder(settings, threads=2)  # the configured EMBEDDER: the gateway's space
+    answers = answer_lengths([r for d in datasets for r in d.records], models)
     for d in datasets:
         _, vectors = embeddings_for(d, settings.data_dir / "lab-cache", settings.embedding_max_chars, encoder)
         order = [d.models.index(m) for m in models]
@@ -46,7 +48,7 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
         costs.append(d.costs()[:, order])
     path = out or hcts_state.state_file(settings)
     x, s, c = np.concatenate(xs), np.concatenate(scores), np.concatenate(costs)
-    return fit_rows(models, x, s, c, settings, path, encoder.id, seed)
+    return fit_rows(models, x, s, c, settings, path, encoder.id, seed, answers)
 
 
 def fit_rows(
@@ -58,9 +60,11 @@ def fit_rows(
     path: Path,
     embedder: str,
     seed: int = 0,
+    answers: dict[str, float] | None = None,
 ) -> Fitted:
     """HCTS fitted on full-information rows (`x`: the prompts' embeddings by `embedder`; `scores`,
-    `costs`: every model's, in the order of `models`), stored at `path`. `fit` for files; the lab's
+    `costs`: every model's, in the order of `models`; `answers`: each model's mean completion
+    tokens there, see `answer_lengths`), stored at `path`. `fit` for files; the lab's
     warm-start check for the first half of its stream."""
     x = np.array(x, dtype=np.float32)  # a copy, normalised
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -68,7 +72,21 @@ def fit_rows(
     prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
     policy.fit(x, scores, costs)
-    hcts_state.save(policy, models, path, embedder=embedder)
+    hcts_state.save(policy, models, path, embedder=embedder, answers=answers)
     return Fitted(
         path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam
     )
+
+
+def answer_lengths(records: Sequence[Record], models: list[str]) -> dict[str, float]:
+    """Each model's mean completion tokens over `records` (the outcomes that report them)."""
+    out = {}
+    for m in models:
+        counts = [
+            o.completion_tokens
+            for r in records
+            if (o := r.outcomes.get(m)) and o.completion_tokens is not None
+        ]
+        if counts:
+            out[m] = float(np.mean(counts))
+    return out

@@ -33,7 +33,7 @@ import numpy as np
 from gateway.config_errors import ConfigError
 from gateway.lab import baselines, commands, frontier
 from gateway.lab.commands import MODE, _out_dir, _pct, _prepare, _run
-from gateway.lab.fit import fit_rows
+from gateway.lab.fit import answer_lengths, fit_rows
 from gateway.lab.report import Trace, summary
 from gateway.lab.runner import Options, lab_settings
 from gateway.providers.replay import ReplayData
@@ -106,8 +106,17 @@ def warm_start(file: str, options: Options, out: str | None) -> dict[str, Any]:
     out_dir = _out_dir(out, data.name, "warm")
     state = out_dir / "router_state.npz"
     scores, costs = data.scores(), data.costs()
+    answers = answer_lengths([data.records[i] for i in first], data.models)
     fitted = fit_rows(
-        data.models, vectors[first], scores[first], costs[first], settings, state, encoder.id, options.seed
+        data.models,
+        vectors[first],
+        scores[first],
+        costs[first],
+        settings,
+        state,
+        encoder.id,
+        options.seed,
+        answers,
     )
     warm_options = Options(
         **{**vars(options), "overrides": {**options.overrides, "router_state_path": str(state)}}

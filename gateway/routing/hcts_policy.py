@@ -119,6 +119,8 @@ class HctsPolicy:
             return None
         if core is not None:
             core.inline = False
+            answers = hcts_state.answer_lengths(path)
+            self.deps.arms.expected_answers.update({m: n for m, n in answers.items() if m in self.index})
             log.info(
                 "router state loaded from %s (%d prompts, %d rated)", path, core.model.seen, core.model.rated
             )

@@ -28,12 +28,19 @@ def state_file(settings: Any) -> Path:
     return Path(settings.router_state_path or settings.data_dir / "router_state.npz")
 
 
-def save(policy: Hcts, arms: list[str], path: Path, embedder: str | None = None) -> None:
+def save(
+    policy: Hcts,
+    arms: list[str],
+    path: Path,
+    embedder: str | None = None,
+    answers: dict[str, float] | None = None,
+) -> None:
     """`embedder`: the id of the embedder whose vectors the state was fitted on (its clusters live
-    in that embedder's space; another embedder's vectors must never be read against them)."""
+    in that embedder's space; another embedder's vectors must never be read against them).
+    `answers`: each model's mean completion tokens in the fitted data (see `answer_lengths`)."""
     state = policy.state()
     arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)
-    meta: dict[str, Any] = {"arms": arms, "embedder": embedder}
+    meta: dict[str, Any] = {"arms": arms, "embedder": embedder, "answers": answers or {}}
     for part in ("model", "ref"):
         for key, value in state.pop(part).items():
             name = f"{part}.{key}"
@@ -65,6 +72,7 @@ def load(
         meta = json.loads(str(z["meta"]))
         arrays = {key: z[key] for key in z.files if key != "meta"}
     fitted_with = meta.pop("embedder", None)
+    meta.pop("answers", None)
     if embedder is not None and fitted_with != embedder:
         log.warning(
             "router state %s was fitted on embeddings of %s, this gateway's embedder is %s; starting "
@@ -100,3 +108,12 @@ def load(
             state[part][key] = meta.pop(name)
     state.update(meta)
     return Hcts.from_state(state, dial, inline=inline)
+
+
+def answer_lengths(path: Path) -> dict[str, float]:
+    """Each model's mean completion tokens in the data the state was fitted on: what the gateway
+    prices a model's answer at until it has served that model itself (without them, a default
+    length: a warm gateway would misjudge the cost of every model it has not yet served)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+    return {str(k): float(v) for k, v in (meta.get("answers") or {}).items()}

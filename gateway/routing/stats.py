@@ -64,6 +64,9 @@ class ArmStatsCache:
         self.tenant_cap = tenant_cap
         self.stats: dict[str, ArmStats] = {}  # every tenant's together
         self.shares: dict[str, _Shares] = {}
+        # A model's answer length before it has served any call here (a fitted router state's,
+        # `llm-router fit`), else DEFAULT_COMPLETION_TOKENS.
+        self.expected_answers: dict[str, float] = {}
 
     async def load(self) -> None:
         """Raises what the store raises (the caller decides how to go on without it)."""
@@ -112,7 +115,9 @@ class ArmStatsCache:
         observed = stats.completion_tokens_avg if stats is not None else None
         # an observed mean of 0 tokens is a measurement (answers billed for their prompt only, as in
         # a replay file without completion tokens), not "nothing observed"
-        completion = DEFAULT_COMPLETION_TOKENS if observed is None else observed
+        completion = (
+            self.expected_answers.get(name, DEFAULT_COMPLETION_TOKENS) if observed is None else observed
+        )
         if ctx.max_tokens:
             completion = min(completion, ctx.max_tokens)
         return self.specs[name].cost_usd(ctx.prompt_tokens, int(completion))
