@@ -14,6 +14,9 @@ from gateway.spelling import unknown
 
 DIAL_MODES = ("quality", "budget", "usd", "fixed")
 QUALITY_TARGET_MAX = 1.5  # a quality target is a share of the best model's quality
+# A dial mode without a target (ROUTER_DIAL_MODE alone, a request's or a candidate's dial_mode
+# alone): that mode's default target. `budget` 0.35 is the gateway's default dial (README: The dial).
+DIAL_DEFAULTS = {"quality": 0.95, "budget": 0.35, "usd": 0.001, "fixed": 0.05}
 ProviderKind = Literal["openai", "openrouter", "ollama", "vllm", "openai_compatible", "replay"]
 STRATEGIES = (
     "bandit",

@@ -212,4 +212,24 @@ def test_env_example_values_parse(tmp_path, monkeypatch):
     monkeypatch.delenv("CONFIG_FILE", raising=False)
     s = Settings(models=[{"name": "a", "base_url": "http://127.0.0.1:1/v1"}])  # type: ignore[call-arg]
     assert s.router_policy == "hcts" and s.exploration_rate == 0.02 and s.neighbours_per_arm == 30
-    assert s.router_dial_mode == "quality" and s.router_dial_target == 0.95
+    assert s.router_dial_mode == "budget" and s.router_dial_target == 0.35
+
+
+def test_the_dial_defaults_to_budget_and_a_mode_alone_takes_its_own_target(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    m = [{"name": "a", "base_url": "http://127.0.0.1:1/v1"}]
+
+    def dial(**kw):
+        s = Settings(models=m, **kw)  # type: ignore[call-arg]
+        return s.router_dial_mode, s.router_dial_target
+
+    assert dial() == ("budget", 0.35)  # README: The dial (why budget 0.35)
+    assert dial(router_dial_mode="quality") == ("quality", 0.95)  # not a quality target of 0.35
+    assert dial(router_dial_mode="usd") == ("usd", 0.001)
+    assert dial(router_dial_target=0.5) == ("budget", 0.5)
+    assert dial(router_dial_mode="quality", router_dial_target=0.9) == ("quality", 0.9)
+    monkeypatch.setenv("ROUTER_DIAL_MODE", "quality")
+    assert dial() == ("quality", 0.95)
+    with pytest.raises(ValidationError):
+        dial(router_dial_target=3.0)  # a quality target is a share of the best model's quality

@@ -163,6 +163,11 @@ def test_candidates_are_settings_with_the_usual_names():
         candidate(None, {"DATABASE_URL": "postgresql://elsewhere/db"})
     with pytest.raises(InvalidRequest, match="candidate settings are invalid"):
         settings_of(base, candidate(None, {"exploration_rate": 2}).overrides)
+    # the dial: a mode alone takes that mode's default target, not the base's (budget 0.35)
+    q = settings_of(base, parse_candidate("ROUTER_DIAL_MODE=quality").overrides)
+    assert (q.router_dial_mode, q.router_dial_target) == ("quality", 0.95)
+    t = settings_of(base, parse_candidate("ROUTER_DIAL_TARGET=0.5").overrides)
+    assert (t.router_dial_mode, t.router_dial_target) == ("budget", 0.5)
 
 
 def test_a_call_without_propensities_is_left_out_and_says_why():

@@ -168,7 +168,7 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
             model="auto" if i % 3 else "auto-cheap",
             messages=[{"role": "user", "content": f"question number {i} about soup"}],
             extra_body={"router": {"dial_mode": "usd", "dial_target": 0.001}} if i == 4 else None,
-            extra_headers={"X-Router-Dial-Target": "0.9"} if i == 5 else None,
+            extra_headers={5: {"X-Router-Dial-Target": "0.9"}, 7: {"X-Router-Dial-Mode": "quality"}}.get(i),
         )
         assert raw.headers["x-router-layer"] == "bandit"
         ids.append(raw.headers["x-request-id"])
@@ -177,7 +177,8 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
     assert wait_for(lambda: policy.core is not None and policy.core.model.rated == 12)
     assert policy.core.calls == 12  # every finished call observed
     dials = {(d.spec.mode, d.spec.target) for d in policy.core.dials.values()}
-    assert {("quality", 0.95), ("quality", 0.85), ("usd", 0.001), ("quality", 0.9)} <= dials
+    # the default dial (budget 0.35); a target alone is the default mode's; a mode alone its default
+    assert {("budget", 0.35), ("quality", 0.85), ("usd", 0.001), ("budget", 0.9), ("quality", 0.95)} <= dials
     record = httpx.get(f"{gw.url}/requests/{ids[0]}").json()
     candidates = record["decision"]["candidates"]
     assert {c["model"] for c in candidates} == {"cheap", "dear"}
@@ -192,7 +193,7 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
     for bad, where in [
         ({"router": {"dial_mode": "cheapest"}}, None),
         ({"router": {"dial_target": -1}}, None),
-        ({"router": {"dial_target": 3}}, None),
+        ({"router": {"dial_mode": "quality", "dial_target": 3}}, None),
         (None, {"X-Router-Dial-Mode": "best"}),
     ]:
         with pytest.raises(openai.BadRequestError) as err:

@@ -62,7 +62,10 @@ def test_under_hcts_it_is_seeded_and_never_reads_the_task_nor_the_prompts_words(
 
 def test_under_hcts_it_follows_the_dial(tmp_path):
     data = _arms(tmp_path)
-    shares = {q: _cost_share(data, _run(data, 0, router_dial_target=q)) for q in (0.85, 0.95, 1.0)}
+    shares = {
+        q: _cost_share(data, _run(data, 0, router_dial_mode="quality", router_dial_target=q))
+        for q in (0.85, 0.95, 1.0)
+    }
     assert shares[0.85] < 0.1 < shares[0.95] < 0.6 < shares[1.0]  # fair is 90 % of good
     budget = {
         b: _cost_share(data, _run(data, 0, router_dial_mode="budget", router_dial_target=b))
@@ -73,8 +76,8 @@ def test_under_hcts_it_follows_the_dial(tmp_path):
 
 def test_under_hcts_it_learns_only_from_the_rated_calls(tmp_path):
     data = _arms(tmp_path)
-    rated = _run(data, 0, router_dial_target=0.85)
-    blind = _run(data, 0, [False] * N, router_dial_target=0.85)
+    rated = _run(data, 0, router_dial_mode="quality", router_dial_target=0.85)
+    blind = _run(data, 0, [False] * N, router_dial_mode="quality", router_dial_target=0.85)
     assert blind != rated
     assert _cost_share(data, rated) < _cost_share(data, blind)  # it found fair good enough
 
@@ -95,8 +98,10 @@ def test_a_sweep_runs_one_baseline_per_objective(tmp_path):
         return runner.objective(data, Options(store="memory", policy=policy, overrides=overrides))
 
     # hcts: the dial is the objective (the bandit's weights are not)
-    assert goal(cost_weight=-0.5) == goal(cost_weight=0.0) == goal(router_dial_target=0.95)
-    assert goal(router_dial_target=0.9) != goal() != goal(router_dial_mode="budget", router_dial_target=0.95)
+    assert goal(cost_weight=-0.5) == goal(cost_weight=0.0) == goal(router_dial_target=0.35)  # the default
+    assert goal(router_dial_mode="budget") == goal()
+    assert goal(router_dial_target=0.9) != goal() != goal(router_dial_mode="quality", router_dial_target=0.35)
+    assert goal(router_dial_mode="quality") == goal(router_dial_mode="quality", router_dial_target=0.95)
     # the bandit policies: their knobs are (the dial is not)
     assert goal("lin_ts", router_dial_target=0.9) == goal("lin_ts")
     assert goal("lin_ts", cost_weight=-0.5) != goal("lin_ts") != goal("knn_ts")

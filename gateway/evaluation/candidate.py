@@ -80,6 +80,12 @@ def candidate(name: str | None, overrides: dict[str, Any]) -> Candidate:
 def settings_of(base: Settings, overrides: dict[str, Any]) -> Settings:
     """The base settings with the candidate's overrides, validated as any configuration is."""
     values = {**base.model_dump(), **overrides, **FROZEN, "config_file": None}
+    if (
+        "router_dial_mode" in overrides
+        and "router_dial_target" not in overrides
+        and overrides["router_dial_mode"] != base.router_dial_mode
+    ):
+        del values["router_dial_target"]  # another mode alone: its default target, not ours
     if "llm_models" in overrides and "default_model" not in overrides:
         names = overrides["llm_models"]
         names = names.split(",") if isinstance(names, str) else names

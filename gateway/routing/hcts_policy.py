@@ -47,8 +47,11 @@ ABSORBED = 200_000  # ratings remembered (so that a sync does not apply one twic
 
 
 def default_dial(settings: object) -> DialSpec:
+    """The gateway's dial (ROUTER_DIAL_MODE / ROUTER_DIAL_TARGET; Settings' defaults if unset)."""
+    fields = Settings.model_fields
     return DialSpec(
-        getattr(settings, "router_dial_mode", "quality"), getattr(settings, "router_dial_target", 0.95)
+        getattr(settings, "router_dial_mode", fields["router_dial_mode"].default),
+        getattr(settings, "router_dial_target", fields["router_dial_target"].default),
     )
 
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.catalogue import RouterConstraints
+from gateway.catalogue import DIAL_DEFAULTS, RouterConstraints
 from gateway.config import Settings
 from gateway.domain import ArmStats, CallRecord
 from gateway.embedder import Embedder, routing_text
@@ -50,9 +50,6 @@ from gateway.spelling import unknown
 from gateway.store import StatsStore
 
 log = logging.getLogger("gateway.router")
-
-# a dial mode asked for without a target: its default target
-DIAL_DEFAULTS = {"quality": 0.95, "budget": 0.35, "usd": 0.001, "fixed": 0.05}
 
 
 class RouterStore(PolicyStore, StatsStore, Protocol):
