@@ -111,10 +111,8 @@ class Settings(BaseSettings):
     lin_ridge: float = Field(default=1.0, gt=0)
     lin_noise: float = Field(default=0.05, gt=0)
     # --- the dial (hcts): what `auto` aims for on average (quality: share of the best model's score;
-    # budget: share of its cost; usd: USD per call; fixed: the multiplier). README: The dial. The
-    # default, budget 0.35, is the one the lab found on or above the zero router on both dev files
-    # (quality 0.95 sat on it on routerbench_dev). A mode set without a target gets that mode's
-    # default target (DIAL_DEFAULTS: quality 0.95), not this one.
+    # budget: share of its cost; usd: USD per call; fixed: the multiplier). README: The dial. Budget
+    # 0.35: on or above the zero router on both dev files. A mode alone gets its DIAL_DEFAULTS target.
     router_dial_mode: DialMode = "budget"
     router_dial_target: float = Field(default=DIAL_DEFAULTS["budget"], gt=0)
     router_state_path: Path | None = None  # `llm-router fit`'s (default DATA_DIR/router_state.npz)

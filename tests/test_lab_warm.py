@@ -63,7 +63,19 @@ def test_warm_start_replays_the_second_half_from_the_fit_of_the_first(
 ):
     path, topic_of = two_topics
     out = tmp_path / "warm"
-    argv = ["replay", str(path), "--warm-start", "--seed", "3", "--store", "memory"]
+    # the quality dial: this file's right picks are what the fit's means say, whatever they cost
+    # (the default budget dial would hold the dear model back on purpose)
+    argv = [
+        "replay",
+        str(path),
+        "--warm-start",
+        "--seed",
+        "3",
+        "--store",
+        "memory",
+        "--set",
+        "ROUTER_DIAL_MODE=quality",
+    ]
     assert main([*argv, "--data-dir", str(data_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -95,7 +107,7 @@ def test_warm_start_replays_the_second_half_from_the_fit_of_the_first(
     assert "warm start" in printed and "offline router" in printed and "difference" in printed
 
     # a cold gateway (no fitted state: the lab's default) on the same first 20 prompts of the half
-    options = Options(seed=3, store="memory", data_dir=data_dir)
+    options = Options(seed=3, store="memory", data_dir=data_dir, overrides={"router_dial_mode": "quality"})
     data, _, mask, texts, vectors, encoder = _prepare(str(path), options, [options])
     cold = asyncio.run(run_router(data, second[:20], mask[120:140], options, texts, vectors, encoder))
     assert _right(cold.picks, ids[:20], topic_of) <= warm_first - 3
