@@ -39,6 +39,18 @@ from gateway.spelling import unknown
 MODE = "http: a real gateway (uvicorn on 127.0.0.1) driven with model='auto', one request at a time"
 
 
+def report_head(
+    data: replay_data.ReplayData, order: list[int], options: Options, note: str = ""
+) -> dict[str, Any]:
+    """What every lab report starts with: the file, the records streamed, the mode and the options."""
+    return {
+        "file": str(data.path),
+        "records": len(order),
+        "mode": MODE + f"; store: {options.store}{note}",
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
+    }
+
+
 def _out_dir(out: str | None, name: str, verb: str) -> Path:
     path = Path(out) if out else Path("out") / f"{verb}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
@@ -157,11 +169,8 @@ def replay(file: str, options: Options, out: str | None) -> dict[str, Any]:
         for j, m in enumerate(data.models)
     }
     report = {
-        "file": str(data.path),
-        "records": len(order),
+        **report_head(data, order, options),
         "models": data.models,
-        "mode": MODE + f"; store: {options.store}",
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
         "router": router.meta,
         "best_single_model": base["best_single"].picks[0],
         "cheapest_model": base["cheapest"].picks[0],
@@ -316,11 +325,8 @@ def sweep(file: str, grids: list[str], options: Options, out: str | None) -> dic
         "noncontextual_ts": {"points": ts_shares, **frontier.Curve.of(_shares(ts_shares)).figures()},
     }
     report: dict[str, Any] = {
-        "file": str(data.path),
-        "records": len(order),
-        "mode": MODE + f"; store: {options.store}",
+        **report_head(data, order, options),
         "grid": dict(grid),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
         "runs": runs,
         "baselines": {n: halves(tr, best) for n, tr in base.items()},
         "aiq_second_half": aiqs,

@@ -32,7 +32,7 @@ import numpy as np
 
 from gateway.config_errors import ConfigError
 from gateway.lab import baselines, commands, frontier
-from gateway.lab.commands import MODE, _out_dir, _pct, _prepare, _run
+from gateway.lab.commands import _out_dir, _pct, _prepare, _run, report_head
 from gateway.lab.fit import answer_lengths, fit_rows
 from gateway.lab.report import Trace, summary
 from gateway.lab.runner import Options, lab_settings
@@ -148,11 +148,8 @@ def warm_start(file: str, options: Options, out: str | None) -> dict[str, Any]:
     }
     diff = None if warm["score_share"] is None or math.isnan(at_warm) else warm["score_share"] - at_warm
     report = {
-        "file": str(data.path),
-        "records": len(order),
+        **report_head(data, order, options, "; started from the fit of the first half"),
         "models": data.models,
-        "mode": MODE + f"; store: {options.store}; started from the fit of the first half",
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
         "fitted": {
             "path": str(fitted.path),
             "prompts": fitted.prompts,
