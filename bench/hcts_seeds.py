@@ -25,6 +25,7 @@ import numpy as np
 
 from gateway.lab import baselines
 from gateway.lab.commands import _prepare
+from gateway.lab.fit import unit_rows
 from gateway.lab.frontier import point, zero_router
 from gateway.lab.report import Trace
 from gateway.lab.runner import Options, lab_settings, trace_of
@@ -47,7 +48,7 @@ def run(
     options = Options(store="memory", seed=lab_seed, data_dir=data_dir)
     data, order, mask, _, vectors, _ = _prepare(file, options, [options])
     settings = lab_settings(data, options, None)
-    x_all = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    x_all = unit_rows(vectors)
     best = baselines.best_single(data)
     zero = zero_router(data, order, best)
     best_trace = second_half(baselines.single(data, order, best, "best"))

@@ -66,8 +66,7 @@ def fit_rows(
     `costs`: every model's, in the order of `models`; `answers`: each model's mean completion
     tokens there, see `answer_lengths`), stored at `path`. `fit` for files; the lab's
     warm-start check for the first half of its stream."""
-    x = np.array(x, dtype=np.float32)  # a copy, normalised
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = unit_rows(x)
     quality = {m.name: m.quality for m in settings.models}
     prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
@@ -90,3 +89,10 @@ def answer_lengths(records: Sequence[Record], models: list[str]) -> dict[str, fl
         if counts:
             out[m] = float(np.mean(counts))
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of `x` as float32 unit vectors (a copy): the space HCTS's clusters live in."""
+    x = np.array(x, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x

@@ -33,7 +33,7 @@ import numpy as np
 from gateway.config_errors import ConfigError
 from gateway.lab import baselines, commands, frontier
 from gateway.lab.commands import _out_dir, _pct, _prepare, _run, report_head
-from gateway.lab.fit import answer_lengths, fit_rows
+from gateway.lab.fit import answer_lengths, fit_rows, unit_rows
 from gateway.lab.report import Trace, summary
 from gateway.lab.runner import Options, lab_settings
 from gateway.providers.replay import ReplayData
@@ -75,11 +75,6 @@ def offline_points(
     bc, bs = float(costs[:, best].mean()), float(scores[:, best].mean())
     nan = float("nan")
     return [(c / bc if bc else nan, s / bs if bs else nan) for c, s in out]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def replay(file: str, options: Options, out: str | None, warm: bool = False) -> dict[str, Any]:
@@ -129,7 +124,7 @@ def warm_start(file: str, options: Options, out: str | None) -> dict[str, Any]:
 
     policy = hcts_state.load(state, data.models, default_dial(settings), embedder=encoder.id)
     assert policy is not None  # fitted just now, for these models and this embedder
-    x_train, x_test = _unit(vectors[first]), _unit(vectors[second])
+    x_train, x_test = unit_rows(vectors[first]), unit_rows(vectors[second])
     means = policy.model.decision_means(x_test)
     estimates = cost_estimates(policy, x_train, costs[first], x_test)
     rows = np.asarray(second)
