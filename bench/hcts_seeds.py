@@ -31,6 +31,7 @@ from gateway.lab.report import Trace
 from gateway.lab.runner import Options, lab_settings, trace_of
 from gateway.routing.bandit import Knobs
 from gateway.routing.hcts import Hcts
+from gateway.routing.hcts_model import HctsKnobs
 from gateway.routing.hcts_policy import chat_arms, default_dial
 from gateway.routing.stats import ArmStatsCache
 
@@ -43,9 +44,14 @@ def second_half(trace: Trace) -> Trace:
 
 
 def run(
-    file: str, lab_seed: int, policy_seeds: list[int], data_dir: Path
+    file: str,
+    lab_seed: int,
+    policy_seeds: list[int],
+    data_dir: Path,
+    feedback: float = 1.0,
+    knobs: HctsKnobs | None = None,
 ) -> list[tuple[float, float, float]]:
-    options = Options(store="memory", seed=lab_seed, data_dir=data_dir)
+    options = Options(store="memory", seed=lab_seed, data_dir=data_dir, feedback_rate=feedback)
     data, order, mask, _, vectors, _ = _prepare(file, options, [options])
     settings = lab_settings(data, options, None)
     x_all = unit_rows(vectors)
@@ -56,7 +62,7 @@ def run(
     for seed in policy_seeds:
         cache = ArmStatsCache(settings.models, Knobs.from_settings(settings))
         arms, prior = chat_arms(settings)
-        core = Hcts(len(arms), x_all.shape[1], seed, dial=default_dial(settings), prior=prior)
+        core = Hcts(len(arms), x_all.shape[1], seed, knobs, dial=default_dial(settings), prior=prior)
         picks, timings = [], []
         for t, i in enumerate(order):
             record, x = data.records[i], x_all[i]
@@ -88,8 +94,18 @@ def main() -> None:
     ap.add_argument("--lab-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--policy-seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--data-dir", type=Path, default=Path("./data"))
+    ap.add_argument("--feedback", type=float, default=1.0, help="share of calls rated (the lab's --feedback)")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE", help="an HCTS knob")
     args = ap.parse_args()
-    rows = [r for s in args.lab_seeds for r in run(args.file, s, args.policy_seeds, args.data_dir)]
+    knobs = HctsKnobs()
+    for kv in args.knob:
+        name, _, value = kv.partition("=")
+        knobs = dataclasses.replace(knobs, **{name: type(getattr(knobs, name))(value)})
+    rows = [
+        r
+        for s in args.lab_seeds
+        for r in run(args.file, s, args.policy_seeds, args.data_dir, args.feedback, knobs)
+    ]
     scores = [100 * r[0] for r in rows]
     print(
         f"{len(rows)} runs: score {statistics.mean(scores):.1f} % (sd {statistics.pstdev(scores):.1f}; "
