@@ -112,7 +112,7 @@ def test_propensities_sum_to_one_and_match_monte_carlo():
     state = policy.state()
     pick = policy.choose(x[0], np.array([0, 2]), COST)
     assert pick.props[1] == 0 and pick.props.sum() == pytest.approx(1.0)
-    assert pick.props[[0, 2]].min() >= policy.kn.eps_min / 2
+    assert pick.props[[0, 2]].min() >= (1 - policy.kn.few_share) * policy.epsilon() / 2
     counts = np.zeros(3)
     for _ in range(3000):  # the same decision again and again, from the same state
         again = Hcts.from_state(state)

@@ -12,7 +12,7 @@ import pytest
 from test_hcts import DIM, topics
 
 from gateway.routing.hcts import Hcts
-from gateway.routing.hcts_dial import Dial, DialSpec, Reference
+from gateway.routing.hcts_dial import Dial, DialSpec, Reference, solve_lambda
 from gateway.routing.hcts_model import HctsKnobs
 
 # two kinds of prompt (rows: easy, hard); arms cheap, mid, best. Over all prompts the best arm
@@ -112,3 +112,82 @@ def test_a_starved_best_arm_does_not_sink_the_reference():
     assert ref.cover[2] < kn.ref_cover
     assert ref.emax == pytest.approx(max(float(ref.dr[2]), float(m0[2])))
     assert ref.emax > 0.5
+
+
+def test_an_unaffordable_budget_sets_the_smallest_multiplier_that_picks_the_cheapest():
+    """A budget below what even the cheapest picks cost: the multiplier that just makes them, not
+    LAM_MAX (whose penalty drowns every sample, so no arm is ever tried again)."""
+    rng = np.random.default_rng(11)
+    m = rng.uniform(0.3, 0.9, (200, 3))
+    c = np.tile([1.0, 2.0, 4.0], (200, 1))
+    knobs = HctsKnobs()
+    ref = Reference(3, DIM, knobs)
+    ref.book_rows(rng.standard_normal((200, DIM)).astype(np.float32), c)
+    ref.pbest = np.array([1.0, 0.0, 0.0])  # the cheap arm is believed the best: budget 0.35 x 1.0
+    lam = solve_lambda(DialSpec("budget", 0.35), m, c, ref, knobs)
+    cn = ref.c_norm()
+    assert lam < knobs.lam_max / 10
+    assert np.all(np.argmax(m - lam * c / cn, axis=1) == 0)
+    assert not np.all(np.argmax(m - lam / 1.2 * c / cn, axis=1) == 0)
+
+
+def budget_stream(min_ratings: int) -> Hcts:
+    """Two arms, every call rated: cheap (0.5) and dear (0.9, 3x the cost), a budget of 0.35 x the
+    best arm's cost, and bad luck: the dear arm's first five ratings are 0."""
+    rng = np.random.default_rng(12)
+    x, _ = topics(1500, 2, rng)
+    knobs = dataclasses.replace(HctsKnobs(), min_ratings=min_ratings)
+    policy = Hcts(2, DIM, seed=13, knobs=knobs, dial=DialSpec("budget", 0.35), prior=np.array([0.6, 0.05]))
+    cost, quality = np.array([1.0, 3.0]), np.array([0.5, 0.9])
+    for xi in x:
+        pick = policy.choose(xi, None, cost)
+        policy.observe_call(pick.ticket, xi, pick.arm, cost[pick.arm])
+        unlucky = pick.arm == 1 and policy.model.n[1] < 5
+        score = 0.0 if unlucky else float(rng.random() < quality[pick.arm])
+        policy.observe_rating(xi, pick.arm, score, ticket=pick.ticket)
+    return policy
+
+
+def test_an_arm_written_off_before_its_ratings_is_still_tried():
+    """Every arm gets MIN_RATINGS ratings whatever it is believed: the dear arm, found the best, sets
+    the budget's reference (without that rule five unlucky ratings write it off for good: it is
+    never tried again and the reference stays on the cheap arm)."""
+    policy = budget_stream(min_ratings=30)
+    assert policy.model.n[1] >= 30
+    assert int(np.argmax(policy.model.glob()[0])) == 1
+    assert policy.ref.ref_cost() == pytest.approx(3.0, rel=0.01)
+    locked = budget_stream(min_ratings=0)
+    assert locked.model.n[1] < 30
+    assert locked.ref.ref_cost() == pytest.approx(1.0, rel=0.01)
+
+
+def test_propensities_include_the_arms_tried_for_their_few_ratings():
+    policy = Hcts(3, DIM, seed=14)  # no ratings yet: every arm is tried on a share of calls
+    x = np.ones(DIM, dtype=np.float32) / np.sqrt(DIM)
+    cost = np.array([1.0, 2.0, 4.0])
+    state = policy.state()
+    pick = policy.choose(x, None, cost)
+    assert pick.props.sum() == pytest.approx(1.0)
+    assert pick.props.min() >= policy.kn.few_share / 3
+    counts = np.zeros(3)
+    for seed in range(3000):
+        again = Hcts.from_state(state)
+        again.rng = np.random.default_rng(seed)
+        counts[again.choose(x, None, cost).arm] += 1
+    assert np.abs(counts / 3000 - pick.props).max() < 0.03
+
+
+def test_the_budget_reference_is_what_the_best_arm_really_costs():
+    """Estimates 10 % low (of output lengths, say): a budget of 0.35 x the best arm's cost must mean
+    its realised cost, not its estimate (or it spends 10 % more than it says)."""
+    knobs = HctsKnobs()
+    ref = Reference(2, DIM, knobs)
+    ref.book_rows(np.zeros((100, DIM), np.float32), np.tile([1.0, 4.0], (100, 1)))
+    ref.pbest = np.array([0.0, 1.0])
+    assert ref.ref_cost() == pytest.approx(4.0)
+    for _ in range(10):  # the cheap arm paid for: the pooled ratio stands in for the best arm's
+        ref.paid(0, 1.1, 1.0)
+    assert ref.ref_cost() == pytest.approx(4.4)
+    for _ in range(int(knobs.ratio_calls)):  # then the best arm's own
+        ref.paid(1, 4.8, 4.0)
+    assert ref.ref_cost() == pytest.approx(4.8)

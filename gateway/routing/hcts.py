@@ -47,6 +47,7 @@ class Ticket:
     props: np.ndarray  # propensities (all arms; 0 for the ineligible)
     gpred: float  # the greedy pick's predicted quality ...
     gcost: float  # ... and estimated cost
+    quote: float  # the chosen arm's estimated cost
     eq: float  # the decision's expected quality under the model (propensity-weighted means; nan: pending)
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
@@ -136,25 +137,31 @@ class Hcts:
         z = self.rng.standard_normal(len(elig))
         r_explore = self.rng.random()
         r_arm = int(self.rng.integers(len(elig)))
-        self.rng.random(2)  # (kept in step with the research simulator's draws)
+        r_few, r_which = self.rng.random(2)
         theta = me + sd * z
-        explored = r_explore < eps
-        j = r_arm if explored else int(np.argmax(theta - pen))
+        few = np.flatnonzero(model.n[elig] < self.kn.min_ratings) if len(elig) > 1 else ()
+        f = self.kn.few_share * len(few) / len(elig)
+        explored = r_explore < eps or r_few < f
+        if r_few < f:
+            j = int(few[min(int(r_which * len(few)), len(few) - 1)])
+        else:
+            j = r_arm if explored else int(np.argmax(theta - pen))
         samples, objective = np.full(k, np.nan), np.full(k, np.nan)
         samples[elig], objective[elig] = theta, theta - pen
         g = int(np.argmax(me - pen))  # the greedy pick, for the calibrator
         arm = int(elig[j])
         props = np.zeros(k)
         ticket = Ticket(
-            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]), math.nan,
-            dial.spec,
+            x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]),
+            float(costs[arm]), math.nan, dial.spec,
         )  # fmt: skip
 
         def fill() -> float:
             pts, error = propensities(me - pen, sd)
-            props[elig] = eps / len(elig) + (1.0 - eps) * pts
+            props[elig] = (1.0 - f) * (eps / len(elig) + (1.0 - eps) * pts)
+            props[elig[few]] += f / max(len(few), 1)
             ticket.eq = float(props[elig] @ me)
-            return (1.0 - eps) * error
+            return (1.0 - f) * (1.0 - eps) * error
 
         ticket.pending = fill
         error = 0.0 if lazy else ticket.resolve()
@@ -174,6 +181,8 @@ class Hcts:
         if ticket is not None:
             ticket.seq = seq
             dial = self.dials.get(ticket.dial)
+            if cost is not None and ticket.arm == arm:
+                self.ref.paid(arm, float(cost), ticket.quote)
             if dial is not None:
                 if cost is not None and ticket.arm == arm:
                     dial.cost(float(cost), ticket.gcost, self.ref)

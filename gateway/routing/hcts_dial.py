@@ -20,6 +20,7 @@ then the doubly robust mean (logged propensities) of the arm the model deems bes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ class Reference:
         self.emax = 1.0
         self.dr, self.dr_w = np.zeros(k), 0.0
         self.cover = np.ones(k)  # EW share of rated calls on which an arm's propensity was >= DR_CLIP
+        self.spent, self.quoted = np.zeros(k), np.zeros(k)  # realised and estimated cost of calls made
         self.bx = np.zeros((knobs.solve_buffer, dim), dtype=np.float32)
         self.bc = np.zeros((knobs.solve_buffer, k))
         self.bpos = self.blen = 0
@@ -83,14 +85,27 @@ class Reference:
         m = self.cest_sum / np.maximum(self.cest_cnt, 1)
         return float(max(m.mean(), 1e-300))
 
+    def paid(self, arm: int, cost: float, quoted: float) -> None:
+        """A finished call's realised cost and the estimate it was chosen on."""
+        if quoted > 0 and math.isfinite(cost):
+            self.spent[arm] += cost
+            self.quoted[arm] += quoted
+
     def ref_cost(self, m: np.ndarray | None = None) -> float:
         """The budget's reference: the best arm's mean cost; while it is not identified, the
-        dearest arm that may still be the best (optimistic: exploration is not priced out)."""
+        dearest arm that may still be the best (optimistic: exploration is not priced out). In
+        what calls really cost: the estimates (of output lengths, mostly) can be off by a share, and
+        a budget read against an estimate 10 % high spends 10 % more than it says. The arm's own
+        realised/estimated ratio once it has been paid for a while, else all arms' together."""
         m = self.cest_sum / np.maximum(self.cest_cnt, 1) if m is None else m
         plausible = self.pbest >= 0.05
         if not plausible.any():
             plausible = self.pbest >= self.pbest.max()
-        return float(max(m[plausible].max(), 1e-300))
+        a = int(np.flatnonzero(plausible)[np.argmax(m[plausible])])
+        pooled = self.spent.sum() / self.quoted.sum() if self.quoted.sum() > 0 else 1.0
+        own = self.quoted[a] / max(m[a], 1e-300)  # calls' worth of estimates behind its ratio
+        ratio = self.spent[a] / self.quoted[a] if own >= self.kn.ratio_calls else pooled
+        return float(max(m[a] * ratio, 1e-300))
 
     def update_dr(self, mdec: np.ndarray, arm: int, score: float, props: np.ndarray) -> None:
         dr = mdec.copy()
@@ -122,7 +137,7 @@ class Reference:
                 self.emax = max(self.emax, float(model.glob()[0][best]))
         return m, c
 
-    _ARRAYS = ("cest_sum", "cest_cnt", "pbest", "dr", "cover", "bx", "bc")
+    _ARRAYS = ("cest_sum", "cest_cnt", "pbest", "dr", "cover", "spent", "quoted", "bx", "bc")
     _SCALARS = ("emax", "dr_w", "bpos", "blen")
 
     def state(self) -> dict[str, Any]:
@@ -130,7 +145,7 @@ class Reference:
 
     def load(self, d: dict[str, Any]) -> None:
         for key in self._ARRAYS:
-            if key in d:  # (a state saved before `cover` existed starts it at 1)
+            if key in d:  # (a state saved before `cover`, `spent` existed starts them afresh)
                 setattr(self, key, np.array(d[key], dtype=getattr(self, key).dtype))
         for key in self._SCALARS:
             setattr(self, key, type(getattr(self, key))(d[key]))
@@ -239,11 +254,23 @@ def solve_lambda(
     if excess(lo) <= 0:
         return math.exp(lo)
     if excess(hi) >= 0:
-        return math.exp(hi)
+        if spec.mode == "quality":
+            return math.exp(hi)
+        # A budget below what even the cheapest picks cost: the smallest multiplier that makes
+        # them, not LAM_MAX, whose penalty would drown the samples' spread for good (the arms
+        # that may be better than believed would never be tried again, and a reference wrongly
+        # set on a cheap arm could never be corrected).
+        cheapest = float(c[rows, picks(hi)].mean()) * (1 + 1e-6)
+        return math.exp(_bisect(lambda ll: float(c[rows, picks(ll)].mean()) - cheapest, lo, hi))
+    return math.exp(_bisect(excess, lo, hi))
+
+
+def _bisect(excess: Callable[[float], float], lo: float, hi: float) -> float:
+    """The log-multiplier where `excess` (positive below it, not above) changes sign."""
     for _ in range(30):
         mid = 0.5 * (lo + hi)
         if excess(mid) > 0:
             lo = mid
         else:
             hi = mid
-    return math.exp(0.5 * (lo + hi))
+    return 0.5 * (lo + hi)

@@ -45,6 +45,8 @@ class HctsKnobs:
     eps_max: float = 0.0  # uniform exploration: EPS_MIN + (EPS_MAX - EPS_MIN) sqrt(t0 / (t0 + rated))
     eps_min: float = 0.002  # keeps every eligible arm's propensity >= EPS_MIN / K (off-policy evaluation)
     eps_t0: float = 200.0
+    min_ratings: int = 30  # an arm with fewer ratings than this is tried on a share of calls ...
+    few_share: float = 0.2  # ... FEW_SHARE x (such arms / eligible arms), whatever it is believed
     quad_nodes: int = 20  # quadrature nodes per arm for the propensities
     gate: bool = True
     gate_z: float = 3.0
@@ -65,6 +67,7 @@ class HctsKnobs:
     ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
     # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
     dr_clip: float = 0.05  # propensities are clipped here in the doubly robust weights
+    ratio_calls: float = 20.0  # calls of the budget's reference arm before its own cost ratio is used
     pbest_every: int = 8  # ratings between updates of P(arm is best) when no dial re-solves
 
 
