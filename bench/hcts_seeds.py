@@ -100,7 +100,9 @@ def main() -> None:
     knobs = HctsKnobs()
     for kv in args.knob:
         name, _, value = kv.partition("=")
-        knobs = dataclasses.replace(knobs, **{name: type(getattr(knobs, name))(value)})
+        now = getattr(knobs, name)
+        parsed = tuple(int(v) for v in value.split(",") if v) if isinstance(now, tuple) else type(now)(value)
+        knobs = dataclasses.replace(knobs, **{name: parsed})
     rows = [
         r
         for s in args.lab_seeds

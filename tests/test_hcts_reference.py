@@ -162,13 +162,14 @@ def test_an_arm_written_off_before_its_ratings_is_still_tried():
 
 
 def test_propensities_include_the_arms_tried_for_their_few_ratings():
+    """The trials of arms with few ratings are part of every propensity (and of the picks)."""
     policy = Hcts(3, DIM, seed=14)  # no ratings yet: every arm is tried on a share of calls
     x = np.ones(DIM, dtype=np.float32) / np.sqrt(DIM)
     cost = np.array([1.0, 2.0, 4.0])
     state = policy.state()
     pick = policy.choose(x, None, cost)
     assert pick.props.sum() == pytest.approx(1.0)
-    assert pick.props.min() >= policy.kn.few_share / 3
+    assert pick.props.min() >= policy.kn.few_share / 3  # each tried on FEW_SHARE / 3 of calls
     counts = np.zeros(3)
     for seed in range(3000):
         again = Hcts.from_state(state)
