@@ -6,7 +6,8 @@ dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the b
 
 - `choose(x, eligible, costs, dial)`: Thompson sampling on quality - lam * cost / c_norm, the
   posterior sd scaled by TS_SCALE + TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster)
-  (explore early, exploit late), mixed with a tiny uniform floor; the propensities of every
+  (explore early, exploit late), mixed with a tiny uniform floor and with trials of the arms that
+  have fewer than MIN_RATINGS ratings (FEW_SHARE x such arms / eligible arms); the propensities of every
   eligible arm in closed form. Returns a `Pick` whose `ticket` the caller hands back;
 - `observe_call(ticket, cost)`: every finished call (the prompt, the realised cost);
 - `observe_rating(x, arm, score, ...)`: a rating, whenever it comes (with the ticket when known);
@@ -139,7 +140,9 @@ class Hcts:
         r_arm = int(self.rng.integers(len(elig)))
         r_few, r_which = self.rng.random(2)
         theta = me + sd * z
-        few = np.flatnonzero(model.n[elig] < self.kn.min_ratings) if len(elig) > 1 else ()
+        # arms with too few ratings to be written off, whatever they are believed: tried on a share
+        # of calls (else a few unlucky first ratings can starve the best arm for good)
+        few = np.flatnonzero(model.n[elig] < self.kn.min_ratings) if len(elig) > 1 else np.zeros(0, np.int64)
         f = self.kn.few_share * len(few) / len(elig)
         explored = r_explore < eps or r_few < f
         if r_few < f:
