@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import test_hcts
 from test_hcts import DIM, topics
 
 from gateway.routing.hcts import Hcts
@@ -192,3 +193,47 @@ def test_the_budget_reference_is_what_the_best_arm_really_costs():
     for _ in range(int(knobs.ratio_calls)):  # then the best arm's own
         ref.paid(1, 4.8, 4.0)
     assert ref.ref_cost() == pytest.approx(4.8)
+
+
+def test_a_budget_is_met_in_what_calls_really_cost():
+    """Cost estimates 30 % low: the budget's integral (a dual variable on the realised overspend)
+    brings the realised mean cost to the budget; without it (gain 0) it overspends by a quarter."""
+
+    def realised_mean(gain: float) -> float:
+        rng = np.random.default_rng(2)
+        x, t = topics(3000, 3, rng)
+        knobs = dataclasses.replace(HctsKnobs(), cost_gain=gain)
+        policy = Hcts(3, DIM, seed=3, knobs=knobs, dial=DialSpec("usd", 2.0))
+        paid = []
+        for xi, ti in zip(x, t, strict=True):
+            pick = policy.choose(xi, None, test_hcts.COST)
+            paid.append(1.3 * test_hcts.COST[pick.arm])
+            policy.observe_call(pick.ticket, xi, pick.arm, paid[-1])
+            policy.observe_rating(
+                xi, pick.arm, float(rng.random() < test_hcts.QUALITY[ti, pick.arm]), ticket=pick.ticket
+            )
+        return float(np.mean(paid[1500:]))
+
+    assert realised_mean(HctsKnobs().cost_gain) == pytest.approx(2.0, rel=0.05)
+    assert realised_mean(0.0) > 2.4
+
+
+@pytest.mark.parametrize("level", [0, -1])
+def test_thompson_sampling_draws_with_the_chosen_levels_spread(level):
+    """TS_LEVEL 0: the draws' spread is the coarse clusters' posterior (exploring where a prompt's
+    group is uncertain, not each fine cluster an arm was never tried in); -1: the finest level's.
+    The means are the finest level's either way."""
+    rng = np.random.default_rng(15)
+    x, t = topics(1500, 3, rng)
+    knobs = dataclasses.replace(HctsKnobs(), ts_level=level, gate=False)
+    policy = Hcts(3, DIM, seed=16, knobs=knobs)
+    test_hcts.stream(policy, x, t, rng)
+    model = policy.model
+    cl = model.clusters(x[0])
+    assert len(cl) >= 2
+    pick = policy.choose(x[0], None, np.array([0.1, 1.0, 10.0]))
+    _, _, fine_m, fine_v = model.posterior(x[0], cl)
+    spread = fine_v if level == -1 else model.posterior(x[0], cl[:1])[3]
+    np.testing.assert_allclose(pick.means, fine_m)
+    np.testing.assert_allclose(pick.sd, np.sqrt(spread))
+    assert not np.allclose(spread, fine_v if level == 0 else model.posterior(x[0], cl[:1])[3])

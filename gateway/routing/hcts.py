@@ -4,11 +4,13 @@ A pure, deterministic core (no I/O, no clock; all randomness from one seeded Gen
 request with embedding x to one of K arms. The quality model is `gateway.routing.hcts_model`, the
 dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the books:
 
-- `choose(x, eligible, costs, dial)`: Thompson sampling on quality - lam * cost / c_norm, the
-  posterior sd scaled by TS_SCALE + TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster)
-  (explore early, exploit late), mixed with a tiny uniform floor and with trials of the arms that
-  have fewer than MIN_RATINGS ratings (FEW_SHARE x such arms / eligible arms); the propensities of every
-  eligible arm in closed form. Returns a `Pick` whose `ticket` the caller hands back;
+- `choose(x, eligible, costs, dial)`: Thompson sampling on quality - lam * cost / c_norm (the finest
+  level's means; the spread of TS_LEVEL's posterior, by default the coarse clusters': a prompt's
+  group is explored, not every fine cluster an arm was never tried in), the sd scaled by TS_SCALE +
+  TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster) (explore early, exploit late), mixed
+  with a tiny uniform floor and with trials of the arms that have fewer than MIN_RATINGS ratings
+  (FEW_SHARE x such arms / eligible arms); the propensities of every eligible arm in closed form.
+  Returns a `Pick` whose `ticket` the caller hands back;
 - `observe_call(ticket, cost)`: every finished call (the prompt, the realised cost);
 - `observe_rating(x, arm, score, ...)`: a rating, whenever it comes (with the ticket when known);
 - `fit(X, scores, costs)`: a warm start from full-information rows (every arm's score known);
@@ -52,6 +54,7 @@ class Ticket:
     eq: float  # the decision's expected quality under the model (propensity-weighted means; nan: pending)
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
+    ecost: float = math.nan  # the decision's expected cost (propensity-weighted estimates)
     pending: Callable[[], float] | None = field(default=None, repr=False)  # fills `props` (lazy pick)
 
     def resolve(self) -> float:
@@ -67,7 +70,7 @@ class Pick:
     samples: np.ndarray  # sampled qualities (nan: ineligible)
     objective: np.ndarray  # sampled objective (nan: ineligible)
     means: np.ndarray
-    sd: np.ndarray  # the posterior sd (before the exploration scale)
+    sd: np.ndarray  # the spread the draws used: TS_LEVEL's posterior sd (before the exploration scale)
     explored: bool
     ticket: Ticket = field(repr=False)
     error: float = 0.0  # each propensity's estimated numerical error (`hcts_math.propensities`)
@@ -129,6 +132,8 @@ class Hcts:
         me = m[elig]
         self.ref.book(x, costs, elig)
         pen = dial.lam * costs[elig] / self.ref.c_norm()
+        if model.use_ctx and 0 <= self.kn.ts_level < len(cl) - 1:
+            v = model.posterior(x, cl[: self.kn.ts_level + 1])[3]
         sd0 = np.sqrt(v[elig])
         rated_here = float(model.ln[0][cl[0]].sum()) if cl else float(model.rated)
         scale = self.kn.ts_scale + self.kn.ts_boost * self.kn.ts_n0 / (self.kn.ts_n0 + rated_here)
@@ -164,6 +169,7 @@ class Hcts:
             props[elig] = (1.0 - f) * (eps / len(elig) + (1.0 - eps) * pts)
             props[elig[few]] += f / max(len(few), 1)
             ticket.eq = float(props[elig] @ me)
+            ticket.ecost = float(props[elig] @ costs[elig])
             return (1.0 - f) * (1.0 - eps) * error
 
         ticket.pending = fill
@@ -187,9 +193,9 @@ class Hcts:
             if cost is not None and ticket.arm == arm:
                 self.ref.paid(arm, float(cost), ticket.quote)
             if dial is not None:
+                ticket.resolve()  # a lazy pick's propensities (`eq`, `ecost`), if nothing asked yet
                 if cost is not None and ticket.arm == arm:
-                    dial.cost(float(cost), ticket.gcost, self.ref)
-                ticket.resolve()  # a lazy pick's propensities (and `eq`), if nothing asked yet
+                    dial.cost(float(cost), ticket, self.ref)
                 dial.explored(ticket.gpred - ticket.eq, self.ref.emax)
                 dial.calls += 1
                 if dial.calls % self.kn.solve_every == 0:

@@ -10,11 +10,13 @@ must achieve:
 - `fixed` l: lam = l (no calibration; research sweeps).
 
 Every SOLVE_EVERY calls of a dial its lam is re-solved (bisection) so that the greedy policy's
-predicted quality (or cost) on the last SOLVE_BUFFER prompts meets the target, corrected by the
-exponentially weighted gap between prediction and outcome (the model's optimism and the cost of
-exploring), moving log(lam) by at most SOLVE_MAX_STEP. The best arm's quality is E[max] of the
-arms' means while they are uncertain (optimistic: dear arms get explored rather than priced out),
-then the doubly robust mean (logged propensities) of the arm the model deems best.
+predicted quality (or cost) on the last SOLVE_BUFFER prompts meets the target, corrected for what
+the greedy prediction misses (quality: the exponentially weighted gap between prediction and
+outcome, the model's optimism, and the cost of exploring; budgets: the cost of exploring and an
+integral of the realised overspend, see `Dial.cost`), moving log(lam) by at most SOLVE_MAX_STEP. The
+best arm's quality is E[max] of the arms' means while they are uncertain (optimistic: dear arms get
+explored rather than priced out), then the doubly robust mean (logged propensities) of the arm the
+model deems best.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -151,6 +153,12 @@ class Reference:
             setattr(self, key, type(getattr(self, key))(d[key]))
 
 
+class CostTicket(Protocol):
+    quote: float  # the chosen arm's estimated cost
+    gcost: float  # the greedy pick's
+    ecost: float  # the decision's expected cost (nan: unknown)
+
+
 class Dial:
     """One dial setting's multiplier and its correction."""
 
@@ -195,13 +203,24 @@ class Dial:
             self.xgap += (gap - self.xgap) * w / self.xgap_w
             self._quality_integ(emax)
 
-    def cost(self, realised: float, predicted: float, ref: Reference) -> None:
-        """A finished call of this dial: the gap between its realised and estimated cost."""
+    def cost(self, realised: float, ticket: CostTicket, ref: Reference) -> None:
+        """A finished call of this dial. Its correction has two parts: what exploring costs by the
+        estimates (the decision's expected cost minus the greedy pick's: known at once and free of
+        the realised costs' heavy tail, a dear model's call costing 15x a cheap one's; over a short
+        window, as it shrinks), and an integral of the realised overspend (a dual variable, moved
+        COST_GAIN x (realised share - target) per call): whatever else makes the realised mean
+        miss the target (estimates of answer lengths, the solve's lag) moves it until it does not.
+        """
         if self.spec.mode in ("budget", "usd"):
-            self._ew(realised - predicted)
             unit = ref.ref_cost() if self.spec.mode == "budget" else 1.0
             cap = self.kn.integral_max * self.spec.target * 5
-            self.integ = min(cap, max(-cap, self.bias / unit))
+            if math.isfinite(ticket.ecost):
+                w = 1.0 - 0.5 ** (1.0 / self.kn.explore_halflife)
+                self.xgap_w = self.xgap_w * (1 - w) + w
+                self.xgap += (ticket.ecost - ticket.gcost - self.xgap) * w / self.xgap_w
+            step = self.kn.cost_gain * (realised / unit - self.spec.target)
+            self.bias = min(cap, max(-cap, self.bias + step))  # (`bias`: the integral, for a budget)
+            self.integ = min(cap, max(-cap, self.bias + self.xgap / unit))
 
     def solve(self, m: np.ndarray, c: np.ndarray, ref: Reference, step: float | None = None) -> None:
         if self.spec.mode == "fixed" or len(m) == 0:

@@ -42,6 +42,7 @@ class HctsKnobs:
     ts_scale: float = 0.3  # posterior sd multiplier of Thompson sampling, long run ...
     ts_boost: float = 2.7  # ... plus TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster)
     ts_n0: float = 100.0
+    ts_level: int = 0  # the level whose posterior sd Thompson sampling draws with (-1: the finest)
     eps_max: float = 0.0  # uniform exploration: EPS_MIN + (EPS_MAX - EPS_MIN) sqrt(t0 / (t0 + rated))
     eps_min: float = 0.002  # keeps every eligible arm's propensity >= EPS_MIN / K (off-policy evaluation)
     eps_t0: float = 200.0
@@ -63,6 +64,7 @@ class HctsKnobs:
     bias_halflife: float = 400.0  # EW window (ratings) of the chosen arm's (predicted - realised)
     explore_halflife: float = 100.0  # EW window (calls) of the exploration's predicted loss
     integral_max: float = 0.1  # |correction| cap (share units)
+    cost_gain: float = 0.005  # a budget's integral: moved by this x (realised share - target) per call
     dr_halflife: float = 1000.0  # EW window of the doubly robust arm means
     ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
     # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
