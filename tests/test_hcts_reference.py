@@ -196,8 +196,9 @@ def test_the_budget_reference_is_what_the_best_arm_really_costs():
 
 
 def test_a_budget_is_met_in_what_calls_really_cost():
-    """Cost estimates 30 % low: the budget's integral (a dual variable on the realised overspend)
-    brings the realised mean cost to the budget; without it (gain 0) it overspends by a quarter."""
+    """Cost estimates 20 % low: the budget's integral (a dual variable on the realised overspend,
+    within COST_INTEGRAL_MAX = 25 % of the target) brings the realised mean cost to the budget;
+    without it (gain 0) it overspends."""
 
     def realised_mean(gain: float) -> float:
         rng = np.random.default_rng(2)
@@ -207,7 +208,7 @@ def test_a_budget_is_met_in_what_calls_really_cost():
         paid = []
         for xi, ti in zip(x, t, strict=True):
             pick = policy.choose(xi, None, test_hcts.COST)
-            paid.append(1.3 * test_hcts.COST[pick.arm])
+            paid.append(1.2 * test_hcts.COST[pick.arm])
             policy.observe_call(pick.ticket, xi, pick.arm, paid[-1])
             policy.observe_rating(
                 xi, pick.arm, float(rng.random() < test_hcts.QUALITY[ti, pick.arm]), ticket=pick.ticket
@@ -215,7 +216,7 @@ def test_a_budget_is_met_in_what_calls_really_cost():
         return float(np.mean(paid[1500:]))
 
     assert realised_mean(HctsKnobs().cost_gain) == pytest.approx(2.0, rel=0.05)
-    assert realised_mean(0.0) > 2.4
+    assert realised_mean(0.0) > 2.25
 
 
 @pytest.mark.parametrize("level", [0, -1])

@@ -219,7 +219,8 @@ class Dial:
                 self.xgap_w = self.xgap_w * (1 - w) + w
                 self.xgap += (ticket.ecost - ticket.gcost - self.xgap) * w / self.xgap_w
             step = self.kn.cost_gain * (realised / unit - self.spec.target)
-            self.bias = min(cap, max(-cap, self.bias + step))  # (`bias`: the integral, for a budget)
+            icap = self.kn.cost_integral_max * self.spec.target  # (no wind-up from the first calls)
+            self.bias = min(icap, max(-icap, self.bias + step))  # (`bias`: the integral, for a budget)
             self.integ = min(cap, max(-cap, self.bias + self.xgap / unit))
 
     def solve(self, m: np.ndarray, c: np.ndarray, ref: Reference, step: float | None = None) -> None:

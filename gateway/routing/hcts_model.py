@@ -65,6 +65,7 @@ class HctsKnobs:
     explore_halflife: float = 100.0  # EW window (calls) of the exploration's predicted loss
     integral_max: float = 0.1  # |correction| cap (share units)
     cost_gain: float = 0.005  # a budget's integral: moved by this x (realised share - target) per call
+    cost_integral_max: float = 0.25  # ... within +/- this share of the target
     dr_halflife: float = 1000.0  # EW window of the doubly robust arm means
     ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
     # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
