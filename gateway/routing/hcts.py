@@ -127,13 +127,11 @@ class Hcts:
         costs = np.zeros(k) if costs is None else np.asarray(costs, dtype=np.float64)
         dial = self.dial(spec)
         cl = model.clusters(x)
-        m0, v0, mc, vc = model.posterior(x, cl)
+        m0, v0, mc, vc = model.posterior(x, cl, self.kn.ts_level)  # vc: TS_LEVEL's, the draws' spread
         m, v = (mc, vc) if model.use_ctx else (m0, v0)
         me = m[elig]
         self.ref.book(x, costs, elig)
         pen = dial.lam * costs[elig] / self.ref.c_norm()
-        if model.use_ctx and 0 <= self.kn.ts_level < len(cl) - 1:
-            v = model.posterior(x, cl[: self.kn.ts_level + 1])[3]
         sd0 = np.sqrt(v[elig])
         rated_here = float(model.ln[0][cl[0]].sum()) if cl else float(model.rated)
         scale = self.kn.ts_scale + self.kn.ts_boost * self.kn.ts_n0 / (self.kn.ts_n0 + rated_here)

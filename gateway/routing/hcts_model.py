@@ -201,18 +201,22 @@ class ClusterModel:
         return tuple(int(np.argmax(sims[o[i] : o[i + 1]])) for i in range(len(self.cents)))
 
     def posterior(
-        self, x: np.ndarray, cl: tuple[int, ...]
+        self, x: np.ndarray, cl: tuple[int, ...], spread: int = -1
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Global and contextual (mean, variance) per arm for prompt x in clusters `cl`."""
+        """Global and contextual (mean, variance) per arm for prompt x in clusters `cl`; with
+        0 <= `spread` < len(cl) the contextual variance is level `spread`'s (the finest's else)."""
         m0, v0, sig2 = self.glob()
         m, v = m0, v0
+        vs = None
         for li, c in enumerate(cl):
             pv = v + self.tau2[li]
             prec = 1.0 / pv + self.ln[li][c] / sig2
             prior = self.p0[c] if li == 0 else m
             m = (prior / pv + self.ls[li][c] / sig2) / prec
             v = 1.0 / prec
-        return m0, v0, m, v
+            if li == spread:
+                vs = v
+        return m0, v0, m, v if vs is None else vs
 
     def predict(self, x: np.ndarray, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Contextual (mean, variance), shape (B, K), for a batch; levels < `upto` only."""
