@@ -198,12 +198,13 @@ def test_the_budget_reference_is_what_the_best_arm_really_costs():
 def test_a_budget_is_met_in_what_calls_really_cost():
     """Cost estimates 20 % low: the budget's integral (a dual variable on the realised overspend,
     within COST_INTEGRAL_MAX = 25 % of the target) brings the realised mean cost to the budget;
-    without it (gain 0) it overspends."""
+    without it (gain 0) it overspends. (The cost correction of `hcts_cost`, which would learn
+    this error itself, is off: the integral is what must meet the budget here.)"""
 
     def realised_mean(gain: float) -> float:
         rng = np.random.default_rng(2)
         x, t = topics(3000, 3, rng)
-        knobs = dataclasses.replace(HctsKnobs(), cost_gain=gain)
+        knobs = dataclasses.replace(HctsKnobs(), cost_gain=gain, cost_n0=1e12)
         policy = Hcts(3, DIM, seed=3, knobs=knobs, dial=DialSpec("usd", 2.0))
         paid = []
         for xi, ti in zip(x, t, strict=True):

@@ -55,6 +55,7 @@ class Ticket:
     dial: DialSpec
     seq: int | None = None  # the prompt's history row, once its call is observed
     ecost: float = math.nan  # the decision's expected cost (propensity-weighted estimates)
+    raw: float = math.nan  # the chosen arm's cost estimate as given (before `hcts_cost`'s correction)
     pending: Callable[[], float] | None = field(default=None, repr=False)  # fills `props` (lazy pick)
 
     def resolve(self) -> float:
@@ -124,9 +125,10 @@ class Hcts:
         k, model = self.k, self.model
         x = np.asarray(x, dtype=np.float32)
         elig = np.arange(k) if eligible is None else np.asarray(eligible, dtype=np.int64)
-        costs = np.zeros(k) if costs is None else np.asarray(costs, dtype=np.float64)
+        raw = np.zeros(k) if costs is None else np.asarray(costs, dtype=np.float64)
         dial = self.dial(spec)
         cl = model.clusters(x)
+        costs = raw * model.cost.ratio(cl)  # what such prompts really cost each arm (hcts_cost)
         m0, v0, mc, vc = model.posterior(x, cl, self.kn.ts_level)  # vc: TS_LEVEL's, the draws' spread
         m, v = (mc, vc) if model.use_ctx else (m0, v0)
         me = m[elig]
@@ -159,7 +161,7 @@ class Hcts:
         props = np.zeros(k)
         ticket = Ticket(
             x, arm, cl, model.epoch, m0, mc, m, props, float(me[g]), float(costs[elig][g]),
-            float(costs[arm]), math.nan, dial.spec,
+            float(costs[arm]), math.nan, dial.spec, raw=float(raw[arm]),
         )  # fmt: skip
 
         def fill() -> float:
@@ -190,6 +192,7 @@ class Hcts:
             dial = self.dials.get(ticket.dial)
             if cost is not None and ticket.arm == arm:
                 self.ref.paid(arm, float(cost), ticket.quote)
+                model.cost.add(cl, seq, arm, ticket.raw, float(cost))
             if dial is not None:
                 ticket.resolve()  # a lazy pick's propensities (`eq`, `ecost`), if nothing asked yet
                 if cost is not None and ticket.arm == arm:

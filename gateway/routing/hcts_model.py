@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.routing.hcts_cost import CostModel
 from gateway.routing.hcts_math import Clustering, logit, onehot, shifted
 
 
@@ -70,6 +71,7 @@ class HctsKnobs:
     ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
     # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
     dr_clip: float = 0.05  # propensities are clipped here in the doubly robust weights
+    cost_n0: float = 20.0  # calls shrinking a cost ratio (gateway.routing.hcts_cost)
     ratio_calls: float = 20.0  # calls of the budget's reference arm before its own cost ratio is used
     pbest_every: int = 8  # ratings between updates of P(arm is best) when no dial re-solves
 
@@ -141,6 +143,7 @@ class ClusterModel:
         self.use_ctx = not knobs.gate
         self._glob: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.p0 = np.zeros((0, k))  # each coarse cluster's prior per arm (set with `_glob`)
+        self.cost = CostModel(k, knobs.cost_n0)  # realised against estimated cost, by coarse cluster
 
     # --- posteriors
     def sigma2(self) -> np.ndarray:
@@ -315,6 +318,9 @@ class ClusterModel:
         for c, first in zip(result.cents, result.assigned, strict=True):
             a = np.concatenate([first, np.argmax(x[result.rows :] @ c.T, axis=1)])
             oh = onehot(a, len(c))
+            if not self.lc:  # the coarse level: the calls' costs (those whose prompts stay kept)
+                keep = self.history.base + max(0, self.history.length - self.kn.history_cap)
+                self.cost.rebuild(a, len(c), self.history.base, keep)
             self.lc.append(oh.sum(0))
             self.ln.append(oh.T @ known.astype(np.float64))
             self.ls.append(oh.T @ s0)
@@ -371,6 +377,7 @@ class ClusterModel:
         x, s = self.history.rows()
         out: dict[str, Any] = {key: getattr(self, key) for key in self._ARRAYS + self._SCALARS}
         out.update(hx=x, hs=s, hbase=self.history.base, cents=self.cents, ln=self.ln, ls=self.ls, lc=self.lc)
+        out.update(self.cost.state())
         return out
 
     def load(self, d: dict[str, Any]) -> None:
@@ -387,4 +394,5 @@ class ClusterModel:
         self.ln = [np.asarray(a, dtype=np.float64) for a in d["ln"]]
         self.ls = [np.asarray(a, dtype=np.float64) for a in d["ls"]]
         self.lc = [np.asarray(a, dtype=np.float64) for a in d["lc"]]
+        self.cost.load(d)
         self._glob = None
