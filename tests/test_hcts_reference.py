@@ -239,3 +239,22 @@ def test_thompson_sampling_draws_with_the_chosen_levels_spread(level):
     np.testing.assert_allclose(pick.means, fine_m)
     np.testing.assert_allclose(pick.sd, np.sqrt(spread))
     assert not np.allclose(spread, fine_v if level == 0 else model.posterior(x[0], cl[:1])[3])
+
+
+def test_the_exploration_boost_decays_with_the_calls_seen_rated_or_not():
+    """Explore early, exploit late, in calls: with sparse feedback a boost that waited for ratings
+    kept the second half of a replay exploring (on top of the wider posteriors that sparse
+    feedback leaves, which still widen the draws)."""
+    rng = np.random.default_rng(17)
+    x, _ = topics(900, 3, rng)
+    policy = Hcts(3, DIM, seed=18)
+    kn = policy.kn
+    fresh = policy.ts_scale(())
+    assert fresh == pytest.approx(kn.ts_scale + kn.ts_boost)
+    for xi in x:  # calls, none rated
+        policy.observe_call(policy.choose(xi).ticket, xi, 0, None)
+    cl = policy.model.clusters(x[0])
+    seen = policy.model.lc[0][cl[0]]
+    assert seen > 200 and policy.model.rated == 0
+    assert policy.ts_scale(cl) == pytest.approx(kn.ts_scale + kn.ts_boost * kn.ts_n0 / (kn.ts_n0 + seen))
+    assert policy.ts_scale(cl) < kn.ts_scale + kn.ts_boost / 2

@@ -41,7 +41,7 @@ class HctsKnobs:
     tau2_floor: float = 1e-4
     history_cap: int = 50_000  # prompts kept for re-clustering (oldest dropped)
     ts_scale: float = 0.3  # posterior sd multiplier of Thompson sampling, long run ...
-    ts_boost: float = 2.7  # ... plus TS_BOOST * TS_N0 / (TS_N0 + ratings in x's coarse cluster)
+    ts_boost: float = 2.7  # ... plus TS_BOOST * TS_N0 / (TS_N0 + prompts seen in x's coarse cluster)
     ts_n0: float = 100.0
     ts_level: int = 0  # the level whose posterior sd Thompson sampling draws with (-1: the finest)
     eps_max: float = 0.0  # uniform exploration: EPS_MIN + (EPS_MAX - EPS_MIN) sqrt(t0 / (t0 + rated))
