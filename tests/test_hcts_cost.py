@@ -89,3 +89,35 @@ def test_the_ratios_are_refreshed_every_few_calls_not_per_decision():
     assert cost.ratio((0,))[0] == first  # (not yet recomputed)
     cost.add((0,), REFRESH, 0, 1.0, 4.0)
     assert cost.ratio((0,))[0] > first
+
+
+def test_an_arms_first_calls_priced_before_its_answer_lengths_were_known_hardly_count():
+    """The gateway prices a model it has not served at a default answer length: its first call can
+    be 20 times off. A ratio of sums would carry that call's weight for hundreds of calls."""
+    cost = CostModel(1, n0=20.0)
+    cost.add((), 0, 0, 20.0, 1.0)  # priced at a default answer length, answered in 10 tokens
+    for seq in range(1, 31):
+        cost.add((), seq, 0, 1.0, 1.0)  # priced right since
+    assert cost.ratio(())[0] > 0.97
+
+
+def test_the_cost_ratios_are_saved_and_loaded_by_model_name(tmp_path):
+    from gateway.routing import hcts_state
+
+    rng = np.random.default_rng(21)
+    x, _ = topics(400, 3, rng)
+    policy = Hcts(3, DIM, seed=22)
+    factor = np.array([0.5, 1.0, 2.0])  # what each arm's calls really cost against their estimates
+    for xi in x:
+        pick = policy.choose(xi, None, test_hcts.COST)
+        policy.observe_call(pick.ticket, xi, pick.arm, factor[pick.arm] * test_hcts.COST[pick.arm])
+    path = tmp_path / "state.npz"
+    hcts_state.save(policy, ["cheap", "mid", "dear"], path)
+    loaded = hcts_state.load(path, ["dear", "cheap", "mid"], inline=True)
+    assert loaded is not None
+    cl = policy.model.clusters(x[0])
+    assert loaded.model.cost.ratio(cl) == pytest.approx(policy.model.cost.ratio(cl)[[2, 0, 1]])
+    assert loaded.model.cost.ratio(cl)[0] > 1.5 and loaded.model.cost.ratio(cl)[1] < 0.7
+    # and after a re-clustering, rebuilt from the calls kept (each call's arm by its new index)
+    loaded.recluster()
+    assert loaded.model.cost.ratio(cl)[0] > 1.5 and loaded.model.cost.ratio(cl)[1] < 0.7

@@ -71,7 +71,8 @@ class HctsKnobs:
     ref_cover: float = 0.5  # below this share of calls with propensity >= DR_CLIP, the best arm's
     # quality is at least its level-0 mean (its clipped DR mean leans on the model's predictions)
     dr_clip: float = 0.05  # propensities are clipped here in the doubly robust weights
-    cost_n0: float = 20.0  # calls shrinking a cost ratio (gateway.routing.hcts_cost)
+    cost_n0: float = 20.0  # calls shrinking a cost ratio (gateway.routing.hcts_cost) ...
+    cost_level: int = 0  # ... kept per cluster of this level
     ratio_calls: float = 20.0  # calls of the budget's reference arm before its own cost ratio is used
     pbest_every: int = 8  # ratings between updates of P(arm is best) when no dial re-solves
 
@@ -143,7 +144,7 @@ class ClusterModel:
         self.use_ctx = not knobs.gate
         self._glob: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.p0 = np.zeros((0, k))  # each coarse cluster's prior per arm (set with `_glob`)
-        self.cost = CostModel(k, knobs.cost_n0)  # realised against estimated cost, by coarse cluster
+        self.cost = CostModel(k, knobs.cost_n0, knobs.cost_level)  # realised / estimated cost, by cluster
 
     # --- posteriors
     def sigma2(self) -> np.ndarray:
@@ -315,10 +316,11 @@ class ClusterModel:
         self.allc = np.concatenate(result.cents) if result.cents else np.zeros((0, self.dim), np.float32)
         self.offsets = np.cumsum([0] + [len(c) for c in result.cents])
         self.ln, self.ls, self.lc = [], [], []
+        cost_level = min(self.kn.cost_level, len(result.cents) - 1)
         for c, first in zip(result.cents, result.assigned, strict=True):
             a = np.concatenate([first, np.argmax(x[result.rows :] @ c.T, axis=1)])
             oh = onehot(a, len(c))
-            if not self.lc:  # the coarse level: the calls' costs (those whose prompts stay kept)
+            if len(self.lc) == cost_level:  # the calls' costs (those whose prompts stay kept)
                 keep = self.history.base + max(0, self.history.length - self.kn.history_cap)
                 self.cost.rebuild(a, len(c), self.history.base, keep)
             self.lc.append(oh.sum(0))

@@ -19,8 +19,9 @@ log = logging.getLogger("gateway.router")
 
 # the state's arrays with an arm axis, and which axis it is
 _ARM_AXIS = {"model.prior": 0, "model.n": 0, "model.s": 0, "model.ss": 0, "model.lq": 1, "model.hs": 1,
-             "model.cost_g": 1, "model.cost_c": 2, "ref.cest_sum": 0, "ref.cest_cnt": 0, "ref.pbest": 0,
-             "ref.dr": 0, "ref.cover": 0, "ref.spent": 0, "ref.quoted": 0, "ref.bc": 1}  # fmt: skip
+             "model.cost_g": 1, "model.cost_seen": 0, "model.cost_c": 2, "ref.cest_sum": 0,
+             "ref.cest_cnt": 0, "ref.pbest": 0, "ref.dr": 0, "ref.cover": 0, "ref.spent": 0,
+             "ref.quoted": 0, "ref.bc": 1}  # fmt: skip
 _LISTS = ("model.cents", "model.ln", "model.ls", "model.lc")
 
 
