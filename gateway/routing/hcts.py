@@ -74,6 +74,7 @@ class Pick:
     objective: np.ndarray  # sampled objective (nan: ineligible)
     means: np.ndarray
     sd: np.ndarray  # the spread the draws used: TS_LEVEL's posterior sd (before the exploration scale)
+    costs: np.ndarray  # the cost estimates the decision used (corrected by `hcts_cost`)
     explored: bool
     ticket: Ticket = field(repr=False)
     error: float = 0.0  # each propensity's estimated numerical error (`hcts_math.propensities`)
@@ -181,7 +182,7 @@ class Hcts:
 
         ticket.pending = fill
         error = 0.0 if lazy else ticket.resolve()
-        return Pick(arm, props, samples, objective, m.copy(), np.sqrt(v), explored, ticket, error)
+        return Pick(arm, props, samples, objective, m.copy(), np.sqrt(v), costs, explored, ticket, error)
 
     # --- learning
     def observe_call(self, ticket: Ticket | None, x: np.ndarray, arm: int, cost: float | None) -> int:

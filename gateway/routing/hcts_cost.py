@@ -46,7 +46,7 @@ class CostModel:
         self.k, self.n0, self.level = k, n0, level
         self.g = np.zeros((3, k))  # per arm: calls, estimated, realised (weighted, each within CAP)
         self.seen = np.zeros(k)  # calls per arm
-        self.c = np.zeros((3, 0, k))  # the same per (coarse cluster, arm)
+        self.c = np.zeros((3, 0, k))  # the same per (cluster, arm)
         self.rows = np.zeros((64, 5))  # the calls: prompt's history row, arm, weight, estimated, realised
         self.length = 0
         self._r: np.ndarray | None = None
@@ -82,7 +82,7 @@ class CostModel:
         return cl[min(self.level, len(cl) - 1)] if cl else -1
 
     def _ratios(self) -> np.ndarray:
-        """Row 0: no cluster known (the arms' own ratios); row 1 + c: coarse cluster c. The prior
+        """Row 0: no cluster known (the arms' own ratios); row 1 + c: cluster c. The prior
         of a cell is an arm factor times a cluster factor, fitted to all cells together (a few
         rounds of alternating updates, each factor shrunk to 1 by N0 calls)."""
         n0 = self.n0
@@ -104,8 +104,8 @@ class CostModel:
         cells = np.where(cn + n0 > 0, (cn * own + n0 * prior) / np.maximum(cn + n0, 1e-300), prior)
         return np.vstack([g[None, :], cells])
 
-    def rebuild(self, coarse: np.ndarray, clusters: int, base: int, keep_from: int) -> None:
-        """New clusters: `coarse[i]` is the cluster (of `clusters`, at the level `cell` reads) of
+    def rebuild(self, assigned: np.ndarray, clusters: int, base: int, keep_from: int) -> None:
+        """New clusters: `assigned[i]` is the cluster (of `clusters`, at the level `cell` reads) of
         the prompts' history row `base + i`; calls on rows before `keep_from` (dropped from the
         history) are forgotten."""
         rows = self.rows[: self.length]
@@ -113,9 +113,9 @@ class CostModel:
         self.length = len(rows)
         self.rows[: self.length] = rows
         i = rows[:, 0].astype(np.int64) - base
-        ok = (i >= 0) & (i < len(coarse))
+        ok = (i >= 0) & (i < len(assigned))
         self.c = np.zeros((3, clusters, self.k))
-        where, arm = coarse[i[ok]], rows[ok, 1].astype(np.int64)
+        where, arm = assigned[i[ok]], rows[ok, 1].astype(np.int64)
         for j in range(3):
             np.add.at(self.c[j], (where, arm), rows[ok, 2 + j])
         self._r = None

@@ -166,7 +166,7 @@ class HctsPolicy:
                 "score": round(float(pick.objective[idx[j]]), 4),
                 "quality_sample": round(float(pick.samples[idx[j]]), 4),
                 "quality_mean": round(float(pick.means[idx[j]]), 4),
-                "cost_estimate_usd": float(f"{views[j].cost_usd:.4g}"),
+                "cost_estimate_usd": float(f"{pick.costs[idx[j]]:.4g}"),  # as the decision priced it
             }
             for j in order
         ]
