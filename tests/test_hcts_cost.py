@@ -121,3 +121,25 @@ def test_the_cost_ratios_are_saved_and_loaded_by_model_name(tmp_path):
     # and after a re-clustering, rebuilt from the calls kept (each call's arm by its new index)
     loaded.recluster()
     assert loaded.model.cost.ratio(cl)[0] > 1.5 and loaded.model.cost.ratio(cl)[1] < 0.7
+
+
+@pytest.mark.parametrize("levels", [(4, 16), ()])
+def test_the_calls_kept_are_those_whose_prompts_the_history_keeps(levels):
+    """A re-clustering forgets the calls of prompts dropped from the history, with clusters or
+    without (the non-contextual core), so the calls kept never grow past the history's cap."""
+    knobs = dataclasses.replace(HctsKnobs(), levels=levels, history_cap=200, recluster_max_gap=300)
+    rng = np.random.default_rng(23)
+    x, _ = topics(1000, 3, rng)
+    policy = Hcts(3, DIM, seed=24, knobs=knobs)
+    for xi in x:
+        pick = policy.choose(xi, None, test_hcts.COST)
+        policy.observe_call(pick.ticket, xi, pick.arm, test_hcts.COST[pick.arm])
+    history, cost = policy.model.history, policy.model.cost
+    assert history.length <= 200 + 300
+    assert cost.length <= history.length
+    assert cost.rows[: cost.length, 0].min() >= history.base
+
+
+def test_a_negative_cost_level_is_refused():
+    with pytest.raises(ValueError, match="level"):
+        CostModel(2, 20.0, level=-1)

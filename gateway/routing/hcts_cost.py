@@ -43,6 +43,8 @@ WARM = 5  # an arm's first calls weigh 0, 1/WARM, 2/WARM, ... (its answer length
 
 class CostModel:
     def __init__(self, k: int, n0: float, level: int = 0) -> None:
+        if level < 0:
+            raise ValueError(f"the cost cells' clustering level must be 0 or more, not {level}")
         self.k, self.n0, self.level = k, n0, level
         self.g = np.zeros((3, k))  # per arm: calls, estimated, realised (weighted, each within CAP)
         self.seen = np.zeros(k)  # calls per arm

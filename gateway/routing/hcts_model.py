@@ -4,14 +4,13 @@
     level l:  mu_a(c_l(x))  ~ N(mu_a at level l-1, tau2_l)     (c_l(x): x's cluster at level l)
     score     ~ N(mu_a(c_L(x)), sigma2_a)
 
-Spherical k-means at several granularities (4, 16, 64 clusters; at most #prompts / MIN_CLUSTER
-each), re-fitted on every prompt seen (rated or not) on a doubling schedule, in a background thread
-(`snapshot` -> `hcts_math.compute_clusters` -> `apply`). tau2_l is estimated by empirical Bayes against the
-within-cluster noise, so when the context carries nothing the model collapses to the arms' global
-means. Level 0 is post-stratified over the coarse clusters (an arm's raw mean is biased once routing
-depends on the prompt). A gate (safe fallback) keeps decisions on level 0 until a chi-square test
-finds the arms' means heterogeneous across the coarse clusters and the contextual predictions are
-not significantly worse than the global ones on the rated calls.
+Spherical k-means at 4, 16, 64 clusters (at most #prompts / MIN_CLUSTER each), re-fitted on every prompt
+seen on a doubling schedule, in a background thread (`snapshot` -> `hcts_math.compute_clusters` -> `apply`).
+tau2_l is estimated by empirical Bayes against the within-cluster noise, so when the context carries nothing
+the model collapses to the arms' global means. Level 0 is post-stratified over the coarse clusters (an arm's
+raw mean is biased once routing depends on the prompt). A gate (safe fallback) keeps decisions on level 0
+until a chi-square test finds the arms' means heterogeneous across the coarse clusters and the contextual
+predictions are not significantly worse than the global ones on the rated calls.
 """
 
 from __future__ import annotations
@@ -316,12 +315,13 @@ class ClusterModel:
         self.allc = np.concatenate(result.cents) if result.cents else np.zeros((0, self.dim), np.float32)
         self.offsets = np.cumsum([0] + [len(c) for c in result.cents])
         self.ln, self.ls, self.lc = [], [], []
+        keep = self.history.base + max(0, self.history.length - self.kn.history_cap)  # calls kept: ...
+        self.cost.rebuild(np.zeros(0, np.int64), 0, self.history.base, keep)  # ... their cells below
         cost_level = min(self.kn.cost_level, len(result.cents) - 1)
         for c, first in zip(result.cents, result.assigned, strict=True):
             a = np.concatenate([first, np.argmax(x[result.rows :] @ c.T, axis=1)])
             oh = onehot(a, len(c))
-            if len(self.lc) == cost_level:  # the calls' costs (those whose prompts stay kept)
-                keep = self.history.base + max(0, self.history.length - self.kn.history_cap)
+            if len(self.lc) == cost_level:
                 self.cost.rebuild(a, len(c), self.history.base, keep)
             self.lc.append(oh.sum(0))
             self.ln.append(oh.T @ known.astype(np.float64))
