@@ -4,6 +4,8 @@ the gateway with the openai client."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import numpy as np
 import openai
@@ -32,13 +34,20 @@ COST = np.array([0.1, 1.0, 10.0])
 
 
 def stream(
-    policy: Hcts, x: np.ndarray, t: np.ndarray, rng: np.random.Generator, spec: DialSpec | None = None
+    policy: Hcts,
+    x: np.ndarray,
+    t: np.ndarray,
+    rng: np.random.Generator,
+    spec: DialSpec | None = None,
+    realised: Callable[[int, int], float] | None = None,
 ):
+    """Every prompt decided, its call observed (at COST, or at `realised(arm, topic)`) and rated."""
     picks, scores = [], []
     for xi, ti in zip(x, t, strict=True):
         pick = policy.choose(xi, None, COST, spec)
         score = float(rng.random() < QUALITY[ti, pick.arm])
-        policy.observe_call(pick.ticket, xi, pick.arm, COST[pick.arm])
+        paid = COST[pick.arm] if realised is None else realised(pick.arm, ti)
+        policy.observe_call(pick.ticket, xi, pick.arm, paid)
         policy.observe_rating(xi, pick.arm, score, ticket=pick.ticket)
         picks.append(pick.arm)
         scores.append(QUALITY[ti, pick.arm])  # the expected score: less noise in the assertions

@@ -59,21 +59,17 @@ def test_a_budget_is_met_when_the_estimates_are_wrong_by_kind_of_prompt():
     topic 2, so without the correction (and without the budget's integral, off here) it overspends;
     with it the realised mean cost is the budget."""
 
+    def realised(arm: int, topic: int) -> float:
+        factor = (2.0 if topic == 2 else 0.5) if arm == 2 else 1.0
+        return float(factor * test_hcts.COST[arm])
+
     def realised_mean(n0: float) -> float:
         rng = np.random.default_rng(4)
         x, t = topics(3000, 3, rng)
         knobs = dataclasses.replace(HctsKnobs(), cost_gain=0.0, cost_n0=n0)
         policy = Hcts(3, DIM, seed=5, knobs=knobs, dial=DialSpec("usd", 2.0))
-        paid = []
-        for xi, ti in zip(x, t, strict=True):
-            pick = policy.choose(xi, None, test_hcts.COST)
-            factor = (2.0 if ti == 2 else 0.5) if pick.arm == 2 else 1.0
-            paid.append(factor * test_hcts.COST[pick.arm])
-            policy.observe_call(pick.ticket, xi, pick.arm, paid[-1])
-            policy.observe_rating(
-                xi, pick.arm, float(rng.random() < test_hcts.QUALITY[ti, pick.arm]), ticket=pick.ticket
-            )
-        return float(np.mean(paid[1500:]))
+        picks, _ = test_hcts.stream(policy, x, t, rng, realised=realised)
+        return float(np.mean([realised(a, ti) for a, ti in zip(picks[1500:], t[1500:], strict=True)]))
 
     assert realised_mean(HctsKnobs().cost_n0) == pytest.approx(2.0, rel=0.06)
     assert realised_mean(1e12) > 2.4

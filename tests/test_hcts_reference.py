@@ -206,15 +206,8 @@ def test_a_budget_is_met_in_what_calls_really_cost():
         x, t = topics(3000, 3, rng)
         knobs = dataclasses.replace(HctsKnobs(), cost_gain=gain, cost_n0=1e12)
         policy = Hcts(3, DIM, seed=3, knobs=knobs, dial=DialSpec("usd", 2.0))
-        paid = []
-        for xi, ti in zip(x, t, strict=True):
-            pick = policy.choose(xi, None, test_hcts.COST)
-            paid.append(1.2 * test_hcts.COST[pick.arm])
-            policy.observe_call(pick.ticket, xi, pick.arm, paid[-1])
-            policy.observe_rating(
-                xi, pick.arm, float(rng.random() < test_hcts.QUALITY[ti, pick.arm]), ticket=pick.ticket
-            )
-        return float(np.mean(paid[1500:]))
+        picks, _ = test_hcts.stream(policy, x, t, rng, realised=lambda arm, _: 1.2 * test_hcts.COST[arm])
+        return float(np.mean(1.2 * test_hcts.COST[picks[1500:]]))
 
     assert realised_mean(HctsKnobs().cost_gain) == pytest.approx(2.0, rel=0.05)
     assert realised_mean(0.0) > 2.25
