@@ -159,6 +159,14 @@ class CostTicket(Protocol):
     ecost: float  # the decision's expected cost (nan: unknown)
 
 
+def _ew(mean: float, weight: float, value: float, halflife: float) -> tuple[float, float]:
+    """One step of an exponentially weighted mean (normalised by its weight, so that the first
+    values are not pulled towards 0): the new mean and weight."""
+    w = 1.0 - 0.5 ** (1.0 / halflife)
+    weight = weight * (1 - w) + w
+    return mean + (value - mean) * w / weight, weight
+
+
 class Dial:
     """One dial setting's multiplier and its correction."""
 
@@ -176,11 +184,6 @@ class Dial:
     def set_lam(self, lam: float) -> None:
         self.log_lam = min(math.log(self.kn.lam_max), max(math.log(self.kn.lam_min), math.log(lam)))
 
-    def _ew(self, gap: float) -> None:
-        w = 1.0 - 0.5 ** (1.0 / self.kn.bias_halflife)
-        self.bias_w = self.bias_w * (1 - w) + w
-        self.bias += (gap - self.bias) * w / self.bias_w
-
     def _quality_integ(self, emax: float) -> None:
         cap = self.kn.integral_max
         self.integ = min(cap, max(-cap, (self.bias + self.xgap) / max(emax, 1e-3)))
@@ -189,7 +192,7 @@ class Dial:
         """A rated call of this dial: the gap between the chosen arm's predicted quality and the
         outcome (the model's optimism, measured on rated calls only)."""
         if self.spec.mode == "quality":
-            self._ew(predicted - score)
+            self.bias, self.bias_w = _ew(self.bias, self.bias_w, predicted - score, self.kn.bias_halflife)
             self._quality_integ(emax)
 
     def explored(self, gap: float, emax: float) -> None:
@@ -198,9 +201,7 @@ class Dial:
         over a short window: it shrinks as the posteriors tighten, which a long window of rated
         outcomes would remember long after it has gone."""
         if self.spec.mode == "quality":
-            w = 1.0 - 0.5 ** (1.0 / self.kn.explore_halflife)
-            self.xgap_w = self.xgap_w * (1 - w) + w
-            self.xgap += (gap - self.xgap) * w / self.xgap_w
+            self.xgap, self.xgap_w = _ew(self.xgap, self.xgap_w, gap, self.kn.explore_halflife)
             self._quality_integ(emax)
 
     def cost(self, realised: float, ticket: CostTicket, ref: Reference) -> None:
@@ -215,9 +216,8 @@ class Dial:
             unit = ref.ref_cost() if self.spec.mode == "budget" else 1.0
             cap = self.kn.integral_max * self.spec.target * 5
             if math.isfinite(ticket.ecost):
-                w = 1.0 - 0.5 ** (1.0 / self.kn.explore_halflife)
-                self.xgap_w = self.xgap_w * (1 - w) + w
-                self.xgap += (ticket.ecost - ticket.gcost - self.xgap) * w / self.xgap_w
+                gap = ticket.ecost - ticket.gcost
+                self.xgap, self.xgap_w = _ew(self.xgap, self.xgap_w, gap, self.kn.explore_halflife)
             step = self.kn.cost_gain * (realised / unit - self.spec.target)
             icap = self.kn.cost_integral_max * self.spec.target  # (no wind-up from the first calls)
             self.bias = min(icap, max(-icap, self.bias + step))  # (`bias`: the integral, for a budget)
