@@ -132,6 +132,31 @@ def test_an_unaffordable_budget_sets_the_smallest_multiplier_that_picks_the_chea
     assert not np.all(np.argmax(m - lam / 1.2 * c / cn, axis=1) == 0)
 
 
+def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
+    """An arm with fewer than MIN_RATINGS ratings is tried whatever it is believed, but only until
+    it has had FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, a bad dear arm would
+    otherwise be tried on a share of calls until it had 100."""
+
+    def bad_dear_arm(few_calls: float) -> tuple[float, float]:
+        rng = np.random.default_rng(31)
+        x, t = topics(4000, 2, rng)
+        knobs = dataclasses.replace(HctsKnobs(), few_calls=few_calls)
+        policy = Hcts(3, DIM, seed=32, knobs=knobs, dial=DialSpec("budget", 0.5))
+        quality, cost = np.array([0.8, 0.85, 0.3]), np.array([1.0, 1.5, 10.0])
+        for xi in x:
+            pick = policy.choose(xi, None, cost)
+            policy.observe_call(pick.ticket, xi, pick.arm, cost[pick.arm])
+            if rng.random() < 0.3:
+                policy.observe_rating(xi, pick.arm, float(rng.random() < quality[pick.arm]), ticket=pick.ticket)
+        return policy.model.cost.seen[2], policy.model.n[2]  # its calls, its ratings
+
+    least = HctsKnobs().min_ratings
+    calls, ratings = bad_dear_arm(1.0)
+    assert calls < 1.5 * least and ratings < least
+    calls, ratings = bad_dear_arm(1e9)  # the rule in ratings alone
+    assert calls > 2.5 * least and ratings >= least
+
+
 def budget_stream(min_ratings: int) -> Hcts:
     """Two arms, every call rated: cheap (0.5) and dear (0.9, 3x the cost), a budget of 0.35 x the
     best arm's cost, and bad luck: the dear arm's first five ratings are 0."""
@@ -251,3 +276,4 @@ def test_the_exploration_boost_decays_with_the_calls_seen_rated_or_not():
     assert seen > 200 and policy.model.rated == 0
     assert policy.ts_scale(cl) == pytest.approx(kn.ts_scale + kn.ts_boost * kn.ts_n0 / (kn.ts_n0 + seen))
     assert policy.ts_scale(cl) < kn.ts_scale + kn.ts_boost / 2
+

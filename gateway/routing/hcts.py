@@ -11,7 +11,8 @@ dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the b
   schedule in calls, not ratings, or sparse feedback keeps the boost, on top of its wider
   posteriors, through thousands of calls), mixed
   with a tiny uniform floor and with trials of the arms that have fewer than MIN_RATINGS ratings
-  (FEW_SHARE x such arms / eligible arms); the propensities of every eligible arm in closed form.
+  and FEW_CALLS x MIN_RATINGS calls (FEW_SHARE x such arms / eligible arms); the propensities of
+  every eligible arm in closed form.
   Returns a `Pick` whose `ticket` the caller hands back;
 - `observe_call(ticket, cost)`: every finished call (the prompt, the realised cost);
 - `observe_rating(x, arm, score, ...)`: a rating, whenever it comes (with the ticket when known);
@@ -154,8 +155,14 @@ class Hcts:
         r_few, r_which = self.rng.random(2)
         theta = me + sd * z
         # arms with too few ratings to be written off, whatever they are believed: tried on a share
-        # of calls (else a few unlucky first ratings can starve the best arm for good)
-        few = np.flatnonzero(model.n[elig] < self.kn.min_ratings) if len(elig) > 1 else np.zeros(0, np.int64)
+        # of calls (else a few unlucky first ratings can starve the best arm for good), until they
+        # have been paid for on FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, 30 ratings
+        # took every arm a hundred calls, and routerbench_dev's second half still sent one in eight
+        # calls to the few-ratings arms (claude-v1/v2 among them, at 10x the cost of Yi-34B)
+        few = np.zeros(0, np.int64)
+        if len(elig) > 1:
+            n, paid, kn = model.n[elig], model.cost.seen[elig], self.kn
+            few = np.flatnonzero((n < kn.min_ratings) & (paid < kn.few_calls * kn.min_ratings))
         f = self.kn.few_share * len(few) / len(elig)
         explored = r_explore < eps or r_few < f
         if r_few < f:

@@ -48,6 +48,7 @@ class HctsKnobs:
     eps_t0: float = 200.0
     min_ratings: int = 30  # an arm with fewer ratings than this is tried on a share of calls ...
     few_share: float = 0.2  # ... FEW_SHARE x (such arms / eligible arms), whatever it is believed
+    few_calls: float = 1.0  # ... and fewer than FEW_CALLS x MIN_RATINGS calls (sparse feedback)
     quad_nodes: int = 20  # quadrature nodes per arm for the propensities
     gate: bool = True
     gate_z: float = 3.0
@@ -83,8 +84,7 @@ class History:
     def __init__(self, dim: int, k: int) -> None:
         self.x = np.zeros((64, dim), dtype=np.float32)
         self.s = np.full((64, k), np.nan, dtype=np.float32)
-        self.length = 0
-        self.base = 0  # sequence number of row 0
+        self.length = self.base = 0  # base: the sequence number of row 0
 
     def _room(self, extra: int) -> None:
         need = self.length + extra
