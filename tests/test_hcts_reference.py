@@ -132,6 +132,37 @@ def test_an_unaffordable_budget_sets_the_smallest_multiplier_that_picks_the_chea
     assert not np.all(np.argmax(m - lam / 1.2 * c / cn, axis=1) == 0)
 
 
+def test_the_paired_advantage_keeps_an_arm_sent_only_hard_prompts_in_the_budgets_reference():
+    """Eight topics, four hard; the coarse clusters mix hard and easy ones (their offsets cannot
+    undo the selection), and the best arm is rated on the hard prompts only: the model's means read
+    it worse than mid, and the budget's reference fell on mid's cost. Its ratings against the
+    predictions of the arm with the most ratings on the same prompts (what routing chose by) show
+    it the best: the reference is its cost."""
+    rng = np.random.default_rng(1)
+    x, topic = topics(2400, 8, rng)
+    hard = (topic >= 4).astype(int)
+    policy = Hcts(3, DIM, seed=1)
+    for xi in x:
+        policy.observe_call(None, xi, 0, None)
+    rated = [(0, 1, 2) if h else (0, 1) for h in hard]
+    for xi, h, arms in zip(x, hard, rated, strict=True):
+        for arm in arms:
+            policy.observe_rating(xi, arm, float(rng.random() < QUALITY[h, arm]))
+    model = policy.model
+    assert model.glob()[0][2] < model.glob()[0][1]
+    ref = Reference(3, DIM, policy.kn)
+    for xi in x[:400]:
+        ref.book(xi, np.array([0.1, 1.0, 10.0]), np.arange(3))
+    ref.refresh(model)
+    assert ref.ref_cost() == pytest.approx(1.0)
+    for xi, h, arms in zip(x, hard, rated, strict=True):
+        mdec = model.decision_means(xi[None])[0]
+        for arm in arms:
+            ref.paired(mdec, arm, float(rng.random() < QUALITY[h, arm]))
+    ref.refresh(model)
+    assert ref.ref_cost() == pytest.approx(10.0)
+
+
 def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
     """An arm with fewer than MIN_RATINGS ratings is tried whatever it is believed, but only until
     it has had FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, a bad dear arm would
@@ -277,3 +308,19 @@ def test_the_exploration_boost_decays_with_the_calls_seen_rated_or_not():
     assert policy.ts_scale(cl) == pytest.approx(kn.ts_scale + kn.ts_boost * kn.ts_n0 / (kn.ts_n0 + seen))
     assert policy.ts_scale(cl) < kn.ts_scale + kn.ts_boost / 2
 
+
+def test_the_paired_advantages_are_saved_and_loaded_by_model_name(tmp_path):
+    from gateway.routing import hcts_state
+
+    rng = np.random.default_rng(41)
+    x, t = topics(300, 3, rng)
+    policy = Hcts(3, DIM, seed=42)
+    test_hcts.stream(policy, x, t, rng)
+    assert policy.ref.rcnt.sum() == 300 and policy.ref.rsum.shape == (3, 3)
+    path = tmp_path / "state.npz"
+    hcts_state.save(policy, ["cheap", "mid", "dear"], path)
+    loaded = hcts_state.load(path, ["dear", "cheap", "mid"], inline=True)
+    assert loaded is not None
+    order = [2, 0, 1]
+    assert np.array_equal(loaded.ref.rcnt, policy.ref.rcnt[order])
+    assert np.array_equal(loaded.ref.rsum, policy.ref.rsum[order][:, order])

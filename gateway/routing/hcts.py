@@ -238,6 +238,7 @@ class Hcts:
             ticket.resolve()
             if np.isfinite(ticket.props[arm]) and ticket.props[arm] > 0:
                 self.ref.update_dr(ticket.mdec, arm, float(score), ticket.props)
+            self.ref.paired(ticket.mdec, arm, float(score))
             dial = self.dials.get(ticket.dial)
             if dial is not None:
                 dial.rated(float(ticket.mdec[arm]), float(score), self.ref.emax)
