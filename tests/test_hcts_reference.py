@@ -163,6 +163,27 @@ def test_the_paired_advantage_keeps_an_arm_sent_only_hard_prompts_in_the_budgets
     assert ref.ref_cost() == pytest.approx(10.0)
 
 
+def test_a_few_lucky_ratings_do_not_make_a_known_bad_dear_arm_the_reference():
+    """After a warm start that knows the dearest arm is bad, its first lucky ratings do not make
+    it plausible (the model's mean is the paired estimate's prior); many ratings that keep beating
+    the predictions do."""
+    rng = np.random.default_rng(51)
+    x, _ = topics(600, 3, rng)
+    quality, cost = np.array([0.6, 0.9, 0.5]), np.array([0.1, 1.0, 10.0])
+    policy = Hcts(3, DIM, seed=52, dial=DialSpec("budget", 0.35))
+    policy.fit(x, (rng.random((600, 3)) < quality).astype(float), np.broadcast_to(cost, (600, 3)))
+    ref, model = policy.ref, policy.model
+    ref.refresh(model)
+    assert ref.ref_cost() == pytest.approx(1.0, rel=0.01)
+    for i, lucky in enumerate([1.0] * 40):
+        ref.paired(model.decision_means(x[i][None])[0], 2, lucky)
+        if i == 1:
+            ref.refresh(model)
+            assert ref.ref_cost() == pytest.approx(1.0, rel=0.01)  # two lucky ratings
+    ref.refresh(model)
+    assert ref.ref_cost() == pytest.approx(10.0, rel=0.01)  # forty
+
+
 def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
     """An arm with fewer than MIN_RATINGS ratings is tried whatever it is believed, but only until
     it has had FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, a bad dear arm would

@@ -146,11 +146,12 @@ class Reference:
         # every arm is not read as bad (the model's means, post-stratified on the coarse clusters
         # only, read llmrouter_dev's best model 0.42 for 0.62, and the budget's reference fell on a
         # cheap model for good). An arm plausible by either estimate counts.
-        rated = self.rcnt > 0
-        if rated.any():
-            r = int(np.argmax(model.n))
-            paired = np.where(rated, float(m[:, r].mean()) + self.rsum[:, r] / np.maximum(self.rcnt, 1), cm)
-            sdp = np.where(rated, np.sqrt(model.glob()[2] / np.maximum(self.rcnt, 1)), sd)
+        # The model's mean is the paired estimate's prior, worth OFFSET_N0 ratings (an arm tried a
+        # few times after a warm start is not made plausible by the noise of its first ratings).
+        if self.rcnt.any():
+            r, n0, n = int(np.argmax(model.n)), self.kn.offset_n0, self.rcnt
+            paired = (float(m[:, r].mean()) * n + self.rsum[:, r] + n0 * cm) / (n + n0)
+            sdp = np.sqrt(model.glob()[2] / (n + n0))
             self.pbest = np.maximum(self.pbest, argmax_probs(paired, sdp, self.nodes)[0])
         if self.dr_w > 0.5 and model.use_ctx:
             best = int(np.argmax(cm))
