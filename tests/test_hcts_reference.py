@@ -191,7 +191,7 @@ def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
 
     def bad_dear_arm(few_calls: float) -> tuple[float, float]:
         rng = np.random.default_rng(31)
-        x, t = topics(4000, 2, rng)
+        x, _ = topics(4000, 2, rng)
         knobs = dataclasses.replace(HctsKnobs(), few_calls=few_calls)
         policy = Hcts(3, DIM, seed=32, knobs=knobs, dial=DialSpec("budget", 0.5))
         quality, cost = np.array([0.8, 0.85, 0.3]), np.array([1.0, 1.5, 10.0])
@@ -199,7 +199,8 @@ def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
             pick = policy.choose(xi, None, cost)
             policy.observe_call(pick.ticket, xi, pick.arm, cost[pick.arm])
             if rng.random() < 0.3:
-                policy.observe_rating(xi, pick.arm, float(rng.random() < quality[pick.arm]), ticket=pick.ticket)
+                score = float(rng.random() < quality[pick.arm])
+                policy.observe_rating(xi, pick.arm, score, ticket=pick.ticket)
         return policy.model.cost.seen[2], policy.model.n[2]  # its calls, its ratings
 
     least = HctsKnobs().min_ratings

@@ -18,10 +18,12 @@ from gateway.routing.hcts_dial import DialSpec
 log = logging.getLogger("gateway.router")
 
 # the state's arrays with an arm axis, and which axis it is (or axes)
-_ARM_AXIS = {"model.prior": 0, "model.n": 0, "model.s": 0, "model.ss": 0, "model.lq": 1, "model.hs": 1,
-             "model.cost_g": 1, "model.cost_seen": 0, "model.cost_c": 2, "ref.cest_sum": 0,
-             "ref.cest_cnt": 0, "ref.pbest": 0, "ref.dr": 0, "ref.cover": 0, "ref.spent": 0,
-             "ref.quoted": 0, "ref.rsum": (0, 1), "ref.rcnt": 0, "ref.bc": 1}  # fmt: skip
+_ARM_AXIS: dict[str, int | tuple[int, int]] = {
+    "model.prior": 0, "model.n": 0, "model.s": 0, "model.ss": 0, "model.lq": 1, "model.hs": 1,
+    "model.cost_g": 1, "model.cost_seen": 0, "model.cost_c": 2, "ref.cest_sum": 0, "ref.cest_cnt": 0,
+    "ref.pbest": 0, "ref.dr": 0, "ref.cover": 0, "ref.spent": 0, "ref.quoted": 0, "ref.rsum": (0, 1),
+    "ref.rcnt": 0, "ref.bc": 1,
+}  # fmt: skip
 _LISTS = ("model.cents", "model.ln", "model.ls", "model.lc")
 
 
@@ -97,7 +99,8 @@ def load(
             continue
         axis = _ARM_AXIS.get(name)
         part, _, key = name.partition(".")
-        for ax in () if axis is None else (axis,) if isinstance(axis, int) else axis:
+        axes: tuple[int, ...] = () if axis is None else (axis,) if isinstance(axis, int) else axis
+        for ax in axes:
             a = np.take(a, order, axis=ax)
         state[part][key] = a
     if "cost_rows" in state["model"]:  # each call's arm, by its index in this catalogue
