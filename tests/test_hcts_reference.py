@@ -164,9 +164,9 @@ def test_the_paired_advantage_keeps_an_arm_sent_only_hard_prompts_in_the_budgets
 
 
 def test_a_few_lucky_ratings_do_not_make_a_known_bad_dear_arm_the_reference():
-    """After a warm start that knows the dearest arm is bad, its first lucky ratings do not make
-    it plausible (the model's mean is the paired estimate's prior); many ratings that keep beating
-    the predictions do."""
+    """After a warm start that knows the dearest arm is bad, its first lucky ratings do not make it
+    plausible: the model's estimate, with its own spread, is the paired estimate's prior (with the
+    paired ratings alone two lucky ones did)."""
     rng = np.random.default_rng(51)
     x, _ = topics(600, 3, rng)
     quality, cost = np.array([0.6, 0.9, 0.5]), np.array([0.1, 1.0, 10.0])
@@ -175,13 +175,10 @@ def test_a_few_lucky_ratings_do_not_make_a_known_bad_dear_arm_the_reference():
     ref, model = policy.ref, policy.model
     ref.refresh(model)
     assert ref.ref_cost() == pytest.approx(1.0, rel=0.01)
-    for i, lucky in enumerate([1.0] * 40):
-        ref.paired(model.decision_means(x[i][None])[0], 2, lucky)
-        if i == 1:
-            ref.refresh(model)
-            assert ref.ref_cost() == pytest.approx(1.0, rel=0.01)  # two lucky ratings
-    ref.refresh(model)
-    assert ref.ref_cost() == pytest.approx(10.0, rel=0.01)  # forty
+    for i in range(5):
+        ref.paired(model.decision_means(x[i][None])[0], 2, 1.0)
+        ref.refresh(model)
+        assert ref.ref_cost() == pytest.approx(1.0, rel=0.01)
 
 
 def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():

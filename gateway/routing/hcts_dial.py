@@ -140,19 +140,19 @@ class Reference:
         self.pbest, _ = argmax_probs(cm, sd, self.nodes)
         self.emax = expected_max(cm, sd, self.nodes)
         # P(best) also by each arm's paired advantage over the arm with the most ratings (whose
-        # predictions are the best measure of how hard a prompt is): that arm's mean prediction on the
-        # recent prompts plus the arm's mean rating minus that arm's predictions on the prompts it
-        # was rated on. Routing chose by those predictions, so an arm sent only prompts hard for
-        # every arm is not read as bad (the model's means, post-stratified on the coarse clusters
-        # only, read llmrouter_dev's best model 0.42 for 0.62, and the budget's reference fell on a
-        # cheap model for good). An arm plausible by either estimate counts.
-        # The model's mean is the paired estimate's prior, worth OFFSET_N0 ratings (an arm tried a
-        # few times after a warm start is not made plausible by the noise of its first ratings).
+        # predictions are the best measure of how hard a prompt is): that arm's mean prediction on
+        # the recent prompts plus the arm's mean rating minus that arm's predictions on the prompts
+        # it was rated on, combined with the model's estimate and its spread as the prior. Routing
+        # chose by those predictions, so an arm sent only prompts hard for every arm is not read as
+        # bad (the model's means, post-stratified on the coarse clusters only, read llmrouter_dev's
+        # best model 0.42 for 0.62, and the budget's reference fell on a cheap model for good); after
+        # a warm start (thousands of ratings of every arm) a few lucky ratings move nothing. An arm
+        # plausible by either estimate counts.
         if self.rcnt.any():
-            r, n0, n = int(np.argmax(model.n)), self.kn.offset_n0, self.rcnt
-            paired = (float(m[:, r].mean()) * n + self.rsum[:, r] + n0 * cm) / (n + n0)
-            sdp = np.sqrt(model.glob()[2] / (n + n0))
-            self.pbest = np.maximum(self.pbest, argmax_probs(paired, sdp, self.nodes)[0])
+            r, sig2 = int(np.argmax(model.n)), model.glob()[2]
+            prec = 1.0 / (sd * sd) + self.rcnt / sig2
+            paired = (cm / (sd * sd) + (float(m[:, r].mean()) * self.rcnt + self.rsum[:, r]) / sig2) / prec
+            self.pbest = np.maximum(self.pbest, argmax_probs(paired, 1.0 / np.sqrt(prec), self.nodes)[0])
         if self.dr_w > 0.5 and model.use_ctx:
             best = int(np.argmax(cm))
             self.emax = float(self.dr[best])
