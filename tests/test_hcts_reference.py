@@ -165,8 +165,8 @@ def test_the_paired_advantage_keeps_an_arm_sent_only_hard_prompts_in_the_budgets
 
 def test_a_few_lucky_ratings_do_not_make_a_known_bad_dear_arm_the_reference():
     """After a warm start that knows the dearest arm is bad, its first lucky ratings do not make it
-    plausible: the model's estimate, with its own spread, is the paired estimate's prior (with the
-    paired ratings alone two lucky ones did)."""
+    plausible: the fitted rows, chosen by no decision, count in the paired estimate's prior (with
+    the paired ratings alone two lucky ones did)."""
     rng = np.random.default_rng(51)
     x, _ = topics(600, 3, rng)
     quality, cost = np.array([0.6, 0.9, 0.5]), np.array([0.1, 1.0, 10.0])

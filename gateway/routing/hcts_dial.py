@@ -142,17 +142,18 @@ class Reference:
         # P(best) also by each arm's paired advantage over the arm with the most ratings (whose
         # predictions are the best measure of how hard a prompt is): that arm's mean prediction on
         # the recent prompts plus the arm's mean rating minus that arm's predictions on the prompts
-        # it was rated on, combined with the model's estimate and its spread as the prior. Routing
-        # chose by those predictions, so an arm sent only prompts hard for every arm is not read as
-        # bad (the model's means, post-stratified on the coarse clusters only, read llmrouter_dev's
-        # best model 0.42 for 0.62, and the budget's reference fell on a cheap model for good); after
-        # a warm start (thousands of ratings of every arm) a few lucky ratings move nothing. An arm
-        # plausible by either estimate counts.
+        # it was rated on. Routing chose by those predictions, so an arm sent only prompts hard for
+        # every arm is not read as bad (the model's means, post-stratified on the coarse clusters
+        # only, read llmrouter_dev's best model 0.42 for 0.62, and the budget's reference fell on a
+        # cheap model for good). Its prior is the model's mean, worth OFFSET_N0 ratings plus the
+        # arm's ratings that no decision chose (a warm start's rows, every arm's outcome known: free
+        # of routing's choices, they count in full, so a few lucky ratings after a fit move nothing).
+        # An arm plausible by either estimate counts.
         if self.rcnt.any():
-            r, sig2 = int(np.argmax(model.n)), model.glob()[2]
-            prec = 1.0 / (sd * sd) + self.rcnt / sig2
-            paired = (cm / (sd * sd) + (float(m[:, r].mean()) * self.rcnt + self.rsum[:, r]) / sig2) / prec
-            self.pbest = np.maximum(self.pbest, argmax_probs(paired, 1.0 / np.sqrt(prec), self.nodes)[0])
+            r, sig2, n = int(np.argmax(model.n)), model.glob()[2], self.rcnt
+            n0 = self.kn.offset_n0 + np.maximum(model.n - n, 0.0)
+            paired = (float(m[:, r].mean()) * n + self.rsum[:, r] + n0 * cm) / (n + n0)
+            self.pbest = np.maximum(self.pbest, argmax_probs(paired, np.sqrt(sig2 / (n + n0)), self.nodes)[0])
         if self.dr_w > 0.5 and model.use_ctx:
             best = int(np.argmax(cm))
             self.emax = float(self.dr[best])

@@ -54,7 +54,7 @@ class HctsKnobs:
     gate_z: float = 3.0
     gate_min: int = 30  # rated calls before the gate may open
     shared_offsets: bool = True  # a coarse cluster's difficulty, shared by the arms (see `glob`)
-    offset_n0: float = 10.0  # pseudo-ratings shrinking a cluster's offset to 0
+    offset_n0: float = 10.0  # pseudo-ratings shrinking a cluster's offset to 0 (a paired advantage too)
     # the dial's calibrator (gateway.routing.hcts_dial)
     lam0: float = 0.05
     lam_min: float = 1e-4
