@@ -1,7 +1,8 @@
 """HCTS's estimate of the best arm (issue 12, the dial's reference): an arm that routing sends only
 the hard prompts must not be read as bad everywhere (it was, and the best arm starved); the dial's
 correction follows exploration's loss as it shrinks; a starved best arm's clipped doubly robust
-mean does not sink the reference below the model's own estimate."""
+mean does not sink the reference below the model's own estimate; an arm's paired advantage over the
+predictions routing chose by keeps it in the budget's reference; the few-ratings trials end."""
 
 from __future__ import annotations
 
