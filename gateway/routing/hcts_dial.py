@@ -134,7 +134,7 @@ class Reference:
         """Before a re-solve: predictions and costs of the recent prompts, and the best arm on them."""
         x, c = self.bx[: self.blen], self.bc[: self.blen]
         m = model.decision_means(x)
-        _, v0, _ = model.glob()
+        _, v0, sig2 = model.glob()
         sd = np.sqrt(v0) + 1e-9
         cm = m.mean(axis=0)
         self.pbest, _ = argmax_probs(cm, sd, self.nodes)
@@ -150,7 +150,7 @@ class Reference:
         # of routing's choices, they count in full, so a few lucky ratings after a fit move nothing).
         # An arm plausible by either estimate counts.
         if self.rcnt.any():
-            r, sig2, n = int(np.argmax(model.n)), model.glob()[2], self.rcnt
+            r, n = int(np.argmax(model.n)), self.rcnt
             n0 = self.kn.offset_n0 + np.maximum(model.n - n, 0.0)
             paired = (float(m[:, r].mean()) * n + self.rsum[:, r] + n0 * cm) / (n + n0)
             self.pbest = np.maximum(self.pbest, argmax_probs(paired, np.sqrt(sig2 / (n + n0)), self.nodes)[0])
