@@ -139,3 +139,34 @@ def test_the_calls_kept_are_those_whose_prompts_the_history_keeps(levels):
 def test_a_negative_cost_level_is_refused():
     with pytest.raises(ValueError, match="level"):
         CostModel(2, 20.0, level=-1)
+
+
+def test_a_warm_start_meets_a_budget_from_the_first_request_when_the_estimates_are_wrong_by_topic():
+    """A fit knows every arm's realised cost on every fitted prompt and what the gateway would have
+    estimated: the cost correction starts from those, not from the calls routing then sends each
+    arm. The dear arm costs twice its estimate on topic 2 (where it is much the best) and half on
+    the others (so 10 on average, its estimate). Fitted on the estimates as well, a budget of 0.35
+    of the dear arm spends 3.5 a call from the start; fitted on the realised costs alone (the
+    correction then learnt from the dear arm's topic-2 calls and carried to its other topics), the
+    reference reads the dear arm twice as dear and the router overspends. The budget's integral is
+    off: the reference and the correction must be right by themselves."""
+
+    def realised(arm: int, topic: int) -> float:
+        factor = (2.0 if topic == 2 else 0.5) if arm == 2 else 1.0
+        return float(factor * test_hcts.COST[arm])
+
+    def realised_mean(with_estimates: bool) -> float:
+        rng = np.random.default_rng(6)
+        x, t = topics(2400, 3, rng)
+        fx, ft, sx, st = x[:1200], t[:1200], x[1200:], t[1200:]
+        scores = (rng.random((1200, 3)) < test_hcts.QUALITY[ft]).astype(np.float64)
+        paid = np.array([[realised(a, ti) for a in range(3)] for ti in ft])
+        estimates = np.tile(test_hcts.COST, (1200, 1)) if with_estimates else None
+        knobs = dataclasses.replace(HctsKnobs(), cost_gain=0.0)
+        policy = Hcts(3, DIM, seed=7, knobs=knobs, dial=DialSpec("budget", 0.35))
+        policy.fit(fx, scores, paid, estimates)
+        picks, _ = test_hcts.stream(policy, sx[:400], st[:400], rng, realised=realised)
+        return float(np.mean([realised(a, ti) for a, ti in zip(picks, st[:400], strict=True)]))
+
+    assert realised_mean(True) == pytest.approx(3.5, rel=0.1)
+    assert realised_mean(False) > 4.5

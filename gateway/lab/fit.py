@@ -19,6 +19,7 @@ from gateway.providers.replay import Record, load
 from gateway.routing import hcts_state
 from gateway.routing.hcts import Hcts
 from gateway.routing.hcts_policy import default_dial
+from gateway.wire import estimate_tokens
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
     for d in datasets[1:]:
         if sorted(d.models) != sorted(models):
             raise ValueError(f"{d.path} has other models ({', '.join(d.models)}) than {datasets[0].path}")
-    xs, scores, costs = [], [], []
+    xs, scores, costs, estimates = [], [], [], []
     encoder = open_encoder(settings, threads=2)  # the configured EMBEDDER: the gateway's space
     answers = answer_lengths([r for d in datasets for r in d.records], models)
     for d in datasets:
@@ -46,9 +47,10 @@ def fit(files: list[str], settings: Settings, out: Path | None = None, seed: int
         xs.append(vectors)
         scores.append(d.scores()[:, order])
         costs.append(d.costs()[:, order])
+        estimates.append(pre_call_estimates(d.records, models, settings, answers))
     path = out or hcts_state.state_file(settings)
     x, s, c = np.concatenate(xs), np.concatenate(scores), np.concatenate(costs)
-    return fit_rows(models, x, s, c, settings, path, encoder.id, seed, answers)
+    return fit_rows(models, x, s, c, settings, path, encoder.id, seed, answers, np.concatenate(estimates))
 
 
 def fit_rows(
@@ -61,16 +63,18 @@ def fit_rows(
     embedder: str,
     seed: int = 0,
     answers: dict[str, float] | None = None,
+    estimates: np.ndarray | None = None,
 ) -> Fitted:
     """HCTS fitted on full-information rows (`x`: the prompts' embeddings by `embedder`; `scores`,
     `costs`: every model's, in the order of `models`; `answers`: each model's mean completion
-    tokens there, see `answer_lengths`), stored at `path`. `fit` for files; the lab's
+    tokens there, see `answer_lengths`; `estimates`: the gateway's cost estimates before each
+    call, see `pre_call_estimates`), stored at `path`. `fit` for files; the lab's
     warm-start check for the first half of its stream."""
     x = unit_rows(x)
     quality = {m.name: m.quality for m in settings.models}
     prior = np.array([np.nan if quality.get(m) is None else quality[m] for m in models], dtype=np.float64)
     policy = Hcts(len(models), x.shape[1], seed, dial=default_dial(settings), prior=prior)
-    policy.fit(x, scores, costs)
+    policy.fit(x, scores, costs, estimates)
     hcts_state.save(policy, models, path, embedder=embedder, answers=answers)
     return Fitted(
         path, models, len(x), [len(c) for c in policy.model.cents], policy.model.use_ctx, policy.dial().lam
@@ -88,6 +92,25 @@ def answer_lengths(records: Sequence[Record], models: list[str]) -> dict[str, fl
         ]
         if counts:
             out[m] = float(np.mean(counts))
+    return out
+
+
+def pre_call_estimates(
+    records: Sequence[Record], models: list[str], settings: Settings, answers: dict[str, float]
+) -> np.ndarray:
+    """(records, models): the cost the gateway estimates for a call before making it (the prompt's
+    tokens as it counts them, the model's mean answer from `answers`, the catalogue's prices;
+    `gateway.routing.stats.ArmStatsCache.estimated_cost` on a gateway started from the fit). nan
+    for a model with no price or no answer lengths in the data: the gateway prices its answers at
+    a default length until it has served it, then at the lengths it sees, another basis than any
+    the fit could take (its cost correction is then learnt online, as without a fit)."""
+    specs = {m.name: m for m in settings.models}
+    out = np.full((len(records), len(models)), np.nan)
+    prompts = [estimate_tokens(r.messages) for r in records]
+    for j, name in enumerate(models):
+        spec, completion = specs.get(name), answers.get(name)
+        if spec is not None and completion is not None:
+            out[:, j] = [spec.cost_usd(p, int(completion)) for p in prompts]
     return out
 
 

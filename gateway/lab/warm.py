@@ -33,7 +33,7 @@ import numpy as np
 from gateway.config_errors import ConfigError
 from gateway.lab import baselines, commands, frontier
 from gateway.lab.commands import _out_dir, _pct, _prepare, _run, report_head
-from gateway.lab.fit import answer_lengths, fit_rows, unit_rows
+from gateway.lab.fit import answer_lengths, fit_rows, pre_call_estimates, unit_rows
 from gateway.lab.report import Trace, summary
 from gateway.lab.runner import Options, lab_settings
 from gateway.providers.replay import ReplayData
@@ -112,6 +112,7 @@ def warm_start(file: str, options: Options, out: str | None) -> dict[str, Any]:
         encoder.id,
         options.seed,
         answers,
+        pre_call_estimates([data.records[i] for i in first], data.models, settings, answers),
     )
     warm_options = Options(
         **{**vars(options), "overrides": {**options.overrides, "router_state_path": str(state)}}
