@@ -16,7 +16,8 @@ dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the b
   Returns a `Pick` whose `ticket` the caller hands back;
 - `observe_call(ticket, cost)`: every finished call (the prompt, the realised cost);
 - `observe_rating(x, arm, score, ...)`: a rating, whenever it comes (with the ticket when known);
-- `fit(X, scores, costs)`: a warm start from full-information rows (every arm's score known);
+- `fit(X, scores, costs, estimates)`: a warm start from full-information rows (every arm's score and
+  realised cost known, with the pre-call cost estimates: the cost correction starts from them);
 - `state()` / `from_state()`: plain arrays and scalars.
 Re-clustering is `model.due()` -> `model.snapshot()` -> `compute_clusters` (a thread) -> `model.apply`;
 with `inline=True` it runs at once (tests, the warm start).
