@@ -2,7 +2,8 @@
 the hard prompts must not be read as bad everywhere (it was, and the best arm starved); the dial's
 correction follows exploration's loss as it shrinks; a starved best arm's clipped doubly robust
 mean does not sink the reference below the model's own estimate; an arm's paired advantage over the
-predictions routing chose by keeps it in the budget's reference; the few-ratings trials end."""
+predictions routing chose by keeps it in the budget's reference; the few-ratings trials end, and
+start again while a budget is starved."""
 
 from __future__ import annotations
 
@@ -185,13 +186,14 @@ def test_a_few_lucky_ratings_do_not_make_a_known_bad_dear_arm_the_reference():
 def test_with_sparse_feedback_the_few_ratings_trials_end_after_their_calls():
     """An arm with fewer than MIN_RATINGS ratings is tried whatever it is believed, but only until
     it has had FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, a bad dear arm would
-    otherwise be tried on a share of calls until it had 100."""
+    otherwise be tried on a share of calls until it had 100. (The budget, 0.8 x the best arm's
+    cost, is one the cheap arms meet: a starved budget tries such arms again, see below.)"""
 
     def bad_dear_arm(few_calls: float) -> tuple[float, float]:
         rng = np.random.default_rng(31)
         x, _ = topics(4000, 2, rng)
         knobs = dataclasses.replace(HctsKnobs(), few_calls=few_calls)
-        policy = Hcts(3, DIM, seed=32, knobs=knobs, dial=DialSpec("budget", 0.5))
+        policy = Hcts(3, DIM, seed=32, knobs=knobs, dial=DialSpec("budget", 0.8))
         quality, cost = np.array([0.8, 0.85, 0.3]), np.array([1.0, 1.5, 10.0])
         for xi in x:
             pick = policy.choose(xi, None, cost)
@@ -236,6 +238,32 @@ def test_an_arm_written_off_before_its_ratings_is_still_tried():
     locked = budget_stream(min_ratings=0)
     assert locked.model.n[1] < 30
     assert locked.ref.ref_cost() == pytest.approx(1.0, rel=0.01)
+
+
+def test_a_budget_starved_by_a_cheap_reference_tries_the_arms_with_few_ratings_again():
+    """With 30 % of calls rated the trials end after their calls, before MIN_RATINGS ratings: the
+    dear arm, the best (0.9), has seven unlucky ratings and reads worst. The reference then falls
+    on mid, 35 % of whose cost is below what even the cheapest arm costs: at any multiplier only
+    the cheapest is affordable and nothing dear is tried again (llmrouter_dev's locks, 3 of 24 runs).
+    Such a starved budget reopens the trials of the arms with fewer than MIN_RATINGS ratings: the
+    dear arm gets its ratings, is found the best and sets the reference."""
+    rng = np.random.default_rng(41)
+    x, _ = topics(3000, 2, rng)
+    policy = Hcts(3, DIM, seed=42, dial=DialSpec("budget", 0.35))
+    cost, quality = np.array([1.0, 2.0, 10.0]), np.array([0.5, 0.6, 0.9])
+    paid = []
+    for xi in x:
+        pick = policy.choose(xi, None, cost)
+        policy.observe_call(pick.ticket, xi, pick.arm, cost[pick.arm])
+        paid.append(cost[pick.arm])
+        if rng.random() < 0.3:
+            unlucky = pick.arm == 2 and policy.model.n[2] < 7
+            score = 0.0 if unlucky else float(rng.random() < quality[pick.arm])
+            policy.observe_rating(xi, pick.arm, score, ticket=pick.ticket)
+    assert policy.model.n[2] >= policy.kn.min_ratings
+    assert int(np.argmax(policy.model.glob()[0])) == 2
+    assert policy.ref.ref_cost() == pytest.approx(10.0, rel=0.05)
+    assert np.mean(paid[-500:]) > 2.5  # (locked: 1.0, the cheapest arm on every call)
 
 
 def test_propensities_include_the_arms_tried_for_their_few_ratings():

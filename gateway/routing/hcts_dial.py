@@ -198,6 +198,13 @@ class Dial:
         self.integ = self.bias = self.bias_w = 0.0
         self.xgap = self.xgap_w = 0.0  # EW (greedy pick's predicted quality - the decision's expected)
         self.calls = 0
+        # At the last re-solve, a budget below what even the cheapest picks cost. Either the user
+        # asked for less than the cheapest model costs, or the reference is wrong: an arm read best
+        # while the best had only a few unlucky ratings (llmrouter_dev at 30 % feedback: a cheap
+        # model, 35 % of whose cost buys nothing, the best read worse on 13 ratings), a belief the
+        # starved budget never lets routing test. `Hcts` then tries the arms with fewer than
+        # MIN_RATINGS ratings again (in the first case that costs each at most MIN_RATINGS ratings).
+        self.starved = False
 
     @property
     def lam(self) -> float:
@@ -248,7 +255,7 @@ class Dial:
     def solve(self, m: np.ndarray, c: np.ndarray, ref: Reference, step: float | None = None) -> None:
         if self.spec.mode == "fixed" or len(m) == 0:
             return
-        lam = solve_lambda(self.spec, m, c, ref, self.kn, self.integ)
+        lam, self.starved = _solve(self.spec, m, c, ref, self.kn, self.integ)
         move = math.log(lam) - self.log_lam
         if step is not None:
             move = max(-step, min(step, move))
@@ -272,8 +279,16 @@ def solve_lambda(
 ) -> float:
     """The multiplier with which the greedy policy meets the dial on predictions `m` (B, K) and
     cost estimates `c` (B, K)."""
+    return _solve(spec, m, c, ref, knobs, integ)[0]
+
+
+def _solve(
+    spec: DialSpec, m: np.ndarray, c: np.ndarray, ref: Reference, knobs: HctsKnobs, integ: float = 0.0
+) -> tuple[float, bool]:
+    """`solve_lambda`, and whether a budget (a share of the reference arm's cost) is below what
+    even the cheapest picks cost."""
     if spec.mode == "fixed":
-        return spec.target
+        return spec.target, False
     cn = ref.c_norm()
     rows = np.arange(len(m))
 
@@ -293,18 +308,19 @@ def solve_lambda(
             return -float(budget - c[rows, picks(ll)].mean())
 
     lo, hi = math.log(knobs.lam_min), math.log(knobs.lam_max)
+    starved = spec.mode == "budget" and spec.target * unit < float(c[rows, picks(hi)].mean())
     if excess(lo) <= 0:
-        return math.exp(lo)
+        return math.exp(lo), starved
     if excess(hi) >= 0:
         if spec.mode == "quality":
-            return math.exp(hi)
+            return math.exp(hi), False
         # A budget below what even the cheapest picks cost: the smallest multiplier that makes
         # them, not LAM_MAX, whose penalty would drown the samples' spread for good (the arms
         # that may be better than believed would never be tried again, and a reference wrongly
         # set on a cheap arm could never be corrected).
         cheapest = float(c[rows, picks(hi)].mean()) * (1 + 1e-6)
-        return math.exp(_bisect(lambda ll: float(c[rows, picks(ll)].mean()) - cheapest, lo, hi))
-    return math.exp(_bisect(excess, lo, hi))
+        return math.exp(_bisect(lambda ll: float(c[rows, picks(ll)].mean()) - cheapest, lo, hi)), starved
+    return math.exp(_bisect(excess, lo, hi)), starved
 
 
 def _bisect(excess: Callable[[float], float], lo: float, hi: float) -> float:
