@@ -308,3 +308,7 @@ def test_an_observed_mean_of_zero_completion_tokens_is_not_replaced_by_the_defau
     assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, 0)
     cache.stats["m"] = ArmStats("m", calls=3, ok_calls=3, completion_tokens_sum=30)
     assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, 10)
+    # a fitted state's answer length stays the basis, whatever the calls routing sent answered: the
+    # fit's cost correction was learnt against estimates on it
+    cache.expected_answers["m"] = 40.0
+    assert cache.estimated_cost("m", ctx) == spec.cost_usd(1000, 40)

@@ -245,8 +245,8 @@ def test_a_budget_starved_by_a_cheap_reference_tries_the_arms_with_few_ratings_a
     dear arm, the best (0.9), has seven unlucky ratings and reads worst. The reference then falls
     on mid, 35 % of whose cost is below what even the cheapest arm costs: at any multiplier only
     the cheapest is affordable and nothing dear is tried again (llmrouter_dev's locks, 3 of 24 runs).
-    Such a starved budget reopens the trials of the arms with fewer than MIN_RATINGS ratings: the
-    dear arm gets its ratings, is found the best and sets the reference."""
+    Such a starved budget gives the arms with fewer than MIN_RATINGS ratings as many trial calls
+    again: the dear arm gets more ratings, is found the best and sets the reference."""
     rng = np.random.default_rng(41)
     x, _ = topics(3000, 2, rng)
     policy = Hcts(3, DIM, seed=42, dial=DialSpec("budget", 0.35))

@@ -11,7 +11,7 @@ dial `gateway.routing.hcts_dial`; this module makes the decision and keeps the b
   schedule in calls, not ratings, or sparse feedback keeps the boost, on top of its wider
   posteriors, through thousands of calls), mixed
   with a tiny uniform floor and with trials of the arms that have fewer than MIN_RATINGS ratings
-  and FEW_CALLS x MIN_RATINGS calls, or any calls while a budget is starved (FEW_SHARE x such
+  and FEW_CALLS x MIN_RATINGS calls, twice that while a budget is starved (FEW_SHARE x such
   arms / eligible arms); the propensities of
   every eligible arm in closed form.
   Returns a `Pick` whose `ticket` the caller hands back;
@@ -160,13 +160,14 @@ class Hcts:
         # of calls (else a few unlucky first ratings can starve the best arm for good), until they
         # have been paid for on FEW_CALLS x MIN_RATINGS calls: with 30 % of calls rated, 30 ratings
         # took every arm a hundred calls, and routerbench_dev's second half still sent one in eight
-        # calls to the few-ratings arms (claude-v1/v2 among them, at 10x the cost of Yi-34B); but
-        # while a budget is starved (its reference so cheap that the cheapest picks overspend it, see
-        # `Dial.starved`) they are tried again: the reference may rest on their unlucky few ratings
+        # calls to the few-ratings arms (claude-v1/v2 among them, at 10x the cost of Yi-34B); while a
+        # budget is starved (its reference so cheap that the cheapest picks overspend it, see
+        # `Dial.starved`) they get as many calls again: the reference may rest on their unlucky few
+        # ratings (bounded in calls, as feedback may be sparse or the user's budget really that low)
         few = np.zeros(0, np.int64)
         if len(elig) > 1:
             n, paid, kn = model.n[elig], model.cost.seen[elig], self.kn
-            trying = (paid < kn.few_calls * kn.min_ratings) | dial.starved
+            trying = paid < kn.few_calls * kn.min_ratings * (2 if dial.starved else 1)
             few = np.flatnonzero((n < kn.min_ratings) & trying)
         f = self.kn.few_share * len(few) / len(elig)
         explored = r_explore < eps or r_few < f
@@ -284,6 +285,8 @@ class Hcts:
             costs, est = np.asarray(costs, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
             cls = [model.clusters(row) for row in x]
             for i, cl in enumerate(cls):
+                if seq0 + i < model.history.base:  # (dropped from the history by the re-clustering)
+                    continue
                 for arm in range(self.k):
                     model.cost.add(cl, seq0 + i, arm, float(est[i, arm]), float(costs[i, arm]))
             corrected = est * np.array([model.cost.ratio(cl) for cl in cls])

@@ -202,8 +202,9 @@ class Dial:
         # asked for less than the cheapest model costs, or the reference is wrong: an arm read best
         # while the best had only a few unlucky ratings (llmrouter_dev at 30 % feedback: a cheap
         # model, 35 % of whose cost buys nothing, the best read worse on 13 ratings), a belief the
-        # starved budget never lets routing test. `Hcts` then tries the arms with fewer than
-        # MIN_RATINGS ratings again (in the first case that costs each at most MIN_RATINGS ratings).
+        # starved budget never lets routing test. `Hcts` then gives the arms with fewer than
+        # MIN_RATINGS ratings another FEW_CALLS x MIN_RATINGS calls of trials (in the first case
+        # that is their cost, once).
         self.starved = False
 
     @property
@@ -262,7 +263,7 @@ class Dial:
         self.set_lam(math.exp(self.log_lam + move))
 
     def state(self) -> dict[str, Any]:
-        keys = ("log_lam", "integ", "bias", "bias_w", "xgap", "xgap_w", "calls")
+        keys = ("log_lam", "integ", "bias", "bias_w", "xgap", "xgap_w", "calls", "starved")
         return {"mode": self.spec.mode, "target": self.spec.target, **{k: getattr(self, k) for k in keys}}
 
     @classmethod
@@ -271,6 +272,7 @@ class Dial:
         dial.log_lam, dial.integ = float(d["log_lam"]), float(d["integ"])
         dial.bias, dial.bias_w, dial.calls = float(d["bias"]), float(d["bias_w"]), int(d["calls"])
         dial.xgap, dial.xgap_w = float(d.get("xgap", 0.0)), float(d.get("xgap_w", 0.0))
+        dial.starved = bool(d.get("starved", False))
         return dial
 
 

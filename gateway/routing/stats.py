@@ -64,8 +64,10 @@ class ArmStatsCache:
         self.tenant_cap = tenant_cap
         self.stats: dict[str, ArmStats] = {}  # every tenant's together
         self.shares: dict[str, _Shares] = {}
-        # A model's answer length before it has served any call here (a fitted router state's,
-        # `llm-router fit`), else DEFAULT_COMPLETION_TOKENS.
+        # A model's answer length from a fitted router state (`llm-router fit`): its cost estimates
+        # stay on it, the basis HCTS's cost correction was fitted against (the mean answer of the
+        # calls routing sends a model drifts with routing: gpt-4's is 1 token on ARC, 306 on MBPP).
+        # Without one, what the model's calls here have answered, else DEFAULT_COMPLETION_TOKENS.
         self.expected_answers: dict[str, float] = {}
 
     async def load(self) -> None:
@@ -115,9 +117,8 @@ class ArmStatsCache:
         observed = stats.completion_tokens_avg if stats is not None else None
         # an observed mean of 0 tokens is a measurement (answers billed for their prompt only, as in
         # a replay file without completion tokens), not "nothing observed"
-        completion = (
-            self.expected_answers.get(name, DEFAULT_COMPLETION_TOKENS) if observed is None else observed
-        )
+        seen = DEFAULT_COMPLETION_TOKENS if observed is None else observed
+        completion = self.expected_answers.get(name, seen)
         if ctx.max_tokens:
             completion = min(completion, ctx.max_tokens)
         return self.specs[name].cost_usd(ctx.prompt_tokens, int(completion))
