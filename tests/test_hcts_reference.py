@@ -263,7 +263,7 @@ def test_a_budget_starved_by_a_cheap_reference_tries_the_arms_with_few_ratings_a
     assert policy.model.n[2] >= policy.kn.min_ratings
     assert int(np.argmax(policy.model.glob()[0])) == 2
     assert policy.ref.ref_cost() == pytest.approx(10.0, rel=0.05)
-    assert np.mean(paid[-500:]) > 2.5  # (locked: 1.0, the cheapest arm on every call)
+    assert np.mean(paid[-500:]) > 2.5  # (locked: about 1.5, the cheap and mid arms)
 
 
 def test_propensities_include_the_arms_tried_for_their_few_ratings():
