@@ -14,12 +14,14 @@ import numpy as np
 
 from gateway.config import Settings
 from gateway.embedders import open_encoder
+from gateway.lab import baselines
 from gateway.lab.runner import embeddings_for
 from gateway.providers.replay import Record, load
 from gateway.routing import hcts_state
+from gateway.routing.bandit import Knobs
 from gateway.routing.hcts import Hcts
 from gateway.routing.hcts_policy import default_dial
-from gateway.wire import estimate_tokens
+from gateway.routing.stats import ArmStatsCache
 
 
 @dataclass(frozen=True)
@@ -98,19 +100,19 @@ def answer_lengths(records: Sequence[Record], models: list[str]) -> dict[str, fl
 def pre_call_estimates(
     records: Sequence[Record], models: list[str], settings: Settings, answers: dict[str, float]
 ) -> np.ndarray:
-    """(records, models): the cost the gateway estimates for a call before making it (the prompt's
-    tokens as it counts them, the model's mean answer from `answers`, the catalogue's prices;
-    `gateway.routing.stats.ArmStatsCache.estimated_cost` on a gateway started from the fit). nan
-    for a model with no price or no answer lengths in the data: the gateway prices its answers at
-    a default length until it has served it, then at the lengths it sees, another basis than any
-    the fit could take (its cost correction is then learnt online, as without a fit)."""
-    specs = {m.name: m for m in settings.models}
+    """(records, models): the cost the gateway estimates for a call before making it, by its own
+    estimator (`ArmStatsCache.estimated_cost`, with the answer lengths a gateway started from the
+    fit is given). nan for a model with no price or no answer lengths in the data: the gateway
+    prices its answers at a default length until it has served it, then at the lengths it sees,
+    another basis than any the fit could take (its cost correction is then learnt online, as
+    without a fit)."""
+    arms = ArmStatsCache(settings.models, Knobs.from_settings(settings))
+    arms.expected_answers.update(answers)
+    contexts = [baselines._context(r, t) for t, r in enumerate(records)]
     out = np.full((len(records), len(models)), np.nan)
-    prompts = [estimate_tokens(r.messages) for r in records]
     for j, name in enumerate(models):
-        spec, completion = specs.get(name), answers.get(name)
-        if spec is not None and completion is not None:
-            out[:, j] = [spec.cost_usd(p, int(completion)) for p in prompts]
+        if name in arms.specs and name in answers:
+            out[:, j] = [arms.estimated_cost(name, ctx) for ctx in contexts]
     return out
 
 
