@@ -297,6 +297,7 @@ def _solve(
     def picks(ll: float) -> np.ndarray:
         return np.asarray(np.argmax(m - math.exp(ll) * c / cn, axis=1))
 
+    lo, hi = math.log(knobs.lam_min), math.log(knobs.lam_max)
     if spec.mode == "quality":
         goal = (spec.target + integ) * ref.emax
 
@@ -305,12 +306,12 @@ def _solve(
     else:
         unit = ref.ref_cost(c.mean(0)) if spec.mode == "budget" else 1.0
         budget = max(spec.target - integ, 1e-3 * spec.target) * unit
+        floor = float(c[rows, picks(hi)].mean())  # what even the cheapest picks cost
 
         def excess(ll: float) -> float:  # budget left: increasing in ll
             return -float(budget - c[rows, picks(ll)].mean())
 
-    lo, hi = math.log(knobs.lam_min), math.log(knobs.lam_max)
-    starved = spec.mode == "budget" and spec.target * unit < float(c[rows, picks(hi)].mean())
+    starved = spec.mode == "budget" and spec.target * unit < floor
     if excess(lo) <= 0:
         return math.exp(lo), starved
     if excess(hi) >= 0:
@@ -320,7 +321,7 @@ def _solve(
         # them, not LAM_MAX, whose penalty would drown the samples' spread for good (the arms
         # that may be better than believed would never be tried again, and a reference wrongly
         # set on a cheap arm could never be corrected).
-        cheapest = float(c[rows, picks(hi)].mean()) * (1 + 1e-6)
+        cheapest = floor * (1 + 1e-6)
         return math.exp(_bisect(lambda ll: float(c[rows, picks(ll)].mean()) - cheapest, lo, hi)), starved
     return math.exp(_bisect(excess, lo, hi)), starved
 
