@@ -53,23 +53,25 @@ def test_a_rebuild_puts_the_calls_in_the_new_clusters_and_the_state_round_trips(
     assert again.ratio((1,)) == pytest.approx(cost.ratio((1,)))
 
 
+def dear_on_topic_2(arm: int, topic: int) -> float:
+    """A call's realised cost: the dear arm's (2) twice its estimate on topic 2, half elsewhere."""
+    factor = (2.0 if topic == 2 else 0.5) if arm == 2 else 1.0
+    return float(factor * test_hcts.COST[arm])
+
+
 def test_a_budget_is_met_when_the_estimates_are_wrong_by_kind_of_prompt():
     """Right on average over all prompts, wrong per topic: the dear arm's answers on topic 2 (where
     it is much the best) cost twice its estimate, on the others half. The router sends it mostly
     topic 2, so without the correction (and without the budget's integral, off here) it overspends;
     with it the realised mean cost is the budget."""
 
-    def realised(arm: int, topic: int) -> float:
-        factor = (2.0 if topic == 2 else 0.5) if arm == 2 else 1.0
-        return float(factor * test_hcts.COST[arm])
-
     def realised_mean(n0: float) -> float:
         rng = np.random.default_rng(4)
         x, t = topics(3000, 3, rng)
         knobs = dataclasses.replace(HctsKnobs(), cost_gain=0.0, cost_n0=n0)
         policy = Hcts(3, DIM, seed=5, knobs=knobs, dial=DialSpec("usd", 2.0))
-        picks, _ = test_hcts.stream(policy, x, t, rng, realised=realised)
-        return float(np.mean([realised(a, ti) for a, ti in zip(picks[1500:], t[1500:], strict=True)]))
+        picks, _ = test_hcts.stream(policy, x, t, rng, realised=dear_on_topic_2)
+        return float(np.mean([dear_on_topic_2(a, ti) for a, ti in zip(picks[1500:], t[1500:], strict=True)]))
 
     assert realised_mean(HctsKnobs().cost_n0) == pytest.approx(2.0, rel=0.06)
     assert realised_mean(1e12) > 2.4
@@ -151,22 +153,18 @@ def test_a_warm_start_meets_a_budget_from_the_first_request_when_the_estimates_a
     reference reads the dear arm twice as dear and the router overspends. The budget's integral is
     off: the reference and the correction must be right by themselves."""
 
-    def realised(arm: int, topic: int) -> float:
-        factor = (2.0 if topic == 2 else 0.5) if arm == 2 else 1.0
-        return float(factor * test_hcts.COST[arm])
-
     def realised_mean(with_estimates: bool) -> float:
         rng = np.random.default_rng(6)
         x, t = topics(2400, 3, rng)
         fx, ft, sx, st = x[:1200], t[:1200], x[1200:], t[1200:]
         scores = (rng.random((1200, 3)) < test_hcts.QUALITY[ft]).astype(np.float64)
-        paid = np.array([[realised(a, ti) for a in range(3)] for ti in ft])
+        paid = np.array([[dear_on_topic_2(a, ti) for a in range(3)] for ti in ft])
         estimates = np.tile(test_hcts.COST, (1200, 1)) if with_estimates else None
         knobs = dataclasses.replace(HctsKnobs(), cost_gain=0.0)
         policy = Hcts(3, DIM, seed=7, knobs=knobs, dial=DialSpec("budget", 0.35))
         policy.fit(fx, scores, paid, estimates)
-        picks, _ = test_hcts.stream(policy, sx[:400], st[:400], rng, realised=realised)
-        return float(np.mean([realised(a, ti) for a, ti in zip(picks, st[:400], strict=True)]))
+        picks, _ = test_hcts.stream(policy, sx[:400], st[:400], rng, realised=dear_on_topic_2)
+        return float(np.mean([dear_on_topic_2(a, ti) for a, ti in zip(picks, st[:400], strict=True)]))
 
     assert realised_mean(True) == pytest.approx(3.5, rel=0.1)
     assert realised_mean(False) > 4.5
