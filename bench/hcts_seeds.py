@@ -7,7 +7,8 @@ configured EMBEDDER, cached in DATA_DIR/lab-cache, made by a first `llm-router r
 same --data-dir), each arm's pre-call cost estimate as the lab's non-contextual baseline computes
 it, every call observed with its realised cost, the rated calls with their score, re-clustering
 inline - for several policy seeds per lab seed, and prints for each run the second half's score
-and cost shares of the best single model, the lift over the zero router, and the decision's p50.
+and cost shares of the best single model, the lift over the zero router, and the decision's p50
+(as the gateway decides: the propensities, computed while the call is upstream, not in it).
 A record's `task` is never read.
 
   python bench/hcts_seeds.py FILE --lab-seeds 0 1 2 --policy-seeds 1 2 3 4 --data-dir DIR
@@ -68,7 +69,9 @@ def run(
             record, x = data.records[i], x_all[i]
             costs = np.array([v.cost_usd for v in cache.views(arms, baselines._context(record, t))])
             t0 = time.perf_counter()
-            pick = core.choose(x, None, costs)
+            # lazy, as the gateway decides: the propensities are filled by observe_call (the
+            # gateway computes them while the call is upstream); the picks are the same
+            pick = core.choose(x, None, costs, lazy=True)
             timings.append(time.perf_counter() - t0)
             model = arms[pick.arm]
             core.observe_call(pick.ticket, x, pick.arm, data.cost(record, model))
