@@ -12,7 +12,7 @@ prompts: a point is (cost share, score share).
   undefined below that point's cost share: n/a) at 10/20/35/50 % cost share, and the smallest cost
   share at which it reaches 95 % and 100 % of the best model's score (n/a when it never does).
 
-The same arithmetic as the research that set these targets (/work/scratch/routing/sim.py).
+The same arithmetic as the research prototype that set issue 12's targets (not in this repository).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from gateway.routing.hcts_math import Clustering, logit, onehot, shifted
 
 @dataclass(frozen=True)
 class HctsKnobs:
-    """HCTS's knobs, with the defaults of the research (issue 12, /work/scratch/routing/RESULTS.md)."""
+    """HCTS's knobs (the defaults came from issue 12's research; changes since: docs/hcts-notebook.md)."""
 
     levels: tuple[int, ...] = (4, 16, 64)  # k-means granularities; () = non-contextual
     min_cluster: int = 24  # a level has at most (#prompts seen) / MIN_CLUSTER clusters
