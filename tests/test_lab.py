@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import httpx
@@ -410,3 +411,36 @@ def test_a_slice_of_routerbench(tmp_path, data_dir, static_model):
     assert auto["cost_share_of_best"] <= 0.39
     assert auto["mean_score"] > report["strategies"]["random"]["all"]["mean_score"]
     assert auto["mean_score"] > report["strategies"]["round_robin"]["all"]["mean_score"]
+
+
+@pytest.mark.skipif(
+    not (SHARED / "routerbench_dev.jsonl").is_file(), reason="../shared/data/replay is not here"
+)
+def test_a_replay_rates_a_call_only_once_the_reclustering_it_started_is_applied(
+    tmp_path, data_dir, static_model, monkeypatch
+):
+    # HCTS re-clusters in a thread; a slow one (a loaded machine) must not let a rating in before
+    # it is applied, else the run depends on the thread's speed (measured: two replays of one seed
+    # under load parted at the 520th call)
+    from gateway.routing import hcts_policy
+
+    compute = hcts_policy.compute_clusters
+    observe = hcts_policy.HctsPolicy.observe
+    during: list[str] = []
+
+    def slow(*args):
+        time.sleep(0.3)
+        return compute(*args)
+
+    def watched(self, rating):
+        if self.clustering is not None and not self.clustering.done():
+            during.append(rating.request_id)
+        return observe(self, rating)
+
+    monkeypatch.setattr(hcts_policy, "compute_clusters", slow)
+    monkeypatch.setattr(hcts_policy.HctsPolicy, "observe", watched)
+    options = Options(feedback_rate=1.0, seed=0, store="memory", data_dir=data_dir, limit=140)
+    report = replay(str(SHARED / "routerbench_dev.jsonl"), options, str(tmp_path / "rb"))
+    assert report["router"]["settings"]["router_policy"] == "hcts"
+    assert report["records"] == 140  # re-clustered after 64 and 128 prompts
+    assert during == []
