@@ -427,8 +427,10 @@ def test_a_replay_rates_a_call_only_once_the_reclustering_it_started_is_applied(
     compute = hcts_policy.compute_clusters
     observe = hcts_policy.HctsPolicy.observe
     during: list[str] = []
+    runs: list[int] = []
 
     def slow(*args):
+        runs.append(1)
         time.sleep(0.3)
         return compute(*args)
 
@@ -442,5 +444,6 @@ def test_a_replay_rates_a_call_only_once_the_reclustering_it_started_is_applied(
     options = Options(feedback_rate=1.0, seed=0, store="memory", data_dir=data_dir, limit=140)
     report = replay(str(SHARED / "routerbench_dev.jsonl"), options, str(tmp_path / "rb"))
     assert report["router"]["settings"]["router_policy"] == "hcts"
-    assert report["records"] == 140  # re-clustered after 64 and 128 prompts
+    assert report["records"] == 140
+    assert len(runs) == 2  # re-clustered after 64 and 128 prompts: the wait was put to the test
     assert during == []
