@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     router_dial_mode: DialMode = "budget"
     router_dial_target: float = Field(default=DIAL_DEFAULTS["budget"], gt=0)
     router_state_path: Path | None = None  # `llm-router fit`'s (default DATA_DIR/router_state.npz)
+    # hcts: what the gateway learnt is saved when it stops (beside ROUTER_STATE_PATH, `.live.npz`)
+    # and is where it starts from next time, unless `llm-router fit` wrote a newer state.
+    router_state_keep: bool = True
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)

@@ -58,6 +58,9 @@ def model(name: str, base_url: str, **kw: Any) -> dict[str, Any]:
 def make_settings(models: list[dict[str, Any]] | list[ModelSpec], **kw: Any) -> Settings:
     kw.setdefault("enable_persistence", False)
     kw.setdefault("retry_backoff_ms", 1)
+    # A test's gateway starts from nothing: what another test's learnt (saved in the shared default
+    # DATA_DIR when it stopped) must not carry over. The tests of ROUTER_STATE_KEEP turn it on.
+    kw.setdefault("router_state_keep", False)
     if kw["enable_persistence"] and "data_dir" not in kw and "spool_dir" not in kw:
         # Each gateway its own spool: one left by an earlier test must not replay into this one.
         kw["spool_dir"] = Path(tempfile.mkdtemp(prefix="spool-"))

@@ -226,6 +226,65 @@ def test_the_default_policy_end_to_end(fake, gateway, dsn):
     assert core is not None and core.model.rated == 12 and core.model.seen == 12
 
 
+def test_a_restarted_gateway_goes_on_from_what_it_learnt(fake, gateway, dsn, tmp_path):
+    """ROUTER_STATE_KEEP: a gateway that stops saves what HCTS learnt; the next one starts from it
+    (the prompts of unrated calls, the dial's multiplier: not only the store's rated calls) and
+    applies each of the store's ratings once; a state `llm-router fit` wrote since wins."""
+    catalogue = [
+        model("cheap", fake.url(answer="a_recipe"), input_usd_per_mtok=0.1, output_usd_per_mtok=0.1),
+        model("dear", fake.url(answer="some_code"), input_usd_per_mtok=5.0, output_usd_per_mtok=15.0),
+    ]
+    settings = make_settings(
+        catalogue, enable_persistence=True, database_url=dsn, data_dir=tmp_path, router_state_keep=True
+    )
+    gw = gateway(settings, seed=1)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    ids = []
+    for i in range(30):
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": f"question number {i} about soup"}]
+        )
+        ids.append(raw.headers["x-request-id"])
+        if i < 20:
+            httpx.post(gw.url + "/feedback", json={"request_id": ids[-1], "score": 0.8}).raise_for_status()
+    core = gw.services.router.policy.core
+    assert wait_for(lambda: core.calls == 30 and core.model.rated == 20)
+    lam = core.dial().lam
+    gw.__exit__()
+    live = tmp_path / "router_state.live.npz"
+    assert live.is_file() and not (tmp_path / "router_state.npz").exists()
+
+    gw2 = gateway(settings, seed=2)
+    core2 = gw2.services.router.policy.core
+    assert core2 is not None and core2.model.seen == 30  # the store alone has the 20 rated ones
+    assert core2.model.rated == 20 and core2.dial().lam == pytest.approx(lam)  # none twice
+    # a rating of a call the first gateway made, posted to the second: applied once, and a
+    # refresh of the store's ratings after it does not apply it again
+    httpx.post(gw2.url + "/feedback", json={"request_id": ids[25], "score": 0.3}).raise_for_status()
+    assert wait_for(lambda: core2.model.rated == 21)
+    gw2.call(gw2.services.router.refresh_stats())
+    assert core2.model.rated == 21
+    gw2.__exit__()
+
+    # `llm-router fit` wrote a state since (here: the second gateway's, saved as `fit` saves): it
+    # is the start, and the store's 21 ratings come on top of it (a fit's rows are not the store's)
+    fitted = tmp_path / "router_state.npz"
+    policy2 = gw2.services.router.policy
+    hcts_state.save(core2, policy2.arms, fitted, embedder=policy2.deps.embedder)
+    gw3 = gateway(settings, seed=3)
+    core3 = gw3.services.router.policy.core
+    assert core3 is not None and core3.model.rated == 21 + 21
+    gw3.__exit__()
+    off = make_settings(catalogue, enable_persistence=True, database_url=dsn, data_dir=tmp_path)
+    fitted.unlink()
+    before = live.stat().st_mtime_ns
+    gw4 = gateway(off, seed=4)  # ROUTER_STATE_KEEP off: neither read nor written
+    core4 = gw4.services.router.policy.core
+    assert core4 is not None and core4.model.rated == 21 and core4.model.seen == 21
+    gw4.__exit__()
+    assert live.stat().st_mtime_ns == before
+
+
 def test_fit_command_warm_starts_a_gateway(gateway, data_dir, tmp_path):
     """`llm-router fit FILE` stores a state; a gateway with the same models routes well from its
     first request (no feedback at all), and keeps learning."""

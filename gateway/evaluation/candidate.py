@@ -48,7 +48,9 @@ FIXED = {
     "models_dir",
     "enable_persistence",
 }
-FROZEN = {"stats_refresh_s": 1e12}  # the candidate never refreshes its state during the window
+# the candidate never refreshes its state during the window, and never starts from (or saves) what
+# the live gateway learnt: that has seen the window's outcomes
+FROZEN = {"stats_refresh_s": 1e12, "router_state_keep": False}
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def demo(file: str, options: DemoOptions) -> Tally:
         "host": "127.0.0.1",
         "log_level": "warning",
         "enable_persistence": options.store == "postgres",
+        "router_state_keep": False,  # it learns live, from nothing, every time
         **options.overrides,
     }
     if options.models_dir is not None:

@@ -128,6 +128,7 @@ def lab_settings(data: ReplayData, options: Options, database_url: str | None) -
     # on this file's outcomes, perhaps) must not leak into the run; --set ROUTER_STATE_PATH=FILE
     # warm-starts on purpose.
     values["router_state_path"] = str(options.data_dir / "lab" / "no-fitted-state.npz")
+    values["router_state_keep"] = False  # nor what an earlier run learnt
     if database_url:
         values["database_url"] = database_url
     values.update(options.overrides)

@@ -8,8 +8,9 @@
   every rating, whenever it comes. Ratings of other replicas (and, at start, every rated call in
   the store within RECENCY_DAYS) come in through `sync`, as for `lin_ts`.
 - Re-clustering (k-means over the prompts seen) runs in a thread, never on the request path.
-- At start, the state `llm-router fit` stored (ROUTER_STATE_PATH) is the starting point, if any;
-  else the catalogue's `quality` hints are the arms' prior means and their prices the cost scale.
+- At start, what the gateway had learnt when it last stopped (ROUTER_STATE_KEEP: saved by `keep`)
+  is the starting point, unless `llm-router fit` stored a newer state (ROUTER_STATE_PATH); else
+  the catalogue's `quality` hints are the arms' prior means and their prices the cost scale.
 One model for every tenant (its arm statistics are not split by tenant).
 """
 
@@ -21,7 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import ClassVar, TypeVar
 
 import numpy as np
@@ -104,30 +105,63 @@ class HctsPolicy:
         self.index = {name: i for i, name in enumerate(self.arms)}
         self.dial = default_dial(s)
         self.seed = core_seed(deps.rng)
-        self.core = core if core is not None else self._stored()
         self.open: OrderedDict[Key, Ticket] = OrderedDict()
         self.done: OrderedDict[Key, Ticket] = OrderedDict()
         self.absorbed: OrderedDict[Key, float] = OrderedDict()
         self.synced = utcnow() - timedelta(days=s.recency_days)
+        self.answers: dict[str, float] = {}  # a fitted state's answer lengths (kept by `keep`)
         self.clustering: asyncio.Task[None] | None = None
+        self.core = core if core is not None else self._stored()
 
     def _stored(self) -> Hcts | None:
-        path = hcts_state.state_file(self.deps.settings)
-        if not path.exists():
-            return None
-        try:
-            core = hcts_state.load(path, self.arms, self.dial, embedder=self.deps.embedder)
-        except Exception as exc:  # a broken file must not keep the gateway from starting
-            log.warning("cannot load the router state %s (%s); starting without it", path, exc)
-            return None
-        if core is not None:
+        """The live state (ROUTER_STATE_KEEP) unless a fitted one is newer, else the fitted one."""
+        s = self.deps.settings
+        fitted, live = hcts_state.state_file(s), hcts_state.live_file(s)
+        paths = [fitted] if fitted.exists() else []
+        if s.router_state_keep and live.exists():
+            newer = not paths or live.stat().st_mtime >= fitted.stat().st_mtime
+            paths.insert(0 if newer else 1, live)
+        for path in paths:
+            try:
+                core = hcts_state.load(path, self.arms, self.dial, embedder=self.deps.embedder)
+                mark = hcts_state.synced(path)
+                answers = hcts_state.answer_lengths(path)
+            except Exception as exc:  # a broken file must not keep the gateway from starting
+                log.warning("cannot load the router state %s (%s); starting without it", path, exc)
+                continue
+            if core is None:
+                continue
             core.inline = False
-            answers = hcts_state.answer_lengths(path)
-            self.deps.arms.expected_answers.update({m: n for m, n in answers.items() if m in self.index})
+            self.answers = {m: n for m, n in answers.items() if m in self.index}
+            self.deps.arms.expected_answers.update(self.answers)
+            if mark is not None:  # what it had absorbed of the store's ratings: not applied twice
+                self.synced = datetime.fromisoformat(mark[0])
+                self.absorbed.update(mark[1])
             log.info(
                 "router state loaded from %s (%d prompts, %d rated)", path, core.model.seen, core.model.rated
             )
-        return core
+            return core
+        return None
+
+    async def keep(self) -> None:
+        """What HCTS learnt, saved for the next start (ROUTER_STATE_KEEP), when the gateway stops:
+        a restart goes on from it (its clusters, its dial's multiplier, its cost corrections, the
+        prompts of unrated calls), not from the store's rated calls alone."""
+        s, core = self.deps.settings, self.core
+        if not s.router_state_keep or core is None or core.model.seen == 0:
+            return
+        path, t0 = hcts_state.live_file(s), time.perf_counter()
+        mark = (self.synced.isoformat(), dict(self.absorbed))
+        args = (core, self.arms, path, self.deps.embedder, self.answers, mark, False)
+        try:
+            await asyncio.to_thread(hcts_state.save, *args)
+        except Exception as exc:  # the next start rebuilds from the store, as without it
+            log.warning("cannot save the router state to %s: %s", path, exc)
+            return
+        log.info(
+            "router state saved to %s (%d prompts, %d rated) in %.2f s",
+            path, core.model.seen, core.model.rated, time.perf_counter() - t0,
+        )  # fmt: skip
 
     def _core(self, dim: int) -> Hcts | None:
         if self.core is None:
@@ -256,6 +290,7 @@ class HctsPolicy:
             self.clustering.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.clustering
+        await self.keep()
 
     async def sync(self) -> None:
         """Ratings this replica did not take (other replicas'; at start, the store's), once each."""

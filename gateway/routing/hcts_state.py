@@ -1,12 +1,16 @@
-"""HCTS's state on disk (ROUTER_STATE_PATH, default DATA_DIR/router_state.npz): what `llm-router
-fit` learnt, loaded when the gateway starts. A numpy .npz without pickles: the arrays under their
-dotted names, everything else as JSON in `meta`, and the arms' names, so that a catalogue listing
-the same models in another order maps onto it."""
+"""HCTS's state on disk: what `llm-router fit` learnt (ROUTER_STATE_PATH, default
+DATA_DIR/router_state.npz), loaded when the gateway starts, and what a gateway had learnt when it
+stopped (the `.live.npz` beside it, ROUTER_STATE_KEEP), loaded instead unless a fit is newer. A
+numpy .npz without pickles: the arrays under their dotted names, everything else as JSON in `meta`,
+and the arms' names, so that a catalogue listing the same models in another order maps onto it. A
+live state also holds which ratings it has absorbed (`sync.*`): the store's, read again at start,
+are applied once."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +36,34 @@ def state_file(settings: Any) -> Path:
     return Path(settings.router_state_path or settings.data_dir / "router_state.npz")
 
 
+def live_file(settings: Any) -> Path:
+    """Where a stopping gateway keeps what it learnt: beside `state_file`, `.live.npz`."""
+    fitted = state_file(settings)
+    return fitted.with_name(fitted.name.removesuffix(".npz") + ".live.npz")
+
+
 def save(
     policy: Hcts,
     arms: list[str],
     path: Path,
     embedder: str | None = None,
     answers: dict[str, float] | None = None,
+    synced: tuple[str, dict[tuple[str, str], float]] | None = None,
+    compress: bool = True,
 ) -> None:
     """`embedder`: the id of the embedder whose vectors the state was fitted on (its clusters live
     in that embedder's space; another embedder's vectors must never be read against them).
-    `answers`: each model's mean completion tokens in the fitted data (see `answer_lengths`)."""
+    `answers`: each model's mean completion tokens in the fitted data (see `answer_lengths`).
+    `synced`: a live state's sync mark (ISO time) and the ratings it has absorbed (see `synced`)."""
     state = policy.state()
     arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)
     meta: dict[str, Any] = {"arms": arms, "embedder": embedder, "answers": answers or {}}
+    if synced is not None:
+        meta["synced"] = synced[0]
+        keys = list(synced[1])
+        arrays["sync.caller"] = np.array([k[0] for k in keys], dtype=np.str_)
+        arrays["sync.id"] = np.array([k[1] for k in keys], dtype=np.str_)
+        arrays["sync.score"] = np.array(list(synced[1].values()), dtype=np.float64)
     for part in ("model", "ref"):
         for key, value in state.pop(part).items():
             name = f"{part}.{key}"
@@ -58,8 +77,8 @@ def save(
                 meta[name] = value.item() if isinstance(value, np.generic) else value
     meta.update(state)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    (np.savez_compressed if compress else np.savez)(tmp, meta=np.array(json.dumps(meta)), **arrays)
     tmp.replace(path)
 
 
@@ -74,9 +93,10 @@ def load(
     for others)."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        arrays = {key: z[key] for key in z.files if key != "meta"}
+        arrays = {key: z[key] for key in z.files if key != "meta" and not key.startswith("sync.")}
     fitted_with = meta.pop("embedder", None)
     meta.pop("answers", None)
+    meta.pop("synced", None)
     if embedder is not None and fitted_with != embedder:
         log.warning(
             "router state %s was fitted on embeddings of %s, this gateway's embedder is %s; starting "
@@ -128,3 +148,14 @@ def answer_lengths(path: Path) -> dict[str, float]:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
     return {str(k): float(v) for k, v in (meta.get("answers") or {}).items()}
+
+
+def synced(path: Path) -> tuple[str, dict[tuple[str, str], float]] | None:
+    """A live state's sync mark and absorbed ratings ((caller, request id) -> score); None for a
+    fitted state (its rows are not the store's ratings)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if "synced" not in meta:
+            return None
+        keys = zip(z["sync.caller"].tolist(), z["sync.id"].tolist(), strict=True)
+        return str(meta["synced"]), dict(zip(keys, z["sync.score"].tolist(), strict=True))

@@ -112,11 +112,11 @@ class Router:
         await self.refresh_stats()
 
     async def aclose(self) -> None:
-        await self.policy.aclose()
-        if self._refreshing is not None:
+        if self._refreshing is not None:  # first: the policy may save its state (nothing moves it)
             self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refreshing
+        await self.policy.aclose()
 
     async def refresh_stats(self) -> None:
         """Arm statistics from the store (every replica's calls and feedback), and what the policy
