@@ -11,6 +11,12 @@ and cost shares of the best single model, the lift over the zero router, and the
 (as the gateway decides: the propensities, computed while the call is upstream, not in it).
 A record's `task` is never read.
 
+`--restart-at F` restarts the gateway at that share of the stream: by default from what it saved
+when it stopped (ROUTER_STATE_KEEP: `hcts_state.save` and `load`, through a file), with
+`--restart-from store` as without that state (a crash, a new replica): a new policy that reads the
+rated calls back as `HctsPolicy.sync` does (the calls' costs, the unrated prompts and the dial's
+multiplier are not in the store's ratings).
+
   python bench/hcts_seeds.py FILE --lab-seeds 0 1 2 --policy-seeds 1 2 3 4 --data-dir DIR
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from gateway.lab.fit import unit_rows
 from gateway.lab.frontier import point, zero_router
 from gateway.lab.report import Trace
 from gateway.lab.runner import Options, lab_settings, trace_of
+from gateway.routing import hcts_state
 from gateway.routing.bandit import Knobs
 from gateway.routing.hcts import Hcts
 from gateway.routing.hcts_model import HctsKnobs
@@ -44,6 +52,16 @@ def second_half(trace: Trace) -> Trace:
     )
 
 
+def restarted(core: Hcts, arms: list[str]) -> Hcts:
+    """The policy a gateway saves when it stops and loads when it starts again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "router_state.live.npz"
+        hcts_state.save(core, arms, path, compress=False)
+        loaded = hcts_state.load(path, arms, core.default, inline=True)
+    assert loaded is not None
+    return loaded
+
+
 def run(
     file: str,
     lab_seed: int,
@@ -51,6 +69,8 @@ def run(
     data_dir: Path,
     feedback: float = 1.0,
     knobs: HctsKnobs | None = None,
+    restart_at: float | None = None,
+    restart_from: str = "state",
 ) -> list[tuple[float, float, float]]:
     options = Options(store="memory", seed=lab_seed, data_dir=data_dir, feedback_rate=feedback)
     data, order, mask, _, vectors, _ = _prepare(file, options, [options])
@@ -64,9 +84,20 @@ def run(
         cache = ArmStatsCache(settings.models, Knobs.from_settings(settings))
         arms, prior = chat_arms(settings)
         core = Hcts(len(arms), x_all.shape[1], seed, knobs, dial=default_dial(settings), prior=prior)
-        picks, timings = [], []
+        picks, timings, rated = [], [], []
         for t, i in enumerate(order):
             record, x = data.records[i], x_all[i]
+            if restart_at is not None and t == int(restart_at * len(order)):
+                if restart_from == "state":
+                    core = restarted(core, arms)
+                else:
+                    core = Hcts(
+                        core.k, core.dim, seed + 10_000, knobs, dial=default_dial(settings), prior=prior
+                    )
+                    for xr, arm, score in rated:
+                        core.observe_rating(
+                            xr, arm, score, None, None, core.observe_call(None, xr, arm, None)
+                        )
             costs = np.array([v.cost_usd for v in cache.views(arms, baselines._context(record, t))])
             t0 = time.perf_counter()
             # lazy, as the gateway decides: the propensities are filled by observe_call (the
@@ -78,6 +109,7 @@ def run(
             baselines._book_call(cache, data, record, model)
             if mask[t]:
                 core.observe_rating(x, pick.arm, record.outcomes[model].score, ticket=pick.ticket)
+                rated.append((x, pick.arm, record.outcomes[model].score))
             picks.append(model)
         cost, score = point(second_half(trace_of("auto", data, order, picks, {})), best_trace)
         lift = score - zero.at(cost)
@@ -98,6 +130,8 @@ def main() -> None:
     ap.add_argument("--policy-seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--data-dir", type=Path, default=Path("./data"))
     ap.add_argument("--feedback", type=float, default=1.0, help="share of calls rated (the lab's --feedback)")
+    ap.add_argument("--restart-at", type=float, help="restart the gateway at this share of the stream")
+    ap.add_argument("--restart-from", choices=["state", "store"], default="state", help="see above")
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE", help="an HCTS knob")
     args = ap.parse_args()
     knobs = HctsKnobs()
@@ -109,7 +143,16 @@ def main() -> None:
     rows = [
         r
         for s in args.lab_seeds
-        for r in run(args.file, s, args.policy_seeds, args.data_dir, args.feedback, knobs)
+        for r in run(
+            args.file,
+            s,
+            args.policy_seeds,
+            args.data_dir,
+            args.feedback,
+            knobs,
+            args.restart_at,
+            args.restart_from,
+        )
     ]
     scores = [100 * r[0] for r in rows]
     print(
