@@ -110,15 +110,12 @@ class Settings(BaseSettings):
     # Linear Thompson sampling (ROUTER_POLICY=lin_ts): ridge penalty and the posterior's noise scale.
     lin_ridge: float = Field(default=1.0, gt=0)
     lin_noise: float = Field(default=0.05, gt=0)
-    # --- the dial (hcts): what `auto` aims for on average (quality: share of the best model's score;
-    # budget: share of its cost; usd: USD per call; fixed: the multiplier). README: The dial. Budget
-    # 0.35: on or above the zero router on both dev files. A mode alone gets its DIAL_DEFAULTS target.
+    # --- the dial (hcts): what `auto` aims for on average (quality: share of the best model's score; budget:
+    # of its cost; usd: USD per call; fixed: the multiplier). README: The dial; a mode alone: DIAL_DEFAULTS.
     router_dial_mode: DialMode = "budget"
     router_dial_target: float = Field(default=DIAL_DEFAULTS["budget"], gt=0)
     router_state_path: Path | None = None  # `llm-router fit`'s (default DATA_DIR/router_state.npz)
-    # hcts: what the gateway learnt is saved when it stops (beside ROUTER_STATE_PATH, `.live.npz`)
-    # and is where it starts from next time, unless `llm-router fit` wrote a newer state.
-    router_state_keep: bool = True
+    router_state_keep: bool = True  # what the gateway learnt, saved beside it (.live.npz) as it stops
     stats_refresh_s: float = Field(default=2.0, ge=0)
     neighbour_timeout_s: float = Field(default=0.25, gt=0)
     rules: list[Rule] = Field(default_factory=list)
