@@ -262,8 +262,9 @@ class RateLimits:
             ops.append(Rate(self.cell(who, "t"), tokens or 0, policy.tpm, check=bool(tokens)))
         rates = len(ops)
         ops += self._budget_ops(who, policy, nano, now)  # nano 0: peeks (a spend seeds them)
-        if self.unsettled:  # the settlements waiting go in the same round trip
-            self._settle()
+        if self.unsettled:  # the settlements waiting go first, in the same round trip: their tasks
+            self._settle()  # take a first step (applied in-process, or sent on the pipelined
+            await asyncio.sleep(0)  # connection, answered in order) before this admission is applied
         outcome = await self._apply(ops, who, seed=bool(nano))
         quotas = self._quotas(policy, ops, outcome.cells, now)
         if outcome.applied:

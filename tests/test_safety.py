@@ -111,7 +111,9 @@ def test_requests_per_minute_per_key(fake, gateway):
     )
 
 
-def test_tokens_per_minute_count_what_calls_really_used(fake, gateway):
+def test_tokens_per_minute_count_what_calls_really_used(fake, gateway, monkeypatch):
+    # a settlement rides with the next admission (not a timer): that admission must count it
+    monkeypatch.setattr("gateway.limits.SETTLE_AFTER_S", 30.0)
     gw = gateway(make_settings([model("ok", fake.url())], rate_limit_tpm=400, max_output_tokens=0))
     long = [{"role": "user", "content": "w " * 250}]  # 129 tokens estimated, 253 counted upstream
     assert chat(gw, {"model": "auto", "messages": long}).status_code == 200
