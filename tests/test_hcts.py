@@ -264,17 +264,25 @@ def test_a_restarted_gateway_goes_on_from_what_it_learnt(fake, gateway, dsn, tmp
     assert wait_for(lambda: core2.model.rated == 21)
     gw2.call(gw2.services.router.refresh_stats())
     assert core2.model.rated == 21
-    gw2.__exit__()
-
-    # `llm-router fit` wrote a state since (here: the second gateway's, saved as `fit` saves): it
-    # is the start, and the store's 21 ratings come on top of it (a fit's rows are not the store's)
+    # `llm-router fit` writes a state while the gateway runs (here: the gateway's own, saved as
+    # `fit` saves); the gateway then stops and saves its live state, newer than the fit ...
     fitted = tmp_path / "router_state.npz"
     policy2 = gw2.services.router.policy
     hcts_state.save(core2, policy2.arms, fitted, embedder=policy2.deps.embedder)
+    gw2.__exit__()
+    assert live.stat().st_mtime_ns >= fitted.stat().st_mtime_ns
+
+    # ... but the fit is new since that gateway started: it is the start, and the store's 21
+    # ratings come on top of it (a fit's rows are not the store's)
     gw3 = gateway(settings, seed=3)
     core3 = gw3.services.router.policy.core
     assert core3 is not None and core3.model.rated == 21 + 21
     gw3.__exit__()
+    gw5 = gateway(settings, seed=5)  # the fit unchanged since: the live state again
+    core5 = gw5.services.router.policy.core
+    assert core5 is not None and core5.model.rated == 42
+    gw5.__exit__()
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary file left
     off = make_settings(catalogue, enable_persistence=True, database_url=dsn, data_dir=tmp_path)
     fitted.unlink()
     before = live.stat().st_mtime_ns

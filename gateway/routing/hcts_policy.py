@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -110,6 +111,7 @@ class HctsPolicy:
         self.absorbed: OrderedDict[Key, float] = OrderedDict()
         self.synced = utcnow() - timedelta(days=s.recency_days)
         self.answers: dict[str, float] = {}  # a fitted state's answer lengths (kept by `keep`)
+        self.fitted = hcts_state.signature(hcts_state.state_file(s))  # the fit beside us now
         self.clustering: asyncio.Task[None] | None = None
         self.core = core if core is not None else self._stored()
 
@@ -117,26 +119,28 @@ class HctsPolicy:
         """The live state (ROUTER_STATE_KEEP) unless a fitted one is newer, else the fitted one."""
         s = self.deps.settings
         fitted, live = hcts_state.state_file(s), hcts_state.live_file(s)
-        paths = [fitted] if fitted.exists() else []
+        paths = [fitted] if self.fitted is not None else []
         if s.router_state_keep and live.exists():
-            newer = not paths or live.stat().st_mtime >= fitted.stat().st_mtime
-            paths.insert(0 if newer else 1, live)
+            paths.insert(0, live)
         for path in paths:
             try:
                 core = hcts_state.load(path, self.arms, self.dial, embedder=self.deps.embedder)
-                mark = hcts_state.synced(path)
+                kept = hcts_state.live(path)
                 answers = hcts_state.answer_lengths(path)
             except Exception as exc:  # a broken file must not keep the gateway from starting
                 log.warning("cannot load the router state %s (%s); starting without it", path, exc)
                 continue
             if core is None:
                 continue
+            if kept is not None and kept.fitted != self.fitted:
+                log.info("`llm-router fit` wrote %s since %s was saved: starting from the fit", fitted, path)
+                continue
             core.inline = False
             self.answers = {m: n for m, n in answers.items() if m in self.index}
             self.deps.arms.expected_answers.update(self.answers)
-            if mark is not None:  # what it had absorbed of the store's ratings: not applied twice
-                self.synced = datetime.fromisoformat(mark[0])
-                self.absorbed.update(mark[1])
+            if kept is not None:  # what it had absorbed of the store's ratings: not applied twice
+                self.synced = max(self.synced, datetime.fromisoformat(kept.synced))
+                self.absorbed.update(kept.absorbed)
             log.info(
                 "router state loaded from %s (%d prompts, %d rated)", path, core.model.seen, core.model.rated
             )
@@ -148,11 +152,13 @@ class HctsPolicy:
         a restart goes on from it (its clusters, its dial's multiplier, its cost corrections, the
         prompts of unrated calls), not from the store's rated calls alone."""
         s, core = self.deps.settings, self.core
-        if not s.router_state_keep or core is None or core.model.seen == 0:
-            return
+        if not s.router_state_keep or core is None or core.model.seen == 0 or self.deps.embedder is None:
+            return  # (no embedder: a start that failed to load one must not overwrite a good state)
         path, t0 = hcts_state.live_file(s), time.perf_counter()
-        mark = (self.synced.isoformat(), dict(self.absorbed))
-        args = (core, self.arms, path, self.deps.embedder, self.answers, mark, False)
+        # a snapshot on the event loop (nothing moves it while the thread writes), with its books
+        state = copy.deepcopy(core.state())
+        kept = hcts_state.Live(self.synced.isoformat(), dict(self.absorbed), self.fitted)
+        args = (state, self.arms, path, self.deps.embedder, self.answers, kept, False)
         try:
             await asyncio.to_thread(hcts_state.save, *args)
         except Exception as exc:  # the next start rebuilds from the store, as without it
@@ -299,13 +305,14 @@ class HctsPolicy:
             return  # without an embedder, no request has an embedding to use what it would learn
         while True:
             rows = await store.rated_since(self.synced - timedelta(seconds=10), limit=10_000)
-            for r in rows:
-                self.synced = max(self.synced, r.at)
             todo = [r for r in rows if self.absorbed.get(r.key) != r.score]
             embeddings = await store.embeddings_of([r.key for r in todo], embedder) if todo else {}
             for r in todo:
                 if r.key in embeddings:
                     self.observe(Observed(r.caller, r.request_id, r.model, r.score, None, embeddings[r.key]))
+            # the mark moves once the rows are applied (a sync cancelled in between must not
+            # leave it past ratings it never applied: a state saved then would skip them)
+            self.synced = max([self.synced, *(r.at for r in rows)])
             await self.settle()
             if len(rows) < 10_000 or not todo:
                 return

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +44,48 @@ def live_file(settings: Any) -> Path:
     return fitted.with_name(fitted.name.removesuffix(".npz") + ".live.npz")
 
 
+def signature(path: Path) -> list[int] | None:
+    """A fitted state file's identity (size, modification time in ns), None when there is none: a
+    live state records the one it started beside, so that a fit written since is seen as new."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a live state adds to a fitted one's contents."""
+
+    synced: str  # the sync mark (ISO time): the store's ratings since it are read again
+    absorbed: dict[tuple[str, str], float]  # (caller, request id) -> score, applied already
+    fitted: list[int] | None = None  # the fitted file's `signature` when the gateway started
+
+
 def save(
-    policy: Hcts,
+    policy: Hcts | dict[str, Any],
     arms: list[str],
     path: Path,
     embedder: str | None = None,
     answers: dict[str, float] | None = None,
-    synced: tuple[str, dict[tuple[str, str], float]] | None = None,
+    live: Live | None = None,
     compress: bool = True,
 ) -> None:
-    """`embedder`: the id of the embedder whose vectors the state was fitted on (its clusters live
+    """`policy`: the policy, or its `state()` (a copy taken on the event loop, written from a thread).
+    `embedder`: the id of the embedder whose vectors the state was fitted on (its clusters live
     in that embedder's space; another embedder's vectors must never be read against them).
     `answers`: each model's mean completion tokens in the fitted data (see `answer_lengths`).
-    `synced`: a live state's sync mark (ISO time) and the ratings it has absorbed (see `synced`)."""
-    state = policy.state()
+    `live`: a live state's bookkeeping (see `live`)."""
+    state = dict(policy) if isinstance(policy, dict) else policy.state()
     arrays: dict[str, Any] = {}  # (Any: savez's keyword arguments)
     meta: dict[str, Any] = {"arms": arms, "embedder": embedder, "answers": answers or {}}
-    if synced is not None:
-        meta["synced"] = synced[0]
-        keys = list(synced[1])
+    if live is not None:
+        meta["synced"], meta["fitted"] = live.synced, live.fitted
+        keys = list(live.absorbed)
         arrays["sync.caller"] = np.array([k[0] for k in keys], dtype=np.str_)
         arrays["sync.id"] = np.array([k[1] for k in keys], dtype=np.str_)
-        arrays["sync.score"] = np.array(list(synced[1].values()), dtype=np.float64)
+        arrays["sync.score"] = np.array(list(live.absorbed.values()), dtype=np.float64)
     for part in ("model", "ref"):
         for key, value in state.pop(part).items():
             name = f"{part}.{key}"
@@ -77,9 +99,14 @@ def save(
                 meta[name] = value.item() if isinstance(value, np.generic) else value
     meta.update(state)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    (np.savez_compressed if compress else np.savez)(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    tmp.replace(path)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, meta=np.array(json.dumps(meta)), **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(
@@ -95,8 +122,8 @@ def load(
         meta = json.loads(str(z["meta"]))
         arrays = {key: z[key] for key in z.files if key != "meta" and not key.startswith("sync.")}
     fitted_with = meta.pop("embedder", None)
-    meta.pop("answers", None)
-    meta.pop("synced", None)
+    for key in ("answers", "synced", "fitted"):
+        meta.pop(key, None)
     if embedder is not None and fitted_with != embedder:
         log.warning(
             "router state %s was fitted on embeddings of %s, this gateway's embedder is %s; starting "
@@ -150,12 +177,12 @@ def answer_lengths(path: Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in (meta.get("answers") or {}).items()}
 
 
-def synced(path: Path) -> tuple[str, dict[tuple[str, str], float]] | None:
-    """A live state's sync mark and absorbed ratings ((caller, request id) -> score); None for a
-    fitted state (its rows are not the store's ratings)."""
+def live(path: Path) -> Live | None:
+    """A live state's bookkeeping; None for a fitted state (its rows are not the store's ratings)."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         if "synced" not in meta:
             return None
         keys = zip(z["sync.caller"].tolist(), z["sync.id"].tolist(), strict=True)
-        return str(meta["synced"]), dict(zip(keys, z["sync.score"].tolist(), strict=True))
+        absorbed = dict(zip(keys, z["sync.score"].tolist(), strict=True))
+    return Live(str(meta["synced"]), absorbed, meta.get("fitted"))
