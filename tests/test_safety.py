@@ -111,10 +111,13 @@ def test_requests_per_minute_per_key(fake, gateway):
     )
 
 
-def test_tokens_per_minute_count_what_calls_really_used(fake, gateway, monkeypatch):
-    # a settlement rides with the next admission (not a timer): that admission must count it
+@pytest.mark.parametrize("shared", ["in-process", "valkey"])
+def test_tokens_per_minute_count_what_calls_really_used(fake, gateway, monkeypatch, request, shared):
+    # a settlement rides with the next admission (not a timer): that admission must count it, in
+    # this process or on the shared server (its pipelined connection answers in order)
     monkeypatch.setattr("gateway.limits.SETTLE_AFTER_S", 30.0)
-    gw = gateway(make_settings([model("ok", fake.url())], rate_limit_tpm=400, max_output_tokens=0))
+    url = {"redis_url": request.getfixturevalue("valkey").url} if shared == "valkey" else {}
+    gw = gateway(make_settings([model("ok", fake.url())], rate_limit_tpm=400, max_output_tokens=0, **url))
     long = [{"role": "user", "content": "w " * 250}]  # 129 tokens estimated, 253 counted upstream
     assert chat(gw, {"model": "auto", "messages": long}).status_code == 200
     assert (
