@@ -7,7 +7,8 @@ and one JSON line. Scenarios:
 
   proxy        persistence off, an explicit model: c=1 and c=32 latency, rps; streaming TTFB
   persistence  the same with the write-behind recorder and Postgres on (added p50 vs proxy;
-               the recorder's queue depth sampled during a c=32 run)
+               the recorder's queue depth sampled during a c=32 run), and at c=32 on the
+               realistic prompts (--prompts) the routing scenario's `auto` is measured on
   routing      `model="auto"`: the keyword path, and the bandit path (embedding cache miss on
                every request, neighbour query on a table of 100,000 rated calls, sampling) at
                c=1 and c=32 (knn_ts, a neighbour query per arm), with the per-stage breakdown
@@ -708,6 +709,14 @@ def main() -> None:
                     return res
 
                 report["persist_c32"] = report_pair("persistence c=32", asyncio.run(loaded()), table)
+                real = replay_prompts(Path(args.prompts)) if args.prompts else []
+                if real:  # the same on the realistic prompts `auto` is measured on (routing, below)
+                    long = chat_body("m0", text=lambda i: f"{real[i % len(real)]}\n(request {i})")
+                    pair = {"direct": (direct, chat_body("m0"), None), "gateway": (url, long, gw.pid)}
+                    res = asyncio.run(side_by_side(pair, args.n32, 32, False))
+                    report["persist_real_c32"] = report_pair(
+                        "persistence, realistic prompts c=32", res, table
+                    )
                 time.sleep(1.0)
                 import urllib.request
 
