@@ -9,8 +9,9 @@
   the store within RECENCY_DAYS) come in through `sync`, as for `lin_ts`.
 - Re-clustering (k-means over the prompts seen) runs in a thread, never on the request path.
 - At start, what the gateway had learnt when it last stopped (ROUTER_STATE_KEEP: saved by `keep`)
-  is the starting point, unless `llm-router fit` stored a newer state (ROUTER_STATE_PATH); else
-  the catalogue's `quality` hints are the arms' prior means and their prices the cost scale.
+  is the starting point, unless `llm-router fit` wrote a state (ROUTER_STATE_PATH) since that
+  gateway started; else the fitted state; else the catalogue's `quality` hints are the arms'
+  prior means and their prices the cost scale.
 One model for every tenant (its arm statistics are not split by tenant).
 """
 
@@ -116,7 +117,8 @@ class HctsPolicy:
         self.core = core if core is not None else self._stored()
 
     def _stored(self) -> Hcts | None:
-        """The live state (ROUTER_STATE_KEEP) unless a fitted one is newer, else the fitted one."""
+        """The live state (ROUTER_STATE_KEEP) unless the fitted file is not the one its gateway
+        started beside (a fit written since), else the fitted state."""
         s = self.deps.settings
         fitted, live = hcts_state.state_file(s), hcts_state.live_file(s)
         paths = [fitted] if self.fitted is not None else []

@@ -1,10 +1,10 @@
 """HCTS's state on disk: what `llm-router fit` learnt (ROUTER_STATE_PATH, default
 DATA_DIR/router_state.npz), loaded when the gateway starts, and what a gateway had learnt when it
-stopped (the `.live.npz` beside it, ROUTER_STATE_KEEP), loaded instead unless a fit is newer. A
-numpy .npz without pickles: the arrays under their dotted names, everything else as JSON in `meta`,
-and the arms' names, so that a catalogue listing the same models in another order maps onto it. A
-live state also holds which ratings it has absorbed (`sync.*`): the store's, read again at start,
-are applied once."""
+stopped (the `.live.npz` beside it, ROUTER_STATE_KEEP), loaded instead unless a fit was written
+since that gateway started (`signature`). A numpy .npz without pickles: the arrays under their
+dotted names, everything else as JSON in `meta`, and the arms' names, so that a catalogue listing
+the same models in another order maps onto it. A live state also holds which ratings it has
+absorbed (`sync.*`): the store's, read again at start, are applied once."""
 
 from __future__ import annotations
 
