@@ -234,9 +234,7 @@ async def drive(
                 # A re-clustering the call started (HCTS, in a thread) is applied before its rating
                 # is posted, not before or after it as the thread's speed decides: under load the
                 # two orders gave different runs (the rating is read against the clusters of then)
-                settle = getattr(gw.router.policy, "settle", None)
-                if settle is not None:
-                    await settle()
+                await gw.router.policy.settle()
                 if mask is not None and mask[t]:
                     fb = {"request_id": request_id, "score": record.outcomes[chosen].score}
                     async with http.post(url + "/feedback", json=fb) as resp:

@@ -289,7 +289,7 @@ class HctsPolicy:
         core.model.apply(result)
 
     async def settle(self) -> None:
-        """Waits for a re-clustering under way (tests; the warm-up at start)."""
+        """Waits for a re-clustering under way (the lab, tests; the warm-up at start)."""
         while self.clustering is not None and not self.clustering.done():
             await asyncio.shield(self.clustering)
 

@@ -56,6 +56,9 @@ class _CallBlind:
     async def aclose(self) -> None:
         pass
 
+    async def settle(self) -> None:
+        pass  # (no background work)
+
 
 class KnnTS(_CallBlind):
     """Contextual evidence per tenant: the neighbours are the tenant's own rated calls."""

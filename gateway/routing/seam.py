@@ -65,6 +65,10 @@ class RoutingPolicy(Protocol):
 
     async def sync(self) -> None: ...
 
+    async def settle(self) -> None:
+        """Waits for learning work the policy runs in the background (the lab: deterministic runs)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Observed:
