@@ -293,6 +293,59 @@ def test_a_restarted_gateway_goes_on_from_what_it_learnt(fake, gateway, dsn, tmp
     assert live.stat().st_mtime_ns == before
 
 
+async def test_the_saved_state_never_claims_what_was_not_applied(tmp_path):
+    """ROUTER_STATE_KEEP's books: a sync cancelled while it fetches its ratings' embeddings (a stop)
+    leaves its mark where it was, so the next start reads those ratings again; and a gateway
+    without an embedder (it failed to load one) saves nothing over a good state."""
+    import asyncio
+    import contextlib
+
+    from gateway.domain import Rating, utcnow
+    from gateway.routing.bandit import Knobs
+    from gateway.routing.hcts_policy import HctsPolicy
+    from gateway.routing.seam import PolicyDeps
+    from gateway.routing.stats import ArmStatsCache
+
+    class Store:  # one rating, then an embedding fetch that does not return before the stop
+        async def rated_since(self, since, limit):
+            return [Rating("r1", "cheap", 1.0, utcnow(), "")]
+
+        async def embeddings_of(self, keys, embedder):
+            await asyncio.Event().wait()
+
+    settings = make_settings(
+        [model("cheap", "http://127.0.0.1:9/v1"), model("dear", "http://127.0.0.1:9/v1")],
+        data_dir=tmp_path,
+        router_state_keep=True,
+    )
+
+    def policy(embedder: str | None) -> HctsPolicy:
+        knobs = Knobs.from_settings(settings)
+        deps = PolicyDeps(
+            settings, knobs, ArmStatsCache(settings.models, knobs), Store(), np.random.default_rng(0),
+            lambda: 0.0, embedder=embedder,
+        )  # fmt: skip
+        return HctsPolicy(deps, Hcts(2, DIM, 0))
+
+    p = policy("e")
+    before = p.synced
+    task = asyncio.create_task(p.sync())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert p.synced == before
+    x = np.ones(DIM, dtype=np.float32) / np.sqrt(DIM)
+    live = tmp_path / "router_state.live.npz"
+    blind = policy(None)
+    blind.core.observe_call(None, x, 0, None)
+    await blind.keep()
+    assert not live.exists()
+    p.core.observe_call(None, x, 0, None)
+    await p.keep()
+    assert live.is_file()
+
+
 def test_fit_command_warm_starts_a_gateway(gateway, data_dir, tmp_path):
     """`llm-router fit FILE` stores a state; a gateway with the same models routes well from its
     first request (no feedback at all), and keeps learning."""
